@@ -1,0 +1,194 @@
+"""Channel-aware activation quantizer (DQ-A), DESIGN §1.2.
+
+The quantizer's levels are *fitted*, not back-propagated: each training batch
+takes one closed-form step that lowers the channel-normalised error
+
+    E = sum_c mean_{n,h,w} (x - Q(x))**2 / (mean_{n,h,w} x**2 + eps)
+
+and the result enters an EMA kept in the `quant_stats` collection, like
+BatchNorm's running statistics. Gradients pass through a clipped STE.
+"""
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dq_jax.quant.config import QuantConfig
+
+# Relative floor of a channel's energy: a (nearly) dead channel's weight is
+# capped at 1e6 times the average channel's, so it cannot swamp the fit.
+_REL_EPS = 1e-6
+# Calibration scans this many clipping fractions of max|x| before refining.
+_CALIB_GRID = 24
+
+
+def grid_bounds(num_levels: int, signed: bool) -> tuple[int, int]:
+    """Integer range of the uniform grid: [0, L-1] or [-L/2, L/2-1]."""
+    return (-(num_levels // 2), num_levels // 2 - 1) if signed else (0, num_levels - 1)
+
+
+def channel_weights(x: jax.Array, act_error: str) -> jax.Array:
+    """Per-channel weight `w_c`: 1/(channel energy + eps) ('channel') or 1 ('global')."""
+    c = x.shape[-1]
+    if act_error == "global":
+        return jnp.ones((c,), jnp.float32)
+    energy = jnp.mean(jnp.square(x.reshape(-1, c)), axis=0)
+    eps = _REL_EPS * jnp.mean(energy) + 1e-30
+    return 1.0 / (energy + eps)
+
+
+def _per_channel_sum(v: jax.Array) -> jax.Array:
+    return jnp.sum(v.reshape(-1, v.shape[-1]), axis=0)
+
+
+def uniform_codes(x: jax.Array, alpha: jax.Array, num_levels: int, signed: bool) -> jax.Array:
+    lo, hi = grid_bounds(num_levels, signed)
+    return jnp.clip(jnp.round(x / alpha), lo, hi)
+
+
+def uniform_error(x: jax.Array, alpha: jax.Array, w_c: jax.Array,
+                  num_levels: int, signed: bool) -> jax.Array:
+    """The weighted error E for step `alpha` (up to the constant 1/N)."""
+    q = alpha * uniform_codes(x, alpha, num_levels, signed)
+    return jnp.sum(w_c * _per_channel_sum(jnp.square(x - q)))
+
+
+def fit_uniform_step(x: jax.Array, alpha: jax.Array, w_c: jax.Array,
+                     num_levels: int, signed: bool) -> jax.Array:
+    """One closed-form step: assign to the nearest level, then weighted LS for alpha.
+
+    `alpha = sum_c w_c sum x k / sum_c w_c sum k^2`; with assignments fixed
+    this minimises E exactly, so the step never increases E. An all-zero batch
+    keeps `alpha`.
+    """
+    k = uniform_codes(x, alpha, num_levels, signed)
+    num = jnp.sum(w_c * _per_channel_sum(x * k))
+    den = jnp.sum(w_c * _per_channel_sum(k * k))
+    new = num / jnp.where(den > 0, den, 1.0)
+    return jnp.where((den > 0) & (new > 0), new, alpha)
+
+
+def calibrate_uniform(x: jax.Array, w_c: jax.Array, num_levels: int, signed: bool,
+                      iters: int) -> jax.Array:
+    """First-batch step: best of a clipping grid, then `iters` closed-form steps.
+
+    Lloyd-style iteration only finds a local minimum; scanning clipping points
+    first keeps a few outliers from pinning the step at max|x|/(L-1).
+    """
+    lo, hi = grid_bounds(num_levels, signed)
+    top = jnp.max(jnp.abs(x)) / max(hi, -lo, 1)
+    top = jnp.where(top > 0, top, 1.0)
+    fracs = jnp.geomspace(0.02, 1.0, _CALIB_GRID)
+    errors = jax.vmap(lambda a: uniform_error(x, a, w_c, num_levels, signed))(fracs * top)
+    alpha = fracs[jnp.argmin(errors)] * top
+    for _ in range(iters):
+        alpha = fit_uniform_step(x, alpha, w_c, num_levels, signed)
+    return alpha
+
+
+def nearest_level_index(x: jax.Array, levels: jax.Array) -> jax.Array:
+    """Index of the nearest of the sorted 1-D `levels` (ties go down)."""
+    mids = 0.5 * (levels[1:] + levels[:-1])
+    return jnp.sum(x[..., None] > mids, axis=-1, dtype=jnp.int32)
+
+
+def fit_learned_levels(x: jax.Array, levels: jax.Array, w_c: jax.Array,
+                       nonnegative: bool) -> jax.Array:
+    """One Lloyd step of the weighted error: each level -> weighted mean of its cell."""
+    num_levels = levels.shape[0]
+    idx = nearest_level_index(x, levels)
+    onehot = jax.nn.one_hot(idx, num_levels, dtype=jnp.float32)  # [..., C, L]
+    weighted = onehot * w_c[:, None]
+    sums = jnp.sum((weighted * x[..., None]).reshape(-1, num_levels), axis=0)
+    mass = jnp.sum(weighted.reshape(-1, num_levels), axis=0)
+    new = jnp.where(mass > 0, sums / jnp.where(mass > 0, mass, 1.0), levels)
+    if nonnegative:
+        new = jnp.maximum(new, 0.0)
+    return jnp.sort(new)
+
+
+def calibrate_learned(x: jax.Array, w_c: jax.Array, num_levels: int, signed: bool,
+                      iters: int) -> jax.Array:
+    """Learned levels start from the calibrated uniform grid, then Lloyd steps."""
+    alpha = calibrate_uniform(x, w_c, num_levels, signed, iters)
+    lo, hi = grid_bounds(num_levels, signed)
+    levels = alpha * jnp.arange(lo, hi + 1, dtype=jnp.float32)
+    for _ in range(iters):
+        levels = fit_learned_levels(x, levels, w_c, nonnegative=not signed)
+    return levels
+
+
+def _clipped_ste(x: jax.Array, q: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Forward `q`; gradient 1 where lo <= x <= hi, else 0."""
+    xc = jnp.clip(x, lo, hi)
+    return xc + jax.lax.stop_gradient(q - xc)
+
+
+def quantize_uniform(x: jax.Array, alpha: jax.Array, num_levels: int, signed: bool) -> jax.Array:
+    lo, hi = grid_bounds(num_levels, signed)
+    q = alpha * uniform_codes(x, alpha, num_levels, signed)
+    return _clipped_ste(x, q.astype(x.dtype), (lo * alpha).astype(x.dtype),
+                        (hi * alpha).astype(x.dtype))
+
+
+def quantize_learned(x: jax.Array, levels: jax.Array) -> jax.Array:
+    q = levels[nearest_level_index(x, levels)]
+    return _clipped_ste(x, q.astype(x.dtype), levels[0].astype(x.dtype),
+                        levels[-1].astype(x.dtype))
+
+
+class ActQuantizer(nn.Module):
+    """Quantizes its input to `2**act_bits` fitted levels (DQ-A).
+
+    Statistics live in `quant_stats`: `alpha` (uniform) or `levels`
+    (learned), and `initialized`. They change only when `train=True` and
+    `quant_stats` is mutable, and never during `init` (a dummy init batch must
+    not calibrate). The first training batch calibrates; later batches take one
+    closed-form step from the running value and blend it in by EMA.
+    """
+
+    config: QuantConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        cfg = self.config
+        num_levels = cfg.num_act_levels
+        signed = cfg.act_signed
+        lo, hi = grid_bounds(num_levels, signed)
+        initialized = self.variable("quant_stats", "initialized", lambda: jnp.zeros((), jnp.bool_))
+        if cfg.act_levels == "uniform":
+            state = self.variable("quant_stats", "alpha", lambda: jnp.ones((), jnp.float32))
+        else:
+            state = self.variable(
+                "quant_stats", "levels",
+                lambda: jnp.arange(lo, hi + 1, dtype=jnp.float32))
+
+        if train and self.is_mutable_collection("quant_stats") and not self.is_initializing():
+            xs = jax.lax.stop_gradient(x).astype(jnp.float32)
+            w_c = channel_weights(xs, cfg.act_error)
+            if cfg.act_levels == "uniform":
+                def calibrate(cur):
+                    del cur
+                    return calibrate_uniform(xs, w_c, num_levels, signed, cfg.act_calib_iters)
+
+                def ema(cur):
+                    step = fit_uniform_step(xs, cur, w_c, num_levels, signed)
+                    return cfg.act_momentum * cur + (1 - cfg.act_momentum) * step
+            else:
+                def calibrate(cur):
+                    del cur
+                    return calibrate_learned(xs, w_c, num_levels, signed, cfg.act_calib_iters)
+
+                def ema(cur):
+                    step = fit_learned_levels(xs, cur, w_c, nonnegative=not signed)
+                    return jnp.sort(cfg.act_momentum * cur + (1 - cfg.act_momentum) * step)
+            state.value = jax.lax.cond(initialized.value, ema, calibrate, state.value)
+            initialized.value = jnp.ones((), jnp.bool_)
+
+        if cfg.act_levels == "uniform":
+            chex.assert_shape(state.value, ())
+            return quantize_uniform(x, state.value, num_levels, signed)
+        chex.assert_shape(state.value, (num_levels,))
+        return quantize_learned(x, state.value)

@@ -1,0 +1,248 @@
+"""Weight quantizers: direct (DQ-W), latent-STE and LSQ, as pure functions.
+
+Conventions (DESIGN §1.1): a kernel's output channels are its last axis (HWIO
+for conv, IO for dense). `levels` is float32 `[G, L]`, sorted ascending along
+the last axis, with G = 1 (per layer) or G = out channels (per channel).
+`codes` are uint8 with the kernel's shape, values in `[0, L)`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CODE_DTYPE = jnp.uint8
+# Up to this many levels, nearest/bracket search compares against every
+# level (fused elementwise work, fastest on accelerators for 2-4 bits); above,
+# a binary search per group keeps the cost O(log L).
+_COMPARE_ALL_MAX_LEVELS = 32
+
+
+def num_groups(shape: Sequence[int], granularity: str) -> int:
+    return 1 if granularity == "per_layer" else int(shape[-1])
+
+
+def check_kernel_shape(shape: Sequence[int], granularity: str, num_levels: int) -> None:
+    """Rejects kernels that a granularity cannot serve, with the fix in the message."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1 or any(s <= 0 for s in shape):
+        raise ValueError(f"Cannot quantize a kernel of shape {shape}: it is empty.")
+    if granularity == "per_channel":
+        if len(shape) < 2:
+            raise ValueError(
+                f"granularity='per_channel' needs a kernel with an output-channel "
+                f"axis (ndim >= 2); got shape {shape}. Use granularity='per_layer'.")
+        per_group = int(np.prod(shape[:-1]))
+        if per_group < num_levels:
+            raise ValueError(
+                f"granularity='per_channel' with L={num_levels} levels needs at "
+                f"least {num_levels} weights per output channel, but kernel shape "
+                f"{shape} has {per_group}. Use granularity='per_layer' or fewer bits.")
+    elif granularity != "per_layer":
+        raise ValueError(
+            f"granularity={granularity!r} is not supported; allowed values: "
+            "'per_layer', 'per_channel'.")
+
+
+def _group_ids(shape: Sequence[int], num_groups_: int) -> jax.Array:
+    """Group index of every kernel entry (broadcast along the last axis)."""
+    if num_groups_ == 1:
+        return jnp.zeros(shape, jnp.int32)
+    return jnp.broadcast_to(jnp.arange(num_groups_, dtype=jnp.int32), shape)
+
+
+def _flat_index(codes: jax.Array, num_groups_: int, num_levels: int) -> jax.Array:
+    idx = codes.astype(jnp.int32)
+    if num_groups_ > 1:
+        idx = idx + _group_ids(codes.shape, num_groups_) * num_levels
+    return idx
+
+
+def _lookup(levels: jax.Array, codes: jax.Array) -> jax.Array:
+    g, l = levels.shape
+    return levels.reshape(-1)[_flat_index(codes, g, l)]
+
+
+@jax.custom_vjp
+def gather_levels(levels: jax.Array, codes: jax.Array) -> jax.Array:
+    """`W_q[..., o] = levels[g(o), codes[..., o]]`.
+
+    The VJP is exact: `dL/dlevels[g, k]` is the sum of `dL/dW_q` over entries
+    of group g with code k (one scatter-add, no one-hot matmul). Codes are
+    integers and get a `float0` cotangent.
+    """
+    return _lookup(levels, codes)
+
+
+def _gather_fwd(levels, codes):
+    return _lookup(levels, codes), (codes, levels.shape)
+
+
+def _gather_bwd(res, g):
+    codes, (ng, nl) = res
+    idx = _flat_index(codes, ng, nl)
+    d_levels = jax.ops.segment_sum(
+        g.reshape(-1).astype(jnp.float32), idx.reshape(-1), num_segments=ng * nl)
+    zero_codes = np.zeros(codes.shape, dtype=jax.dtypes.float0)
+    return d_levels.reshape(ng, nl), zero_codes
+
+
+gather_levels.defvjp(_gather_fwd, _gather_bwd)
+
+
+def _per_group_last(x: jax.Array, num_groups_: int) -> jax.Array:
+    """View of per-group level tables broadcastable against a kernel: [..., G|1, L]."""
+    return x if num_groups_ > 1 else x.reshape(x.shape[-1:])
+
+
+def count_levels_below(levels: jax.Array, w: jax.Array, *, inclusive: bool) -> jax.Array:
+    """Per entry, how many of its group's (sorted) values are < w (<= if inclusive).
+
+    `levels`: [G, K] sorted; `w`: kernel-shaped. Returns int32, kernel-shaped.
+    """
+    ng, nk = levels.shape
+    if nk <= _COMPARE_ALL_MAX_LEVELS:
+        table = levels if ng > 1 else levels[0]
+        cmp = (w[..., None] >= table) if inclusive else (w[..., None] > table)
+        return jnp.sum(cmp, axis=-1, dtype=jnp.int32)
+    side = "right" if inclusive else "left"
+    flat = w.reshape(-1, ng).T  # [G, n]
+    out = jax.vmap(lambda t, v: jnp.searchsorted(t, v, side=side))(levels, flat)
+    return out.T.reshape(w.shape).astype(jnp.int32)
+
+
+def nearest_codes(levels: jax.Array, w: jax.Array) -> jax.Array:
+    """Deterministic projection onto the nearest (sorted) level; ties go down."""
+    chex.assert_rank(levels, 2)
+    mids = 0.5 * (levels[:, 1:] + levels[:, :-1])
+    return count_levels_below(mids, w, inclusive=False).astype(CODE_DTYPE)
+
+
+def stochastic_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
+                     uniform: jax.Array | None = None) -> jax.Array:
+    """Unbiased re-assignment between the two levels that bracket `target`.
+
+    With `l_k <= t < l_{k+1}`, picks `k+1` with probability
+    `(t - l_k) / (l_{k+1} - l_k)`, so `E[level] = t` inside the range; outside
+    it the nearest end level is taken (clipping). Tied levels pick the lower.
+    `uniform` (optional) supplies the U[0,1) draws, for tests.
+    """
+    chex.assert_rank(levels, 2)
+    num_levels = levels.shape[-1]
+    k = count_levels_below(levels, target, inclusive=True) - 1
+    k = jnp.clip(k, 0, num_levels - 2)
+    lo = _lookup(levels, k)
+    hi = _lookup(levels, k + 1)
+    gap = hi - lo
+    p = jnp.where(gap > 0, (target - lo) / jnp.where(gap > 0, gap, 1.0), 0.0)
+    p = jnp.clip(p, 0.0, 1.0)
+    if uniform is None:
+        uniform = jax.random.uniform(key, target.shape, jnp.float32)
+    return (k + (uniform < p).astype(jnp.int32)).astype(CODE_DTYPE)
+
+
+def reassign_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
+                   rounding: str) -> jax.Array:
+    """Direct re-assignment of codes to the target values `W~` (DESIGN §1.1 step 3)."""
+    if rounding == "stochastic":
+        return stochastic_codes(levels, target, key)
+    if rounding == "nearest":
+        return nearest_codes(levels, target)
+    raise ValueError(
+        f"rounding={rounding!r} is not supported; allowed values: 'stochastic', 'nearest'.")
+
+
+def sort_levels(levels: jax.Array, codes: jax.Array | None = None):
+    """Sorts each group's levels; remaps codes so `gather_levels` is unchanged.
+
+    Returns `(sorted_levels, remapped_codes)` (codes None if not given).
+    """
+    perm = jnp.argsort(levels, axis=-1)
+    sorted_levels = jnp.take_along_axis(levels, perm, axis=-1)
+    if codes is None:
+        return sorted_levels, None
+    ng, nl = levels.shape
+    inverse = jnp.argsort(perm, axis=-1).astype(jnp.int32)  # old code -> new code
+    new_codes = inverse.reshape(-1)[_flat_index(codes, ng, nl)]
+    return sorted_levels, new_codes.astype(codes.dtype)
+
+
+def _group_matrix(w: jax.Array, num_groups_: int) -> jax.Array:
+    """Kernel as [G, n]: row g holds group g's weights."""
+    return w.reshape(1, -1) if num_groups_ == 1 else w.reshape(-1, num_groups_).T
+
+
+def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
+               iters: int = 5) -> tuple[jax.Array, jax.Array]:
+    """Levels by Lloyd (1-D k-means) started at the quantiles; codes = nearest.
+
+    Quantile starts put one level in each equal-mass slice, so no level starts
+    empty; each Lloyd step lowers the squared error (empty cells keep their
+    level). Returns `(levels [G, L] float32 sorted, codes uint8 kernel-shaped)`.
+    """
+    check_kernel_shape(w.shape, granularity, num_levels)
+    w = jnp.asarray(w, jnp.float32)
+    ng = num_groups(w.shape, granularity)
+    rows = _group_matrix(w, ng)
+    qs = (jnp.arange(num_levels, dtype=jnp.float32) + 0.5) / num_levels
+    levels = jnp.quantile(rows, qs, axis=1).T  # [G, L]
+    for _ in range(iters):
+        codes = nearest_codes(levels, w)
+        idx = _flat_index(codes, ng, num_levels).reshape(-1)
+        sums = jax.ops.segment_sum(w.reshape(-1), idx, ng * num_levels)
+        counts = jax.ops.segment_sum(jnp.ones_like(w).reshape(-1), idx, ng * num_levels)
+        means = sums / jnp.maximum(counts, 1.0)
+        levels = jnp.where(counts > 0, means, levels.reshape(-1)).reshape(ng, num_levels)
+        levels = jnp.sort(levels, axis=-1)
+    return levels, nearest_codes(levels, w)
+
+
+def latent_ste_kernel(kernel: jax.Array, levels: jax.Array) -> jax.Array:
+    """LQ-Nets-like baseline: nearest level of a float latent kernel, with STE.
+
+    Forward value equals `gather_levels(levels, nearest_codes(levels, kernel))`;
+    the kernel receives `dL/dW_q` unchanged (straight-through) and the levels
+    the same exact scatter-add gradient as DQ-W.
+    """
+    codes = nearest_codes(jax.lax.stop_gradient(levels), jax.lax.stop_gradient(kernel))
+    w_q = gather_levels(levels, codes)
+    return w_q + (kernel - jax.lax.stop_gradient(kernel)).astype(w_q.dtype)
+
+
+def lsq_bounds(bits: int) -> tuple[int, int]:
+    """Symmetric signed integer grid of LSQ: [-2^(b-1), 2^(b-1) - 1]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def lsq_init_step(kernel: jax.Array, bits: int, granularity: str) -> jax.Array:
+    """LSQ's initial step `2 mean|w| / sqrt(Qp)` per group: [G]."""
+    _, qp = lsq_bounds(bits)
+    rows = _group_matrix(jnp.asarray(kernel, jnp.float32), num_groups(kernel.shape, granularity))
+    return 2.0 * jnp.mean(jnp.abs(rows), axis=1) / np.sqrt(qp)
+
+
+def _scale_grad(x: jax.Array, scale: float) -> jax.Array:
+    """Identity forward, gradient multiplied by `scale` (LSQ step-size scaling)."""
+    return jax.lax.stop_gradient(x - x * scale) + x * scale
+
+
+def _round_ste(x: jax.Array) -> jax.Array:
+    return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def lsq_kernel(kernel: jax.Array, step: jax.Array, bits: int) -> jax.Array:
+    """LSQ (Esser et al. 2019): `round(clip(w/s, -Qn, Qp)) * s`.
+
+    Gradients follow the paper: STE through round inside the range, and the
+    step's gradient scaled by `1/sqrt(N_group * Qp)`. `step`: [G] (G = 1 or
+    out channels).
+    """
+    qn, qp = lsq_bounds(bits)
+    per_group = kernel.size // step.shape[0]
+    s = _scale_grad(step, 1.0 / np.sqrt(per_group * qp))
+    s = s if step.shape[0] > 1 else s[0]
+    v = jnp.clip(kernel / s, qn, qp)
+    return _round_ste(v) * s
