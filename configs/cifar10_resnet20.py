@@ -1,0 +1,35 @@
+"""CIFAR-10 ResNet-20 from the shared CIFAR-10 copy (../shared/data/cifar10.npz).
+
+Paper-style two stages (the same schedule for every quantization method):
+  1. float pre-training:
+     python -m dq_jax.main --config=configs/cifar10_resnet20.py --workdir=W/float \
+         --config.quant.weights=float --config.quant.acts=float \
+         --config.num_epochs=200 --config.learning_rate=0.1
+  2. quantized fine-tuning from it (this file's defaults: DQ W2A2, 60 epochs):
+     python -m dq_jax.main --config=configs/cifar10_resnet20.py --workdir=W/w2a2 \
+         --config.init_from=W/float
+Optimiser: SGD momentum 0.9 (Nesterov), weight decay 1e-4 (5e-4 for float pre-training is
+common too), cosine LR, peak 0.01 for fine-tuning, batch 128; levels: Adam 1e-4.
+Augmentation: pad-4 random crop + horizontal flip. On 2 CPU cores an epoch of ResNet-20
+takes minutes: shrink with --config.num_epochs for a quick look.
+"""
+from dq_jax.configlib import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model = "resnet20"
+    c.dataset = "cifar10_npz"
+    c.batch_size = 128
+    c.eval_batch_size = 500
+    c.num_epochs = 60.0
+    c.learning_rate = 0.01
+    c.levels_learning_rate = 1e-4
+    c.nesterov = True
+    c.weight_decay = 1e-4
+    c.schedule = "cosine"
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 1000
+    c.quant.weights, c.quant.weight_bits = "dq", 2
+    c.quant.acts, c.quant.act_bits = "dq", 2
+    return c

@@ -1,0 +1,120 @@
+"""The experiment config schema: defaults for every key, and start-up validation.
+
+Every file in `configs/` starts from `base_config()` and overrides values, so a
+typo in a config file or an override is an *unknown key* here and fails at
+start with close matches, instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+import ml_collections
+
+from dq_jax.quant.config import QuantConfig
+
+DATASETS = ("digits", "cifar10_npz", "npz", "cifar10", "cifar100", "imagenet2012")
+SCHEDULES = ("cosine", "step", "constant")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with their defaults (a float ResNet-20 on the shared CIFAR-10 copy)."""
+    c = ml_collections.ConfigDict()
+    c.model = "resnet20"
+    c.model_kwargs = ml_collections.ConfigDict()   # e.g. width_multiplier for MobileNetV2
+    c.num_classes = -1                             # -1: the dataset's
+    c.half_precision = False                       # bfloat16 activations
+
+    c.dataset = "cifar10_npz"
+    c.data_dir = ""                                # TFDS data_dir / .npz path / '' default
+    c.image_size = 224                             # ImageNet crops
+    c.augment = True
+    c.batch_size = 128                             # global, over all devices and hosts
+    c.eval_batch_size = 256
+
+    c.num_epochs = 1.0
+    c.num_train_steps = -1                         # -1: from num_epochs
+    c.learning_rate = 0.1                          # peak, for batch_size
+    c.levels_learning_rate = 1e-3                  # peak Adam LR of weight levels
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4
+    c.schedule = "cosine"
+    c.warmup_epochs = 0.0
+    c.step_boundaries = (0.5, 0.75)                # fractions of training, schedule='step'
+    c.step_decay = 0.1
+    c.label_smoothing = 0.0
+    c.rounding = "stochastic"                      # DQ-W code re-assignment
+
+    c.quant = ml_collections.ConfigDict(dataclasses.asdict(QuantConfig.float()))
+    c.quantize_first_last = False
+    c.calibration_batches = 1                      # activation calibration at start
+    c.init_from = ""                               # float workdir/checkpoint to fine-tune from
+
+    c.seed = 0
+    c.log_every_steps = 50
+    c.eval_every_steps = -1                        # -1: once per epoch
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 3
+    c.nonfinite_policy = "stop"
+    c.force_new = False                            # start over in a workdir of another config
+    c.mesh = ml_collections.ConfigDict({"data": -1})  # axis name -> size (-1: the rest)
+    return c
+
+
+def _unknown_keys(cfg: Any, ref: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
+    out = []
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in ref:
+            out.append((name, difflib.get_close_matches(key, list(ref.keys()), n=3)))
+        elif isinstance(ref[key], ml_collections.ConfigDict) and key != "model_kwargs":
+            if isinstance(cfg[key], (ml_collections.ConfigDict, dict)):
+                out.extend(_unknown_keys(cfg[key], ref[key], name + "."))
+    return out
+
+
+def _fail(message: str) -> None:
+    raise ValueError(f"Invalid config: {message}")
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantConfig:
+    """Checks the whole config at start; returns the layer QuantConfig.
+
+    Raises ValueError with one line naming the key, the bad value and the fix.
+    """
+    unknown = _unknown_keys(config, base_config())
+    if unknown:
+        name, close = unknown[0]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        _fail(f"unknown key 'config.{name}'.{hint} (all keys: dq_jax/configlib.py)")
+
+    from dq_jax import models  # local import: models import layers (heavier)
+    if config.model not in models.MODEL_NAMES:
+        _fail(f"config.model={config.model!r} is unknown; known models: "
+              f"{', '.join(models.MODEL_NAMES)}.")
+    if config.dataset not in DATASETS:
+        _fail(f"config.dataset={config.dataset!r} is unknown; known datasets: "
+              f"{', '.join(DATASETS)}.")
+    if config.schedule not in SCHEDULES:
+        _fail(f"config.schedule={config.schedule!r}; allowed: {', '.join(SCHEDULES)}.")
+    if config.nonfinite_policy not in NONFINITE_POLICIES:
+        _fail(f"config.nonfinite_policy={config.nonfinite_policy!r}; allowed: "
+              f"{', '.join(NONFINITE_POLICIES)}.")
+    if config.rounding not in ("stochastic", "nearest"):
+        _fail(f"config.rounding={config.rounding!r}; allowed: 'stochastic', 'nearest'.")
+    for key in ("batch_size", "eval_batch_size"):
+        value = config[key]
+        if value <= 0 or value % device_count:
+            _fail(f"config.{key}={value} must be a positive multiple of the device count "
+                  f"({device_count}); e.g. --config.{key}={max(device_count, value - value % device_count or device_count)}.")
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        _fail("set config.num_epochs > 0 or config.num_train_steps > 0.")
+    if config.learning_rate <= 0 or config.levels_learning_rate < 0:
+        _fail("config.learning_rate must be > 0 and config.levels_learning_rate >= 0.")
+    try:
+        return QuantConfig.from_mapping(config.quant)
+    except ValueError as e:
+        _fail(str(e).replace("QuantConfig.", "config.quant."))

@@ -1,0 +1,80 @@
+"""Entry point: `python -m dq_jax.main --config=configs/X.py --workdir=DIR [--config.key=value]`.
+
+`--variants=float,w2a2,w4a4` runs the config once per variant (in
+`DIR/<variant>`) and prints a top-1 table; variant names: `float`, `wNaM`
+(DQ-W N-bit weights, DQ-A M-bit activations), optionally prefixed by a weight
+method: `latent_ste_w2a2`, `lsq_w2a2`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and "
+                    "results.json go (local path or gs://).")
+flags.DEFINE_list("variants", [], "Optional: run these quantization variants side by side "
+                  "and print a table, e.g. float,w2a2,w4a4.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_VARIANT = re.compile(r"^(?:(dq|latent_ste|lsq)_)?w([1-8])a([1-8])$")
+
+
+def apply_variant(config, variant: str):
+    """A copy of `config` with the quantization of `variant` (see module docstring)."""
+    config = config.copy_and_resolve_references()
+    if variant == "float":
+        config.quant.weights, config.quant.acts = "float", "float"
+        return config
+    m = _VARIANT.match(variant)
+    if not m:
+        raise ValueError(f"--variants entry {variant!r} is not 'float' or like 'w2a2', "
+                         "'latent_ste_w2a2', 'lsq_w4a4' (bits 1..8).")
+    config.quant.weights = m.group(1) or "dq"
+    config.quant.weight_bits = int(m.group(2))
+    config.quant.acts = "dq"
+    config.quant.act_bits = int(m.group(3))
+    return config
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+    lines = [f"{'variant':<16}{'top-1':>8}{'top-5':>8}{'steps':>8}{'seconds':>9}"]
+    for name, r in rows:
+        lines.append(f"{name:<16}{r['eval_top1']:>8.4f}{r['eval_top5']:>8.4f}"
+                     f"{r['steps']:>8d}{r['train_seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import jax
+    from dq_jax import train
+    from dq_jax.distributed import maybe_initialize
+    maybe_initialize()
+    logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    try:
+        if not FLAGS.variants:
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            return
+        configs = [(v, apply_variant(FLAGS.config, v)) for v in FLAGS.variants]
+        rows = []
+        for name, cfg in configs:
+            logging.info("=== variant %s ===", name)
+            rows.append((name, train.train_and_evaluate(cfg, os.path.join(FLAGS.workdir, name))))
+        print(format_table(rows), flush=True)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        # Config/data/numerics problems: one clear line, no traceback.
+        print(f"dq_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

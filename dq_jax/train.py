@@ -1,0 +1,366 @@
+"""`train_and_evaluate(config, workdir)`: sharded, resumable quantization-aware training.
+
+The shape follows the Flax ImageNet example (state creation, one jitted train
+step over a device mesh, eval, orbax checkpoints, automatic resume), made
+quantization-aware: the state carries integer codes and activation statistics,
+and the step runs the direct code update and level re-sorting in-graph.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dq_jax import checkpoints, configlib, data, models
+from dq_jax.layers import CODES, PERTURBATIONS, QUANT_STATS
+from dq_jax.optim import LEVELS, QuantOptimizer, QuantOptState
+from dq_jax.quant.config import QuantConfig
+
+PyTree = Any
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; checkpointed whole."""
+    step: jax.Array
+    params: PyTree
+    codes: PyTree
+    batch_stats: PyTree
+    quant_stats: PyTree
+    opt_state: QuantOptState
+
+    def variables(self, **extra: PyTree) -> dict:
+        return {"params": self.params, CODES: self.codes, "batch_stats": self.batch_stats,
+                QUANT_STATS: self.quant_stats, **extra}
+
+
+# --------------------------------------------------------------------------- setup
+
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
+
+
+def make_schedule_shape(config: ml_collections.ConfigDict, total_steps: int,
+                        steps_per_epoch: int) -> optax.Schedule:
+    """Step -> LR multiplier with peak 1.0 (shared by params, levels and codes)."""
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    decay_steps = max(1, total_steps - warmup)
+    if config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(1.0, decay_steps)
+    elif config.schedule == "step":
+        main = optax.piecewise_constant_schedule(
+            1.0, {int(b * decay_steps): config.step_decay for b in config.step_boundaries})
+    else:
+        main = optax.constant_schedule(1.0)
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup])
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                     steps_per_epoch: int) -> QuantOptimizer:
+    return QuantOptimizer(
+        learning_rate=config.learning_rate,
+        levels_learning_rate=config.levels_learning_rate,
+        schedule_shape=make_schedule_shape(config, total_steps, steps_per_epoch),
+        momentum=config.momentum, nesterov=config.nesterov,
+        weight_decay=config.weight_decay, rounding=config.rounding)
+
+
+def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_classes: int):
+    return models.create(config.model, num_classes, quant=quant,
+                         quantize_first_last=config.quantize_first_last,
+                         dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+                         **config.model_kwargs.to_dict())
+
+
+def init_state(model, optimizer: QuantOptimizer, image_shape: tuple[int, ...],
+               seed: int) -> TrainState:
+    """Random init (levels/codes from the kernel initializer via Lloyd)."""
+    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32),
+                           train=False)
+    variables = flax.core.unfreeze(variables)
+    variables.pop(PERTURBATIONS, None)
+    params = variables.pop("params")
+    codes = variables.pop(CODES, {})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, codes=codes,
+        batch_stats=variables.pop("batch_stats", {}),
+        quant_stats=variables.pop(QUANT_STATS, {}),
+        opt_state=optimizer.init(params, codes, jax.random.PRNGKey(seed + 1)))
+
+
+# --------------------------------------------------------------------------- steps
+
+def _zeros_like_codes(codes: PyTree) -> PyTree:
+    return jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), codes)
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def train_step(state: TrainState, batch: dict, *, model, optimizer: QuantOptimizer,
+               label_smoothing: float) -> tuple[TrainState, dict]:
+    """Forward/backward, direct code update, level sort; non-finite steps are skipped.
+
+    A step whose loss or gradients are not finite leaves the state untouched
+    (except `step`, so the data position still advances) and is counted in
+    `metrics['nonfinite']`: no NaN ever reaches the state or a checkpoint.
+    """
+    images, labels = batch["image"], batch["label"]
+
+    def loss_fn(params, perturbations):
+        logits, new_vars = model.apply(
+            state.variables(params=params, **{PERTURBATIONS: perturbations}),
+            images, train=True, mutable=["batch_stats", QUANT_STATS])
+        one_hot = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing) \
+            if label_smoothing else jax.nn.one_hot(labels, logits.shape[-1])
+        loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot))
+        return loss, (logits, new_vars)
+
+    (loss, (logits, new_vars)), (grads, w_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, _zeros_like_codes(state.codes))
+    params, codes, opt_state, diagnostics = optimizer.update(
+        grads, w_grads, state.opt_state, state.params, state.codes)
+    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(w_grads)
+    updated = TrainState(step=state.step + 1, params=params, codes=codes,
+                         batch_stats=new_vars.get("batch_stats", {}),
+                         quant_stats=new_vars.get(QUANT_STATS, {}), opt_state=opt_state)
+    kept = state.replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), updated, kept)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "learning_rate": optimizer.lr(state.step),
+        "nonfinite": 1.0 - ok.astype(jnp.float32),
+        "layers": diagnostics,
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model) -> dict:
+    """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count."""
+    logits = model.apply(state.variables(), batch["image"], train=False).astype(jnp.float32)
+    labels, mask = batch["label"], batch["mask"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {
+        "loss": jnp.sum(loss * mask),
+        "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def calibrate_step(state: TrainState, batch: dict, *, model) -> TrainState:
+    """Fits activation quantizers on a training batch; nothing else changes."""
+    _, new_vars = model.apply(state.variables(), batch["image"], train=True,
+                              mutable=["batch_stats", QUANT_STATS])
+    return state.replace(quant_stats=new_vars.get(QUANT_STATS, {}))
+
+
+# --------------------------------------------------------------------------- sharding
+
+def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """Mesh from `config.mesh` (axis -> size, one -1 = the rest); data axis first."""
+    axes = dict(config.mesh.to_dict())
+    if "data" not in axes:
+        raise ValueError("config.mesh must name a 'data' axis (the batch is split over it).")
+    n = jax.device_count()
+    fixed = math.prod(v for v in axes.values() if v != -1)
+    sizes = {k: (n // fixed if v == -1 else v) for k, v in axes.items()}
+    if math.prod(sizes.values()) != n:
+        raise ValueError(f"config.mesh={axes} does not cover the {n} devices; "
+                         "use sizes whose product is the device count (or -1 for one axis).")
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes.keys()))
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+    """Per-process numpy batch -> global jax.Array sharded over the data axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+class Steps:
+    """The jitted train/eval/calibration steps bound to a model, optimizer and mesh."""
+
+    def __init__(self, model, optimizer: QuantOptimizer, mesh: jax.sharding.Mesh,
+                 label_smoothing: float = 0.0):
+        self.mesh = mesh
+        self.replicated = NamedSharding(mesh, P())
+        self.batch = NamedSharding(mesh, P("data"))
+        self.train = jax.jit(
+            functools.partial(train_step, model=model, optimizer=optimizer,
+                              label_smoothing=label_smoothing),
+            in_shardings=(self.replicated, self.batch),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        self.eval = jax.jit(functools.partial(eval_step, model=model),
+                            in_shardings=(self.replicated, self.batch),
+                            out_shardings=self.replicated)
+        self.calibrate = jax.jit(functools.partial(calibrate_step, model=model),
+                                 in_shardings=(self.replicated, self.batch),
+                                 out_shardings=self.replicated)
+
+    def place(self, state: TrainState) -> TrainState:
+        return jax.device_put(state, self.replicated)
+
+
+def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict]) -> dict:
+    totals = None
+    for batch in batches:
+        out = steps.eval(state, to_global(batch, steps.batch))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {"eval_loss": float(totals["loss"]) / count, "eval_top1": float(totals["top1"]) / count,
+            "eval_top5": float(totals["top5"]) / count, "eval_count": int(totals["count"])}
+
+
+# --------------------------------------------------------------------------- logging
+
+def _layer_scalars(metrics: dict, params: PyTree) -> dict[str, float]:
+    """Per-layer flip rate / code entropy (mean over the logged steps) and level values."""
+    out = {}
+    for layer, values in metrics.items():
+        for name, v in values.items():
+            out[f"layers/{layer}/{name}"] = float(np.mean(v))
+    flat = flax.traverse_util.flatten_dict(params)
+    for path, levels in flat.items():
+        if path[-1] == LEVELS:
+            mean_levels = np.asarray(levels).mean(axis=0)
+            for k, v in enumerate(mean_levels):
+                out[f"levels/{'/'.join(path[:-1])}/{k}"] = float(v)
+    return out
+
+
+def _progress(total: int, initial: int):
+    if sys.stderr.isatty() and jax.process_index() == 0:
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    return None
+
+
+# --------------------------------------------------------------------------- main loop
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       *, stop_after: int | None = None) -> dict:
+    """Trains, evaluates, checkpoints and resumes; returns (and writes) results.json's dict.
+
+    `stop_after` ends the run after that many total steps without the final
+    results (used to test resume == uninterrupted).
+    """
+    from clu import metric_writers
+
+    quant = configlib.validate(config, device_count=jax.device_count())
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ds = data.create_dataset(config, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    num_classes = ds.num_classes if config.num_classes <= 0 else config.num_classes
+    steps_per_epoch = ds.steps_per_epoch
+    total_steps = total_train_steps(config, steps_per_epoch)
+    model = create_model(config, quant, num_classes)
+    optimizer = create_optimizer(config, total_steps, steps_per_epoch)
+    mesh = create_mesh(config)
+    steps = Steps(model, optimizer, mesh, config.label_smoothing)
+
+    manager = checkpoints.create_manager(workdir, config)
+    state = init_state(model, optimizer, ds.image_shape, config.seed)
+    start = checkpoints.latest_step(manager)
+    if start is not None:
+        checkpoints.check_compatible(workdir, config)
+        state = checkpoints.restore(manager, start, state, steps.replicated)
+        logging.info("Resumed from %s at step %d.", workdir, start)
+    else:
+        checkpoints.check_compatible(workdir, config)  # also records this config
+        if config.init_from:
+            state = checkpoints.init_from_float(config.init_from, state, quant, optimizer)
+            logging.info("Initialised quantized model from float checkpoint %s.", config.init_from)
+        state = steps.place(state)
+        calib = ds.train_batches(0)
+        for _ in range(config.calibration_batches if quant.acts != "float" else 0):
+            state = steps.calibrate(state, to_global(next(calib), steps.batch))
+    state = steps.place(state)
+    start_step = int(jax.device_get(state.step))
+
+    writer = metric_writers.create_default_writer(
+        str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    end_step = total_steps if stop_after is None else min(total_steps, stop_after)
+    bar = _progress(total_steps, start_step)
+    pending, t_start, t_log, eval_metrics = [], time.time(), time.time(), {}
+    train_iter = data.prefetch(ds.train_batches(start_step))
+    step = start_step
+    for step in range(start_step + 1, end_step + 1):
+        state, metrics = steps.train(state, to_global(next(train_iter), steps.batch))
+        pending.append(metrics)
+        if bar is not None:
+            bar.update(1)
+        if step % config.log_every_steps == 0 or step == end_step:
+            got = jax.device_get(pending)
+            scalars = {k: float(np.mean([m[k] for m in got]))
+                       for k in ("loss", "accuracy", "learning_rate")}
+            nonfinite = int(sum(m["nonfinite"] for m in got))
+            layer_metrics = jax.tree.map(lambda *xs: np.mean(xs), *[m["layers"] for m in got])
+            scalars.update(_layer_scalars(layer_metrics, jax.device_get(state.params)))
+            scalars["steps_per_sec"] = len(got) / max(time.time() - t_log, 1e-9)
+            scalars["nonfinite_steps"] = nonfinite
+            writer.write_scalars(step, scalars)
+            pending, t_log = [], time.time()
+            if nonfinite and config.nonfinite_policy == "stop":
+                checkpoints.save(manager, step, state, force=True)
+                writer.flush()
+                raise FloatingPointError(
+                    f"{nonfinite} step(s) before step {step} had a non-finite loss or gradient; "
+                    f"their updates were skipped and the last finite state saved in {workdir}. "
+                    "Lower config.learning_rate / config.levels_learning_rate, or set "
+                    "config.nonfinite_policy='skip' to continue past such steps.")
+        if step % eval_every == 0 and step != end_step:
+            eval_metrics = evaluate(steps, state, ds.eval_batches())
+            writer.write_scalars(step, eval_metrics)
+        if step % config.checkpoint_every_steps == 0 or step == end_step:
+            checkpoints.save(manager, step, state)
+    if bar is not None:
+        bar.close()
+    manager.wait_until_finished()
+    train_seconds = time.time() - t_start
+    if stop_after is not None and end_step < total_steps:
+        writer.flush()
+        return {"steps": end_step, "state": state}
+    eval_metrics = evaluate(steps, state, ds.eval_batches())
+    writer.write_scalars(end_step, eval_metrics)
+    writer.flush()
+    results = {
+        "config": config.to_dict(),
+        "eval_top1": eval_metrics["eval_top1"],
+        "eval_top5": eval_metrics["eval_top5"],
+        "eval_loss": eval_metrics["eval_loss"],
+        "steps": end_step,
+        "train_seconds": train_seconds,
+        "steps_per_sec": (end_step - start_step) / max(train_seconds, 1e-9),
+        "resumed_from_step": start_step,
+        "devices": jax.device_count(),
+    }
+    if jax.process_index() == 0:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    logging.info("Final eval: top-1 %.4f, top-5 %.4f after %d steps (%.1fs).",
+                 results["eval_top1"], results["eval_top5"], end_step, train_seconds)
+    results["state"] = state
+    return results

@@ -1,0 +1,29 @@
+"""Shared test utilities: load configs, run the real CLI in a subprocess."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str):
+    """`configs/<name>.py`'s get_config(), as the CLI would load it."""
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def run_python(args: list[str], *, devices: int | None = None, timeout: int = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs `python ARGS` from the repo root with `devices` fake CPU devices."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    if devices:
+        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
