@@ -7,6 +7,7 @@ method: `latent_ste_w2a2`, `lsq_w2a2`.
 """
 from __future__ import annotations
 
+import logging as logging_lib
 import os
 import re
 import sys
@@ -51,9 +52,18 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+class _QuietLibraries(logging_lib.Filter):
+    """Drops INFO chatter of orbax/tensorstore (one line per array per save)."""
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        return record.levelno > logging_lib.INFO or not any(
+            f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "etils"))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
     from dq_jax import train
     from dq_jax.distributed import maybe_initialize

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -117,6 +119,15 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _finite_by_layer(*trees: PyTree) -> dict[str, jax.Array]:
+    """Module path -> all leaves finite, over several trees (grads, stats, ...)."""
+    out: dict[str, list] = {}
+    for tree in trees:
+        for path, leaf in flax.traverse_util.flatten_dict(tree).items():
+            out.setdefault("/".join(path[:-1]) or path[-1], []).append(jnp.all(jnp.isfinite(leaf)))
+    return {k: jnp.all(jnp.stack(v)) for k, v in out.items()}
+
+
 def train_step(state: TrainState, batch: dict, *, model, optimizer: QuantOptimizer,
                label_smoothing: float) -> tuple[TrainState, dict]:
     """Forward/backward, direct code update, level sort; non-finite steps are skipped.
@@ -140,7 +151,8 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer: QuantOptimiz
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, _zeros_like_codes(state.codes))
     params, codes, opt_state, diagnostics = optimizer.update(
         grads, w_grads, state.opt_state, state.params, state.codes)
-    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(w_grads)
+    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(w_grads) & \
+        _all_finite(new_vars.get(QUANT_STATS, {}))
     updated = TrainState(step=state.step + 1, params=params, codes=codes,
                          batch_stats=new_vars.get("batch_stats", {}),
                          quant_stats=new_vars.get(QUANT_STATS, {}), opt_state=opt_state)
@@ -152,6 +164,8 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer: QuantOptimiz
         "learning_rate": optimizer.lr(state.step),
         "nonfinite": 1.0 - ok.astype(jnp.float32),
         "layers": diagnostics,
+        # Which layers' gradients / fitted activation statistics blew up (for the report).
+        "finite_by_layer": _finite_by_layer(grads, w_grads, new_vars.get(QUANT_STATS, {})),
     }
     return new_state, metrics
 
@@ -259,12 +273,85 @@ def _progress(total: int, initial: int):
 
 # --------------------------------------------------------------------------- main loop
 
+class PreemptionWatcher:
+    """Turns SIGTERM (a preemption notice) into "checkpoint at this step and exit".
+
+    Multi-host: also asks orbax whether JAX's preemption service reached a
+    sync point, so every process saves the same step.
+    """
+
+    def __init__(self):
+        self._requested = False
+        self._previous = None
+
+    def __enter__(self) -> "PreemptionWatcher":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self._requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def should_stop(self, manager, step: int) -> bool:
+        if jax.process_count() > 1 and manager.reached_preemption(step):
+            return True
+        return self._requested
+
+
+def _write_nonfinite_report(workdir: epath.Path, step: int, got: list[dict]) -> str:
+    """Saves which layers had non-finite gradients/statistics; returns a summary."""
+    bad_steps, bad_layers = [], set()
+    first = step - len(got) + 1
+    for i, m in enumerate(got):
+        if m["nonfinite"]:
+            bad_steps.append(first + i)
+            bad_layers.update(k for k, ok in m["finite_by_layer"].items() if not ok)
+    report = {"steps": bad_steps, "layers": sorted(bad_layers),
+              "loss": [float(got[s - first]["loss"]) for s in bad_steps]}
+    if jax.process_index() == 0:
+        (workdir / "nonfinite_report.json").write_text(json.dumps(report, indent=2))
+    layers = ", ".join(report["layers"][:8]) or "(loss only)"
+    return f"steps {bad_steps[:5]}{'...' if len(bad_steps) > 5 else ''}; layers: {layers}"
+
+
+def _log_scalars(writer, step: int, got: list[dict], params: PyTree, seconds: float) -> None:
+    scalars = {k: float(np.mean([m[k] for m in got])) for k in ("loss", "accuracy", "learning_rate")}
+    layer_metrics = jax.tree.map(lambda *xs: np.mean(xs), *[m["layers"] for m in got])
+    scalars.update(_layer_scalars(layer_metrics, params))
+    scalars["steps_per_sec"] = len(got) / max(seconds, 1e-9)
+    scalars["nonfinite_steps"] = int(sum(m["nonfinite"] for m in got))
+    writer.write_scalars(step, scalars)
+
+
+def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> TrainState:
+    """Resume from the latest checkpoint, else init (from float if asked) + calibrate."""
+    state = init_state(model, optimizer, ds.image_shape, config.seed)
+    start = checkpoints.latest_step(manager)
+    if start is not None:
+        logging.info("Resuming from %s at step %d.", workdir, start)
+        return checkpoints.restore(manager, start, state, steps.replicated)
+    if config.init_from:
+        state = checkpoints.init_from_float(config.init_from, state, quant, optimizer)
+        logging.info("Initialised quantized model from float checkpoint %s.", config.init_from)
+    state = steps.place(state)
+    calib = ds.train_batches(0)
+    for _ in range(config.calibration_batches if quant.acts != "float" else 0):
+        state = steps.calibrate(state, to_global(next(calib), steps.batch))
+    return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, stop_after: int | None = None) -> dict:
     """Trains, evaluates, checkpoints and resumes; returns (and writes) results.json's dict.
 
-    `stop_after` ends the run after that many total steps without the final
-    results (used to test resume == uninterrupted).
+    `stop_after` ends the run after that many total steps (checkpointed, no
+    final eval), as a preemption would; used to test resume == uninterrupted.
+    A SIGTERM does the same at the current step and returns `preempted=True`.
     """
     from clu import metric_writers
 
@@ -274,84 +361,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ds = data.create_dataset(config, process_index=jax.process_index(),
                              process_count=jax.process_count())
     num_classes = ds.num_classes if config.num_classes <= 0 else config.num_classes
-    steps_per_epoch = ds.steps_per_epoch
-    total_steps = total_train_steps(config, steps_per_epoch)
+    total_steps = total_train_steps(config, ds.steps_per_epoch)
     model = create_model(config, quant, num_classes)
-    optimizer = create_optimizer(config, total_steps, steps_per_epoch)
-    mesh = create_mesh(config)
-    steps = Steps(model, optimizer, mesh, config.label_smoothing)
-
+    optimizer = create_optimizer(config, total_steps, ds.steps_per_epoch)
+    steps = Steps(model, optimizer, create_mesh(config), config.label_smoothing)
+    checkpoints.check_compatible(workdir, config)  # before the manager lists the steps
     manager = checkpoints.create_manager(workdir, config)
-    state = init_state(model, optimizer, ds.image_shape, config.seed)
-    start = checkpoints.latest_step(manager)
-    if start is not None:
-        checkpoints.check_compatible(workdir, config)
-        state = checkpoints.restore(manager, start, state, steps.replicated)
-        logging.info("Resumed from %s at step %d.", workdir, start)
-    else:
-        checkpoints.check_compatible(workdir, config)  # also records this config
-        if config.init_from:
-            state = checkpoints.init_from_float(config.init_from, state, quant, optimizer)
-            logging.info("Initialised quantized model from float checkpoint %s.", config.init_from)
-        state = steps.place(state)
-        calib = ds.train_batches(0)
-        for _ in range(config.calibration_batches if quant.acts != "float" else 0):
-            state = steps.calibrate(state, to_global(next(calib), steps.batch))
-    state = steps.place(state)
+    state = steps.place(_initial_state(config, manager, model, optimizer, quant,
+                                       steps, ds))
     start_step = int(jax.device_get(state.step))
 
     writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
-    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else ds.steps_per_epoch
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
     bar = _progress(total_steps, start_step)
-    pending, t_start, t_log, eval_metrics = [], time.time(), time.time(), {}
+    pending, t_start, t_log = [], time.time(), time.time()
     train_iter = data.prefetch(ds.train_batches(start_step))
-    step = start_step
-    for step in range(start_step + 1, end_step + 1):
-        state, metrics = steps.train(state, to_global(next(train_iter), steps.batch))
-        pending.append(metrics)
-        if bar is not None:
-            bar.update(1)
-        if step % config.log_every_steps == 0 or step == end_step:
-            got = jax.device_get(pending)
-            scalars = {k: float(np.mean([m[k] for m in got]))
-                       for k in ("loss", "accuracy", "learning_rate")}
-            nonfinite = int(sum(m["nonfinite"] for m in got))
-            layer_metrics = jax.tree.map(lambda *xs: np.mean(xs), *[m["layers"] for m in got])
-            scalars.update(_layer_scalars(layer_metrics, jax.device_get(state.params)))
-            scalars["steps_per_sec"] = len(got) / max(time.time() - t_log, 1e-9)
-            scalars["nonfinite_steps"] = nonfinite
-            writer.write_scalars(step, scalars)
-            pending, t_log = [], time.time()
-            if nonfinite and config.nonfinite_policy == "stop":
+    step, preempted = start_step, False
+    with PreemptionWatcher() as watcher:
+        while step < end_step:
+            state, metrics = steps.train(state, to_global(next(train_iter), steps.batch))
+            step += 1
+            pending.append(metrics)
+            if bar is not None:
+                bar.update(1)
+            if step % config.log_every_steps == 0 or step == end_step:
+                got = jax.device_get(pending)
+                _log_scalars(writer, step, got, jax.device_get(state.params), time.time() - t_log)
+                pending, t_log = [], time.time()
+                if any(m["nonfinite"] for m in got) and config.nonfinite_policy == "stop":
+                    summary = _write_nonfinite_report(workdir, step, got)
+                    checkpoints.save(manager, step, state, force=True)
+                    manager.wait_until_finished()
+                    writer.flush()
+                    raise FloatingPointError(
+                        f"Non-finite loss/gradients at {summary}. Those updates were skipped; the "
+                        f"last finite state is checkpointed in {workdir} (report: "
+                        "nonfinite_report.json). Lower config.learning_rate or "
+                        "config.levels_learning_rate, or set config.nonfinite_policy='skip'.")
+            if step % eval_every == 0 and step != end_step:
+                writer.write_scalars(step, evaluate(steps, state, ds.eval_batches()))
+            if watcher.should_stop(manager, step) and step != end_step:
+                logging.warning("Preemption requested: checkpointing step %d and exiting.", step)
                 checkpoints.save(manager, step, state, force=True)
-                writer.flush()
-                raise FloatingPointError(
-                    f"{nonfinite} step(s) before step {step} had a non-finite loss or gradient; "
-                    f"their updates were skipped and the last finite state saved in {workdir}. "
-                    "Lower config.learning_rate / config.levels_learning_rate, or set "
-                    "config.nonfinite_policy='skip' to continue past such steps.")
-        if step % eval_every == 0 and step != end_step:
-            eval_metrics = evaluate(steps, state, ds.eval_batches())
-            writer.write_scalars(step, eval_metrics)
-        if step % config.checkpoint_every_steps == 0 or step == end_step:
-            checkpoints.save(manager, step, state)
+                preempted = True
+                break
+            if step % config.checkpoint_every_steps == 0 or step == end_step:
+                checkpoints.save(manager, step, state, force=step == end_step)
     if bar is not None:
         bar.close()
     manager.wait_until_finished()
     train_seconds = time.time() - t_start
-    if stop_after is not None and end_step < total_steps:
+    if preempted or end_step < total_steps:
         writer.flush()
-        return {"steps": end_step, "state": state}
+        return {"steps": step, "state": state, "preempted": preempted}
     eval_metrics = evaluate(steps, state, ds.eval_batches())
     writer.write_scalars(end_step, eval_metrics)
     writer.flush()
     results = {
         "config": config.to_dict(),
-        "eval_top1": eval_metrics["eval_top1"],
-        "eval_top5": eval_metrics["eval_top5"],
-        "eval_loss": eval_metrics["eval_loss"],
+        **eval_metrics,
         "steps": end_step,
         "train_seconds": train_seconds,
         "steps_per_sec": (end_step - start_step) / max(train_seconds, 1e-9),
@@ -362,5 +432,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     logging.info("Final eval: top-1 %.4f, top-5 %.4f after %d steps (%.1fs).",
                  results["eval_top1"], results["eval_top5"], end_step, train_seconds)
-    results["state"] = state
-    return results
+    return {**results, "state": state}

@@ -1,0 +1,16 @@
+"""Input pipelines: TFDS + tf.data, and in-memory arrays (digits, .npz).
+
+Public API::
+
+    ds = create_dataset(config, process_index=None, process_count=None)
+    for batch in prefetch(ds.train_batches(start_step)): ...   # infinite
+    for batch in ds.eval_batches(): ...                        # one padded pass
+
+See `Dataset` for the batch format and the determinism/resume contract.
+TensorFlow is imported only for the TFDS datasets.
+"""
+from dq_jax.data.base import Dataset
+from dq_jax.data.factory import DATASETS, create_dataset
+from dq_jax.data.prefetch import prefetch
+
+__all__ = ["DATASETS", "Dataset", "create_dataset", "prefetch"]
