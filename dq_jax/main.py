@@ -86,5 +86,28 @@ def main(argv):
         sys.exit(2)
 
 
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, SyntaxError):
+        return (f"config file {error.filename}, line {error.lineno}: {error.msg}: "
+                f"{(error.text or '').strip()}")
+    text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
+    return text.strip("'\"") or type(error).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config-file and override errors as one clear line."""
+    try:
+        rest = FLAGS(argv)
+        _ = FLAGS.config.keys()  # config_flags loads lazily: surface a bad file now
+        return rest
+    except flags.Error as e:
+        print(f"dq_jax: error: {_one_line(e)}\nUsage: python -m dq_jax.main "
+              "--config=configs/FILE.py --workdir=DIR [--config.key=value ...]", file=sys.stderr)
+    except (SyntaxError, AttributeError, KeyError, TypeError, ValueError, ImportError,
+            OSError) as e:
+        print(f"dq_jax: error: bad --config: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

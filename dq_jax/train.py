@@ -333,7 +333,7 @@ def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> Train
     state = init_state(model, optimizer, ds.image_shape, config.seed)
     start = checkpoints.latest_step(manager)
     if start is not None:
-        logging.info("Resuming from %s at step %d.", workdir, start)
+        logging.info("Resuming from %s at step %d.", manager.directory, start)
         return checkpoints.restore(manager, start, state, steps.replicated)
     if config.init_from:
         state = checkpoints.init_from_float(config.init_from, state, quant, optimizer)

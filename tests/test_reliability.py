@@ -1,0 +1,159 @@
+"""Preemption, partial/corrupt checkpoints, non-finite steps, bad configs, determinism, soak."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dq_jax import train
+from tests.helpers import REPO, load_config, run_python
+from tests.test_train import assert_states_equal, small_digits
+
+
+def constant_lr_digits(steps: int, **overrides):
+    """Constant LR: the state after k steps does not depend on the planned total."""
+    return small_digits(num_train_steps=steps, schedule="constant", **overrides)
+
+
+PREEMPT_SCRIPT = """
+import sys
+from tests.test_reliability import constant_lr_digits
+from dq_jax import train
+out = train.train_and_evaluate(constant_lr_digits(100000, checkpoint_every_steps=10**6,
+                                                  log_every_steps=5), sys.argv[1])
+print('PREEMPTED', out['preempted'], out['steps'], flush=True)
+"""
+
+
+def test_sigterm_checkpoints_current_step_and_resume_matches(tmp_path):
+    """SIGTERM mid-run -> checkpoint at that step, clean exit; resuming to step k+6
+    gives exactly the state of an uninterrupted (k+6)-step run."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", PREEMPT_SCRIPT, str(tmp_path / "pre")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    events = tmp_path / "pre"
+    while time.time() < deadline and not list(events.glob("events.out.tfevents.*")):
+        time.sleep(0.5)
+    time.sleep(3.0)  # let it train some steps past compilation
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    line = [l for l in out.splitlines() if l.startswith("PREEMPTED")][-1]
+    _, preempted, step = line.split()
+    step = int(step)
+    assert preempted == "True" and 0 < step < 100000
+    saved = sorted(int(p.name) for p in (tmp_path / "pre" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert saved == [step], saved
+
+    resumed = train.train_and_evaluate(constant_lr_digits(step + 6), str(tmp_path / "pre"))
+    assert resumed["resumed_from_step"] == step
+    reference = train.train_and_evaluate(constant_lr_digits(step + 6), str(tmp_path / "ref"))
+    assert_states_equal(resumed["state"], reference["state"])
+
+
+def test_partial_checkpoint_from_killed_save_is_ignored(tmp_path):
+    """A save killed mid-write leaves orbax's tmp directory: resume uses the previous one."""
+    config = small_digits()
+    train.train_and_evaluate(config, str(tmp_path), stop_after=16)
+    ckpts = tmp_path / "checkpoints"
+    partial = ckpts / "24.orbax-checkpoint-tmp"
+    shutil.copytree(ckpts / "16", partial)
+    for f in sorted(p for p in partial.rglob("*") if p.is_file())[::2]:
+        f.write_bytes(b"\0" * 7)  # half-written files
+    out = train.train_and_evaluate(config, str(tmp_path))
+    assert out["resumed_from_step"] == 16 and out["steps"] == 24
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+    config = small_digits()
+    train.train_and_evaluate(config, str(tmp_path), stop_after=8)
+    step_dir = tmp_path / "checkpoints" / "8"
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(ValueError, match=r"Checkpoint step 8 in .*checkpoints"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def _assert_finite(state):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state)):
+        leaf = np.asarray(leaf)
+        if leaf.dtype.kind == "f":
+            assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
+
+
+def test_nonfinite_stop_reports_layers_and_never_checkpoints_nan(tmp_path):
+    config = constant_lr_digits(24, learning_rate=1e30, log_every_steps=4)
+    with pytest.raises(FloatingPointError, match=r"Non-finite .*layers: .*nonfinite_policy='skip'"):
+        train.train_and_evaluate(config, str(tmp_path))
+    report = json.loads((tmp_path / "nonfinite_report.json").read_text())
+    assert report["steps"] and report["layers"]
+    latest = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    from dq_jax import checkpoints
+    restored = checkpoints.load_float_variables(str(tmp_path / "checkpoints" / str(latest)))
+    _assert_finite(restored)
+
+
+def test_nonfinite_skip_policy_keeps_training_finite(tmp_path):
+    config = constant_lr_digits(24, learning_rate=1e30, nonfinite_policy="skip")
+    out = train.train_and_evaluate(config, str(tmp_path))
+    assert out["steps"] == 24
+    _assert_finite(out["state"])
+
+
+def test_same_seed_is_bitwise_deterministic(tmp_path):
+    a = train.train_and_evaluate(small_digits(num_train_steps=12), str(tmp_path / "a"))
+    b = train.train_and_evaluate(small_digits(num_train_steps=12), str(tmp_path / "b"))
+    assert_states_equal(a["state"], b["state"])
+    assert a["eval_loss"] == b["eval_loss"]
+    c = train.train_and_evaluate(small_digits(num_train_steps=12, seed=1), str(tmp_path / "c"))
+    assert c["eval_loss"] != a["eval_loss"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/digits.py", "--config.learnig_rate=0.1"], "learning_rate"),
+    (["--config=configs/no_such_config.py"], "no_such_config.py"),
+    (["--config=configs/digits.py", "--config.quant.weight_bits=12"],
+     "config.quant.weight_bits=12 is out of range"),
+    (["--config=configs/digits.py", "--config.dataset=npz"], "config.data_dir"),
+])
+def test_cli_config_errors_are_one_line(tmp_path, args, expected):
+    proc = run_python(["-m", "dq_jax.main", f"--workdir={tmp_path}", *args])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("dq_jax: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_file_syntax_error_is_one_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config(:\n    pass\n")
+    proc = run_python(["-m", "dq_jax.main", f"--config={bad}", f"--workdir={tmp_path}"])
+    assert proc.returncode == 2
+    assert f"config file {bad}, line 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_soak_random_interruptions_equal_uninterrupted(tmp_path):
+    """200 digits steps, stopped and resumed at 4 random points (seeded), == one run."""
+    total = 200
+    config = small_digits(num_train_steps=total, checkpoint_every_steps=50, log_every_steps=25)
+    reference = train.train_and_evaluate(config, str(tmp_path / "ref"))
+    stops = sorted(np.random.default_rng(7).choice(np.arange(5, total), 4, replace=False))
+    for stop in stops:
+        out = train.train_and_evaluate(config, str(tmp_path / "soak"), stop_after=int(stop))
+        assert out["steps"] == stop
+    final = train.train_and_evaluate(config, str(tmp_path / "soak"))
+    assert final["resumed_from_step"] == stops[-1]
+    assert_states_equal(final["state"], reference["state"])
+    assert final["eval_top1"] == reference["eval_top1"]
