@@ -67,10 +67,10 @@ def main(argv):
     import jax
     from dq_jax import train
     from dq_jax.distributed import maybe_initialize
-    maybe_initialize()
-    logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
     try:
+        maybe_initialize()
+        logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(),
+                     jax.process_count(), jax.local_device_count(), jax.device_count())
         if not FLAGS.variants:
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
             return

@@ -62,8 +62,8 @@ Flags (FLAG=VALUE or FLAG VALUE):
 
 Multi-host: on a pod slice (e.g. v3-32 = 4 hosts) `run` starts one process per host. JAX on a
 TPU VM finds the other hosts itself (libtpu / GCE metadata: JAX auto-detects the coordinator).
-dq_jax's maybe_initialize() additionally calls jax.distributed.initialize() when
-TPU_WORKER_HOSTNAMES lists several hosts (as on GKE); see launch/README.md.
+`run` exports DQ_JAX_DISTRIBUTED=auto on multi-host slices, so dq_jax's maybe_initialize()
+calls jax.distributed.initialize() (auto-detection); see launch/README.md.
 
 Example:
   launch/tpu_vm.sh all --name=dq-v4 --zone=us-central2-b --accelerator-type=v4-32 --spot \
@@ -317,6 +317,8 @@ do_run() {
   local prog env_exports="" kv remote
   prog="$RPY -m dq_jax.main $(qjoin "--config=$CONFIG" "--workdir=$WORKDIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"} ${PASSTHRU[@]+"${PASSTHRU[@]}"})"
   for kv in ${ENVS[@]+"${ENVS[@]}"}; do env_exports+="export ${kv%%=*}=$(q "${kv#*=}"); "; done
+  # Multi-host slices: have dq_jax call jax.distributed.initialize() (JAX auto-detects the pod).
+  if [[ -z $HOSTS || $HOSTS -gt 1 ]]; then env_exports+="export DQ_JAX_DISTRIBUTED=auto; "; fi
   remote="cd $RDIR || { echo \"$TAG ~/$REMOTE_DIR missing: run setup first\" >&2; exit 1; }"
   remote+="; if [ -f $PIDF ] && kill -0 \"\$(cat $PIDF)\" 2>/dev/null; then echo \"$TAG dq_jax still running (pid \$(cat $PIDF)): stop it, or wait until it has exited\" >&2; exit 1; fi"
   remote+="; ${env_exports}off=\$(( \$(stat -c %s $LOG 2>/dev/null || echo 0) + 1 ))"

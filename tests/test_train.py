@@ -90,7 +90,8 @@ config.log_every_steps = 3
 config.rounding = sys.argv[2]
 out = train.train_and_evaluate(config, sys.argv[1])
 state = jax.device_get(out['state'])
-np.savez(sys.argv[1] + '/state.npz', **{jax.tree_util.keystr(p): np.asarray(x)
+if jax.process_index() == 0:
+  np.savez(sys.argv[1] + '/state.npz', **{jax.tree_util.keystr(p): np.asarray(x)
          for p, x in jax.tree_util.tree_leaves_with_path(state)})
 print(json.dumps({'devices': jax.device_count(), 'top1': out['eval_top1']}))
 """
