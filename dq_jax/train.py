@@ -377,11 +377,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
     bar = _progress(total_steps, start_step)
     pending, t_start, t_log = [], time.time(), time.time()
-    train_iter = data.prefetch(ds.train_batches(start_step))
+    # Host batches become sharded device arrays in the prefetch thread, off the step's path.
+    train_iter = data.prefetch(to_global(b, steps.batch) for b in ds.train_batches(start_step))
     step, preempted = start_step, False
     with PreemptionWatcher() as watcher:
         while step < end_step:
-            state, metrics = steps.train(state, to_global(next(train_iter), steps.batch))
+            state, metrics = steps.train(state, next(train_iter))
             step += 1
             pending.append(metrics)
             if bar is not None:

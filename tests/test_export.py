@@ -1,0 +1,407 @@
+"""Bit-packed export, packed-model inference and the integer inference path."""
+from __future__ import annotations
+
+import math
+import struct
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dq_jax import export, intpath, models, predict
+from dq_jax.layers import QuantConv, QuantDense
+from dq_jax.quant import weights as wq
+from dq_jax.quant.config import QuantConfig
+from tests.helpers import load_config, run_python
+
+
+# --------------------------------------------------------------------------- bit packing
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_numpy_unpack_jnp_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    unpack = jax.jit(export.unpack_bits_jnp, static_argnums=(1, 2))
+    for n in (1, 7, 13, 1001):
+        codes = rng.integers(0, 2 ** bits, n).astype(np.uint8)
+        codes[0] = 2 ** bits - 1  # the top code always occurs
+        packed = export.pack_bits(codes, bits)
+        assert packed.dtype == np.uint8 and packed.size == math.ceil(n * bits / 8)
+        np.testing.assert_array_equal(np.asarray(unpack(jnp.asarray(packed), bits, n)), codes)
+        np.testing.assert_array_equal(export.unpack_bits(packed, bits, n), codes)
+
+
+def test_bit_order_is_little_endian_and_documented():
+    # codes 1, 2, 3 at 3 bits: stream bits (LSB first) 100 010 110 -> byte0 = 0b11010001.
+    np.testing.assert_array_equal(export.pack_bits(np.array([1, 2, 3]), 3), [0b11010001, 0])
+    np.testing.assert_array_equal(export.pack_bits(np.array([1, 0, 3, 2]), 2), [0b10110001])
+    with pytest.raises(ValueError, match=r"cannot pack codes in \[0, 4\] at 2 bits"):
+        export.pack_bits(np.array([0, 4]), 2)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _random_variables(model, x, rng) -> dict:
+    """Variables of `model` with random (valid) values, without running its init.
+
+    `jax.eval_shape(model.init)` gives the structure; filling it directly avoids
+    compiling the Lloyd initialisation, which dominates the test time on CPU.
+    """
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    out = {}
+    for collection in ("params", "codes", "batch_stats", "quant_stats"):
+        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes.get(collection, {})))
+        values = {}
+        for path, s in flat.items():
+            leaf = path[-1]
+            if collection == "codes":
+                num_levels = flat_params[path[:-1] + ("kernel_levels",)].shape[-1]
+                v = rng.integers(0, num_levels, s.shape)
+            elif leaf == "kernel_levels":
+                v = np.sort(rng.normal(size=s.shape), axis=-1) * 0.3
+            elif leaf in ("kernel_step", "var", "alpha"):
+                v = rng.uniform(0.05, 0.5, s.shape)
+            elif leaf == "initialized":
+                v = np.ones(s.shape, bool)
+            elif leaf == "levels":  # learned activation levels
+                v = np.sort(rng.uniform(0, 2, s.shape))
+            elif leaf == "scale":
+                v = rng.uniform(0.5, 1.5, s.shape)
+            else:
+                v = rng.normal(size=s.shape) * (0.3 if leaf == "kernel" else 0.1)
+            values[path] = np.asarray(v, s.dtype)
+        if collection == "params":
+            flat_params = flat
+        out[collection] = flax.traverse_util.unflatten_dict(values) if values else {}
+    return out
+
+
+def _digits_variables(weights: str, bits: int, granularity: str = "per_layer",
+                      quantize_first_last: bool = True, widths=(32, 64, 64)):
+    """A digits_cnn config, model, random variables and inputs."""
+    config = load_config("digits")
+    config.quant.weights, config.quant.weight_bits = weights, bits
+    config.quant.granularity = granularity
+    config.quantize_first_last = quantize_first_last
+    config.model_kwargs = {"widths": widths}
+    quant = QuantConfig.from_mapping(config.quant)
+    model = models.create("digits_cnn", 10, quant=quant, quantize_first_last=quantize_first_last,
+                          widths=widths)
+    rng = np.random.default_rng(bits)
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32)
+    return config, model, _random_variables(model, x, rng), x
+
+
+def _save(path, config, variables, model="digits_cnn"):
+    return export.save(str(path), model=model, config=config, variables=variables,
+                       num_classes=10, image_shape=(8, 8, 1),
+                       normalization={"mean": [4.9], "std": [6.0], "pixel_max": 16.0})
+
+
+# --------------------------------------------------------------------------- size
+
+def test_exported_size_is_within_2_percent_of_ideal(tmp_path):
+    bits = 3  # an odd width: codes straddle bytes
+    config, _, variables, _ = _digits_variables("dq", bits, widths=(32, 128, 128))
+    path = tmp_path / "m.dqz"
+    report = _save(path, config, variables)
+    size = path.stat().st_size
+    hlen = struct.unpack_from("<Q", path.read_bytes(), 12)[0]
+
+    ideal = export.PREFIX_SIZE + hlen
+    for collection in ("params", "codes", "batch_stats", "quant_stats"):
+        for leaf in jax.tree.leaves(variables[collection]):
+            leaf = np.asarray(leaf)
+            if collection == "codes":
+                ideal += bits * leaf.size / 8
+            elif leaf.dtype == np.bool_:
+                ideal += leaf.size
+            else:
+                ideal += 4 * leaf.size  # levels, float layers, biases, BN, act stats
+    assert abs(size - ideal) <= 0.02 * ideal, (size, ideal)
+    assert report["export_bytes"] == size
+    n_q = sum(np.asarray(c).size for c in jax.tree.leaves(variables["codes"]))
+    assert report["quantized_weights"] == n_q
+    assert report["quantized_weight_bytes"] == sum(
+        math.ceil(bits * np.asarray(c).size / 8) for c in jax.tree.leaves(variables["codes"]))
+    table = export.format_size_report(report)
+    assert "conv2" in table and "dq W3" in table and "total" in table
+
+
+def test_size_report_for_resnet18_from_shapes():
+    report = export.size_report_for_model("resnet18", 4)
+    # 11,689,512 params + 9,600 BN running statistics (mean, var), float32.
+    assert report["float32_bytes"] == 4 * (11_689_512 + 9_600)
+    conv = next(r for r in report["rows"] if r["layer"] == "stage4_block2/conv2")
+    assert conv["kind"] == "dq W4" and conv["weights"] == 3 * 3 * 512 * 512
+    # 4-bit codes (n/2 bytes) + 16 levels + alpha (4) + initialized (1).
+    assert conv["export_bytes"] == conv["weights"] // 2 + 16 * 4 + 5
+    head = next(r for r in report["rows"] if r["layer"] == "head")
+    assert head["kind"] == "float" and head["export_bytes"] == head["float32_bytes"]
+    assert 5.5 < report["ratio"] < 6.5
+
+
+# --------------------------------------------------------------------------- exactness
+
+@pytest.mark.parametrize("weights,bits,granularity", [
+    ("lsq", 3, "per_channel"), ("latent_ste", 1, "per_layer")])
+def test_export_predict_equals_fake_quant_eval(tmp_path, weights, bits, granularity):
+    config, model, variables, x = _digits_variables(weights, bits, granularity)
+    ref = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
+    path = tmp_path / "m.dqz"
+    _save(path, config, variables)
+    loaded = export.load(str(path))
+    assert all(l["method"] == weights and l["bits"] == bits for l in loaded.layers)
+    assert len(loaded.layers) == 4  # first conv and head quantized too
+    assert not any(n.endswith("kernel_step") for n in loaded.tensors)
+    # The exported codes + levels rebuild the training forward's W_q bit for bit.
+    runtime = loaded.variables()
+    for layer in loaded.layers:
+        name = layer["module"]
+        p = jax.tree.map(jnp.asarray, variables["params"][name])  # as in training: jnp, jit
+        if weights == "lsq":
+            w_train = jax.jit(wq.lsq_kernel, static_argnums=2)(
+                p["kernel"], p["kernel_step"], bits)
+        else:
+            w_train = jax.jit(wq.latent_ste_kernel)(p["kernel"], p["kernel_levels"])
+        w_export = wq.gather_levels(runtime["params"][name]["kernel_levels"],
+                                    runtime["codes"][name]["kernel"])
+        np.testing.assert_array_equal(w_export, w_train, err_msg=name)
+    m = predict.load_model(str(path))
+    # Bit-exact: W_q is rebuilt bit for bit (LSQ levels use the forward's own step value).
+    np.testing.assert_array_equal(m.predict(x), ref)
+    if weights != "lsq":  # once is enough: device (jnp) unpacking == numpy unpacking
+        dev = flax.traverse_util.flatten_dict(jax.device_get(m.variables()["codes"]))
+        host = flax.traverse_util.flatten_dict(loaded.variables()["codes"])
+        assert dev.keys() == host.keys()
+        for k in dev:
+            np.testing.assert_array_equal(dev[k], host[k])
+    _check_integer_model(path, x, ref, "affine" if weights == "lsq" else "thermometer")
+
+
+def _check_integer_model(path, x, ref, kind):
+    mi = predict.load_model(str(path), integer=True)
+    assert {p.kind for p in mi.plan.values()} == {kind} and len(mi.plan) == 4
+    np.testing.assert_allclose(mi.predict(x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A DQ W2A2 digits model from the real training program (30 steps)."""
+    from dq_jax import configlib, data, train
+    config = load_config("digits")
+    config.num_train_steps = 30
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 30
+    config.eval_every_steps = 1000
+    workdir = tmp_path_factory.mktemp("digits_w2a2")
+    results = train.train_and_evaluate(config, str(workdir))
+    quant = configlib.validate(config, device_count=1)
+    model = train.create_model(config, quant, 10)
+    ds = data.create_dataset(config, process_index=0, process_count=1)
+    batch = next(ds.eval_batches())
+    n = int(batch["mask"].sum())
+    images = batch["image"][:n]
+    # The training program's own eval forward (eval_step's model.apply).
+    logits = jax.jit(lambda s, x: model.apply(s.variables(), x, train=False))(
+        results["state"], images)
+    return dict(config=config, workdir=workdir, results=results, images=images,
+                logits=np.asarray(logits), labels=batch["label"][:n], ds=ds)
+
+
+def test_trained_digits_export_load_predict_equals_training_eval(trained, tmp_path):
+    out = tmp_path / "digits.dqz"
+    report = export.export_workdir(str(trained["workdir"]), str(out))
+    assert report["export_bytes"] == out.stat().st_size and report["ratio"] > 5
+    m = predict.load_model(str(out), expected_model="digits_cnn")
+    assert m.image_shape == (8, 8, 1) and m.num_classes == 10
+    logits = m.predict(trained["images"])
+    np.testing.assert_allclose(logits, trained["logits"], rtol=0, atol=1e-5)
+    assert np.mean(np.argmax(logits, -1) == trained["labels"]) == pytest.approx(
+        trained["results"]["eval_top1"], abs=1e-6)
+    ref = trained["logits"]
+    mi = predict.load_model(str(out), integer=True)
+    assert {p.kind for p in mi.plan.values()} == {"thermometer"} and len(mi.plan) == 2
+    np.testing.assert_allclose(mi.predict(trained["images"]), ref, rtol=0,
+                               atol=1e-5 * np.abs(ref).max())
+    # predict_raw normalises raw digits pixels (0..16) with the header's mean/std.
+    raw = trained["ds"]._x_eval[:len(ref)]
+    np.testing.assert_allclose(m.predict_raw(raw), ref, rtol=0, atol=1e-5)
+
+
+def test_cli_export_and_predict(trained, tmp_path):
+    out = tmp_path / "cli.dqz"
+    proc = run_python(["-m", "dq_jax.export", f"--workdir={trained['workdir']}", f"--out={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "conv2" in proc.stdout and "dq W2" in proc.stdout and "total" in proc.stdout
+    n = len(trained["logits"])
+    npz = tmp_path / "x.npz"
+    np.savez(npz, x_test=trained["ds"]._x_eval[:n])  # raw uint8 pixels, dataset scale
+    logits_path = tmp_path / "logits.npy"
+    proc = run_python(["-m", "dq_jax.predict", f"--model={out}", f"--images={npz}",
+                       f"--output={logits_path}", "--top_k=2", "--expected_model=digits_cnn"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.strip().splitlines()) == n
+    np.testing.assert_allclose(np.load(logits_path), trained["logits"], rtol=0, atol=1e-5)
+
+
+def test_load_images_folder(tmp_path):
+    from PIL import Image
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "b.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")  # resized, gray
+    x, names = predict.load_images(str(tmp_path), (8, 8, 1), pixel_max=16.0)
+    assert names == ["a.png", "b.png"] and x.shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(x[0], 0.0)
+    np.testing.assert_allclose(x[1], 16.0)
+
+
+# --------------------------------------------------------------------------- integer path
+
+def _random_layer_vars(layer, x, rng, *, affine: bool, alpha=0.37):
+    variables = _random_variables(layer, x, rng)
+    g, num_levels = variables["params"]["kernel_levels"].shape
+    if affine:  # LSQ-style symmetric grid s_g * (c - L/2)
+        s = (np.abs(rng.normal(size=(g, 1))) + 0.1).astype(np.float32)
+        grid = np.arange(num_levels, dtype=np.float32) - num_levels // 2
+        variables["params"]["kernel_levels"] = (s * grid).astype(np.float32)
+    variables["quant_stats"]["act_quant"]["alpha"] = np.float32(alpha)
+    return variables
+
+
+CONV_CASES = [
+    dict(strides=1, padding="SAME"),
+    dict(strides=2, padding=((1, 2), (0, 1))),
+    dict(strides=1, padding="VALID", feature_group_count=4),
+    dict(strides=(2, 1), padding="CIRCULAR", kernel_dilation=2, use_bias=False),
+]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])  # 3 bits: the dense and LSQ-model tests
+def test_integer_conv_equals_float_path(bits):
+    rng = np.random.default_rng(bits)
+    x = jnp.asarray(rng.normal(size=(2, 9, 9, 8)), jnp.float32)
+    for i, kw in enumerate(CONV_CASES):
+        signed, affine = i % 2 == 1, bits > 1 and i >= 2
+        quant = QuantConfig(weight_bits=bits, act_bits=3 if signed else 2, act_signed=signed,
+                            granularity="per_channel" if i % 2 else "per_layer")
+        layer = QuantConv(8, (3, 3), quant=quant, **kw)
+        xin = x if signed else jnp.abs(x)
+        variables = _random_layer_vars(layer, xin, rng, affine=affine)
+        plan = intpath.plan_layers(variables)
+        assert plan[()].kind == ("affine" if affine else "thermometer"), (kw, plan)
+
+        @jax.jit
+        def run(v, x):
+            f = layer.apply(v, x, train=False)
+            y = intpath.apply_integer(layer, v, x, train=False, plan=plan)
+            # Forcing the thermometer form on an affine layer is exact too.
+            y2 = intpath.apply_integer(layer, v, x, train=False, plan={})
+            return f, y, y2
+
+        f, y, y2 = run(variables, xin)
+        assert y.shape == f.shape and y.dtype == f.dtype
+        tol = 5e-6 * float(jnp.abs(f).max())
+        np.testing.assert_allclose(y, f, rtol=0, atol=tol, err_msg=str(kw))
+        np.testing.assert_allclose(y2, f, rtol=0, atol=tol, err_msg=str(kw))
+
+
+@pytest.mark.parametrize("bits,act_bits,affine", [(1, 2, False), (3, 8, False), (4, 8, True)])
+def test_integer_dense_equals_float_path(bits, act_bits, affine):
+    rng = np.random.default_rng(bits)
+    x = jnp.asarray(np.abs(rng.normal(size=(3, 4, 40))), jnp.float32)  # two batch dims
+    layer = QuantDense(6, quant=QuantConfig(weight_bits=bits, act_bits=act_bits))
+    variables = _random_layer_vars(layer, x, rng, affine=affine, alpha=0.05)
+    plan = intpath.plan_layers(variables)
+    assert plan[()].kind == ("affine" if affine else "thermometer")
+    f, y = jax.jit(lambda v, x: (layer.apply(v, x, train=False), intpath.apply_integer(
+        layer, v, x, train=False, plan=plan)))(variables, x)
+    np.testing.assert_allclose(y, f, rtol=0, atol=5e-6 * float(jnp.abs(f).max()))
+
+
+def test_integer_path_feeds_int8_to_the_conv_and_a_nearby_affine_fit_is_not_used():
+    rng = np.random.default_rng(0)
+    layer = QuantConv(4, (3, 3), quant=QuantConfig(weight_bits=2, act_bits=2))
+    x = jnp.abs(jnp.asarray(rng.normal(size=(1, 5, 5, 3)), jnp.float32))
+    variables = _random_layer_vars(layer, x, rng, affine=True)
+    jaxpr = jax.make_jaxpr(lambda v, x: intpath.apply_integer(
+        layer, v, x, train=False, plan=intpath.plan_layers(variables)))(variables, x)
+    convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert convs and all(e.invars[0].aval.dtype == jnp.int8 and
+                         e.invars[1].aval.dtype == jnp.int8 and
+                         e.outvars[0].aval.dtype == jnp.int32 for e in convs), convs
+    # One ulp off an affine grid: not exactly affine -> the (exact) thermometer form.
+    levels = np.array(variables["params"]["kernel_levels"])
+    assert intpath.affine_grid(levels) == -2
+    levels[0, 3] = np.nextafter(levels[0, 3], np.float32(np.inf))
+    assert intpath.affine_grid(levels) is None
+
+
+# --------------------------------------------------------------------------- bad files
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    config, _, variables, _ = _digits_variables("dq", 2, quantize_first_last=False)
+    path = tmp_path_factory.mktemp("dqz") / "good.dqz"
+    _save(path, config, variables)
+    return path
+
+
+def _write(tmp_path, data: bytes, name="bad.dqz"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return str(p)
+
+
+def test_good_file_loads(good_file):
+    exp = export.load(str(good_file), expected_model="digits_cnn")
+    assert exp.model_name == "digits_cnn" and exp.header["format_version"] == 1
+
+
+@pytest.mark.parametrize("cut", [10, 60, -500, -1])
+def test_truncated_file_is_rejected(good_file, tmp_path, cut):
+    data = good_file.read_bytes()
+    path = _write(tmp_path, data[:cut])
+    with pytest.raises(ValueError, match=r"bad\.dqz: file is truncated.*Re-export"):
+        export.load(path)
+
+
+def test_corrupted_payload_is_rejected(good_file, tmp_path):
+    data = bytearray(good_file.read_bytes())
+    data[-100] ^= 0x10
+    with pytest.raises(ValueError, match=r"bad\.dqz: payload checksum mismatch.*corrupted"):
+        export.load(_write(tmp_path, bytes(data)))
+
+
+def test_corrupted_header_is_rejected(good_file, tmp_path):
+    data = bytearray(good_file.read_bytes())
+    data[export.PREFIX_SIZE + 30] ^= 0x01
+    with pytest.raises(ValueError, match=r"bad\.dqz: header checksum mismatch"):
+        export.load(_write(tmp_path, bytes(data)))
+
+
+def test_wrong_magic_and_trailing_bytes_are_rejected(good_file, tmp_path):
+    data = good_file.read_bytes()
+    with pytest.raises(ValueError, match=r"bad\.dqz: not a dq_jax \.dqz export.*dq_jax\.export"):
+        export.load(_write(tmp_path, b"PK\x03\x04" + data[4:]))
+    with pytest.raises(ValueError, match=r"unexpected bytes after the payload"):
+        export.load(_write(tmp_path, data + b"\0"))
+
+
+def test_wrong_format_version_is_rejected(good_file, tmp_path):
+    data = bytearray(good_file.read_bytes())
+    struct.pack_into("<I", data, 8, 2)
+    with pytest.raises(ValueError, match=r"bad\.dqz: unsupported \.dqz format version 2 "
+                                         r"\(this dq_jax reads version 1\)"):
+        export.load(_write(tmp_path, bytes(data)))
+
+
+def test_wrong_model_name_is_rejected(good_file):
+    with pytest.raises(ValueError, match=r"good\.dqz: holds model 'digits_cnn', not the "
+                                         r"requested 'resnet20'"):
+        predict.load_model(str(good_file), expected_model="resnet20")
+
+
+def test_missing_workdir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        export.export_workdir(str(tmp_path), str(tmp_path / "x.dqz"))
