@@ -12,26 +12,8 @@ SGD momentum 0.9 (Nesterov), wd 1e-4, 1 warm-up epoch then cosine, peak LR 0.01 
 label smoothing 0.1, batch 1024 (a TPU v3-32 / 8 GPUs); levels Adam 1e-4.
 Augmentation: inception crop + flip at 224; eval resize + center crop.
 """
-from dq_jax.configlib import base_config
+from dq_jax.configlib import imagenet_recipe
 
 
 def get_config():
-    c = base_config()
-    c.model = "alexnet"
-    c.dataset = "imagenet2012"
-    c.image_size = 224
-    c.batch_size = 1024
-    c.eval_batch_size = 1024
-    c.num_epochs = 30.0
-    c.learning_rate = 0.01 * c.batch_size / 256
-    c.levels_learning_rate = 1e-4
-    c.nesterov = True
-    c.weight_decay = 1e-4
-    c.warmup_epochs = 1.0
-    c.label_smoothing = 0.1
-    c.half_precision = True
-    c.log_every_steps = 100
-    c.checkpoint_every_steps = 2000
-    c.quant.weights, c.quant.weight_bits = "dq", 2
-    c.quant.acts, c.quant.act_bits = "dq", 2
-    return c
+    return imagenet_recipe("alexnet", bits=2)

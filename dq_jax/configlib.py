@@ -118,3 +118,55 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
         return QuantConfig.from_mapping(config.quant)
     except ValueError as e:
         _fail(str(e).replace("QuantConfig.", "config.quant."))
+
+
+def _set_quant(c: ml_collections.ConfigDict, bits: int) -> None:
+    c.quant.weights, c.quant.weight_bits = "dq", bits
+    c.quant.acts, c.quant.act_bits = "dq", bits
+
+
+def cifar100_recipe(model: str, bits: int) -> ml_collections.ConfigDict:
+    """Quantized fine-tuning on TFDS cifar100 (the configs/cifar100_*.py files' shared recipe).
+
+    SGD momentum 0.9 (Nesterov), wd 5e-4, cosine, peak LR 0.01, batch 128, 100 epochs;
+    levels Adam 1e-4; pad-4 crop + flip.
+    """
+    c = base_config()
+    c.model = model
+    c.dataset = "cifar100"
+    c.batch_size = 128
+    c.eval_batch_size = 500
+    c.num_epochs = 100.0
+    c.learning_rate = 0.01
+    c.levels_learning_rate = 1e-4
+    c.nesterov = True
+    c.weight_decay = 5e-4
+    _set_quant(c, bits)
+    return c
+
+
+def imagenet_recipe(model: str, bits: int) -> ml_collections.ConfigDict:
+    """Quantized fine-tuning on TFDS imagenet2012 (the configs/imagenet_*.py files' recipe).
+
+    SGD momentum 0.9 (Nesterov), wd 1e-4, 1 warm-up epoch then cosine, peak LR 0.01 x
+    batch/256, label smoothing 0.1, batch 1024, 30 epochs, bfloat16 activations; levels
+    Adam 1e-4; inception crop + flip at 224, eval resize + center crop.
+    """
+    c = base_config()
+    c.model = model
+    c.dataset = "imagenet2012"
+    c.image_size = 224
+    c.batch_size = 1024
+    c.eval_batch_size = 1024
+    c.num_epochs = 30.0
+    c.learning_rate = 0.01 * c.batch_size / 256
+    c.levels_learning_rate = 1e-4
+    c.nesterov = True
+    c.weight_decay = 1e-4
+    c.warmup_epochs = 1.0
+    c.label_smoothing = 0.1
+    c.half_precision = True
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 2000
+    _set_quant(c, bits)
+    return c

@@ -10,7 +10,7 @@ import pytest
 
 from dq_jax import checkpoints, configlib, data, train
 from dq_jax.main import apply_variant
-from tests.helpers import load_config, run_python
+from tests.helpers import REPO, load_config, run_python
 
 
 def small_digits(**overrides):
@@ -216,3 +216,12 @@ def test_imagenet_configs_build_and_lower_a_step_without_data(name, tmp_path):
     config.data_dir = str(tmp_path / "no_tfds_here")
     with pytest.raises(FileNotFoundError, match=r"imagenet2012.*(tfds build|download_and_prepare)"):
         data.create_dataset(config)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")))
+def test_every_config_validates_and_documents_its_command(name):
+    config = load_config(name)
+    quant = configlib.validate(config, device_count=1)
+    assert quant.weights == "dq"  # every shipped config is a DQ run (float via overrides)
+    module_doc = (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
+    assert "python -m dq_jax.main" in module_doc and f"configs/{name}.py" in module_doc
