@@ -94,18 +94,25 @@ def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_clas
 
 def init_state(model, optimizer: QuantOptimizer, image_shape: tuple[int, ...],
                seed: int) -> TrainState:
-    """Random init (levels/codes from the kernel initializer via Lloyd)."""
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32),
-                           train=False)
-    variables = flax.core.unfreeze(variables)
-    variables.pop(PERTURBATIONS, None)
-    params = variables.pop("params")
-    codes = variables.pop(CODES, {})
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, codes=codes,
-        batch_stats=variables.pop("batch_stats", {}),
-        quant_stats=variables.pop(QUANT_STATS, {}),
-        opt_state=optimizer.init(params, codes, jax.random.PRNGKey(seed + 1)))
+    """Random init (levels/codes from the kernel initializer via Lloyd), compiled.
+
+    Under `jit` because eager init of a quantized net (Lloyd iterations per
+    layer, op by op) takes tens of seconds.
+    """
+    @jax.jit
+    def init(rng: jax.Array) -> TrainState:
+        variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        variables = flax.core.unfreeze(variables)
+        variables.pop(PERTURBATIONS, None)
+        params = variables.pop("params")
+        codes = variables.pop(CODES, {})
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, codes=codes,
+            batch_stats=variables.pop("batch_stats", {}),
+            quant_stats=variables.pop(QUANT_STATS, {}),
+            opt_state=optimizer.init(params, codes, jax.random.PRNGKey(seed + 1)))
+
+    return init(jax.random.PRNGKey(seed))
 
 
 # --------------------------------------------------------------------------- steps

@@ -83,9 +83,8 @@ def calibrate_uniform(x: jax.Array, w_c: jax.Array, num_levels: int, signed: boo
     fracs = jnp.geomspace(0.02, 1.0, _CALIB_GRID)
     errors = jax.vmap(lambda a: uniform_error(x, a, w_c, num_levels, signed))(fracs * top)
     alpha = fracs[jnp.argmin(errors)] * top
-    for _ in range(iters):
-        alpha = fit_uniform_step(x, alpha, w_c, num_levels, signed)
-    return alpha
+    return jax.lax.fori_loop(
+        0, iters, lambda _, a: fit_uniform_step(x, a, w_c, num_levels, signed), alpha)
 
 
 def nearest_level_index(x: jax.Array, levels: jax.Array) -> jax.Array:
@@ -115,15 +114,17 @@ def calibrate_learned(x: jax.Array, w_c: jax.Array, num_levels: int, signed: boo
     alpha = calibrate_uniform(x, w_c, num_levels, signed, iters)
     lo, hi = grid_bounds(num_levels, signed)
     levels = alpha * jnp.arange(lo, hi + 1, dtype=jnp.float32)
-    for _ in range(iters):
-        levels = fit_learned_levels(x, levels, w_c, nonnegative=not signed)
-    return levels
+    return jax.lax.fori_loop(
+        0, iters, lambda _, l: fit_learned_levels(x, l, w_c, nonnegative=not signed), levels)
 
 
 def _clipped_ste(x: jax.Array, q: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     """Forward `q`; gradient 1 where lo <= x <= hi, else 0."""
-    xc = jnp.clip(x, lo, hi)
-    return xc + jax.lax.stop_gradient(q - xc)
+    # Not jnp.clip: its gradient is 0.5 at x == lo / x == hi (e.g. exact post-ReLU zeros).
+    # `q + (xs - sg(xs))` keeps the forward value exactly `q`.
+    inside = (x >= lo) & (x <= hi)
+    xs = jnp.where(inside, x, jax.lax.stop_gradient(x))
+    return q + (xs - jax.lax.stop_gradient(xs))
 
 
 def quantize_uniform(x: jax.Array, alpha: jax.Array, num_levels: int, signed: bool) -> jax.Array:

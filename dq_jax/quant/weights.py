@@ -78,16 +78,19 @@ def gather_levels(levels: jax.Array, codes: jax.Array) -> jax.Array:
 
 
 def _gather_fwd(levels, codes):
-    return _lookup(levels, codes), (codes, levels.shape)
+    return _lookup(levels, codes), (codes, levels)  # levels: tiny [G, L], for shape/dtype
 
 
 def _gather_bwd(res, g):
-    codes, (ng, nl) = res
+    codes, levels = res
+    ng, nl = levels.shape
     idx = _flat_index(codes, ng, nl)
+    acc = jnp.promote_types(levels.dtype, jnp.float32)
     d_levels = jax.ops.segment_sum(
-        g.reshape(-1).astype(jnp.float32), idx.reshape(-1), num_segments=ng * nl)
+        g.reshape(-1).astype(acc), idx.reshape(-1), num_segments=ng * nl)
     zero_codes = np.zeros(codes.shape, dtype=jax.dtypes.float0)
-    return d_levels.reshape(ng, nl), zero_codes
+    # The cotangent must have the primal's dtype (float64 levels get float64).
+    return d_levels.reshape(ng, nl).astype(levels.dtype), zero_codes
 
 
 gather_levels.defvjp(_gather_fwd, _gather_bwd)
@@ -189,14 +192,18 @@ def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
     rows = _group_matrix(w, ng)
     qs = (jnp.arange(num_levels, dtype=jnp.float32) + 0.5) / num_levels
     levels = jnp.quantile(rows, qs, axis=1).T  # [G, L]
-    for _ in range(iters):
+
+    def lloyd_step(_, levels):
         codes = nearest_codes(levels, w)
         idx = _flat_index(codes, ng, num_levels).reshape(-1)
         sums = jax.ops.segment_sum(w.reshape(-1), idx, ng * num_levels)
         counts = jax.ops.segment_sum(jnp.ones_like(w).reshape(-1), idx, ng * num_levels)
         means = sums / jnp.maximum(counts, 1.0)
         levels = jnp.where(counts > 0, means, levels.reshape(-1)).reshape(ng, num_levels)
-        levels = jnp.sort(levels, axis=-1)
+        return jnp.sort(levels, axis=-1)
+
+    # A loop, not unrolled: one copy of the step per layer keeps model-init compile short.
+    levels = jax.lax.fori_loop(0, iters, lloyd_step, levels)
     return levels, nearest_codes(levels, w)
 
 
