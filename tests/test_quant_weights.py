@@ -1,0 +1,537 @@
+"""DQ-W weight quantizers (DESIGN §1.1): gather + exact level gradient, code
+re-assignment (stochastic / nearest), level sorting, Lloyd init, and the
+latent-STE and LSQ baselines.
+
+References are hand-computed numbers, numpy brute force, finite differences
+and invariants; nothing here is copied from the code's own output.
+"""
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dq_jax.layers import QuantConv, QuantDense
+from dq_jax.quant import weights as wq
+from dq_jax.quant.config import QuantConfig
+
+
+def key(seed):
+    """unsafe_rbg keys: threefry draws of rank-4 kernels take ~9 s each to compile on CPU."""
+    return jax.random.key(seed, impl="unsafe_rbg")
+
+
+GRANULARITIES = ("per_layer", "per_channel")
+
+# jitted entry points: one compile per shape instead of op-by-op dispatch
+_stochastic = jax.jit(wq.stochastic_codes)
+_nearest = jax.jit(wq.nearest_codes)
+_lloyd = jax.jit(wq.lloyd_init, static_argnums=(1, 2, 3))
+
+
+# ---------------------------------------------------------------- references
+
+def np_gather(levels, codes):
+    """W_q[..., o] = levels[g(o), codes[..., o]] (last axis = out channel), by indexing."""
+    levels, codes = np.asarray(levels), np.asarray(codes).astype(np.int64)
+    groups = (np.broadcast_to(np.arange(codes.shape[-1]), codes.shape) if levels.shape[0] > 1
+              else np.zeros(codes.shape, np.int64))
+    return levels[groups, codes]
+
+
+def np_gather_loop(levels, codes):
+    """The same, entry by entry (the most literal reading of the spec; small shapes)."""
+    levels, codes = np.asarray(levels), np.asarray(codes)
+    out = np.empty(codes.shape, levels.dtype)
+    for idx in np.ndindex(codes.shape):
+        g = idx[-1] if levels.shape[0] > 1 else 0
+        out[idx] = levels[g, codes[idx]]
+    return out
+
+
+def np_scatter(cot, codes, num_groups, num_levels):
+    """Brute-force dL/dlevels[g, k] = sum of cot over entries of group g with code k."""
+    cot, codes = np.asarray(cot, np.float64), np.asarray(codes)
+    out = np.zeros((num_groups, num_levels))
+    for idx in np.ndindex(codes.shape):
+        g = idx[-1] if num_groups > 1 else 0
+        out[g, codes[idx]] += cot[idx]
+    return out
+
+
+def np_group_rows(w, num_groups):
+    w = np.asarray(w)
+    return w.reshape(1, -1) if num_groups == 1 else w.reshape(-1, num_groups).T
+
+
+def np_nearest_error(rows, levels):
+    """Squared error of projecting each row onto its (any order) level set."""
+    d = (rows[:, :, None] - levels[:, None, :]) ** 2
+    return float(d.min(-1).sum())
+
+
+def sorted_random_levels(rng, num_groups, num_levels, scale=1.0):
+    lv = np.sort(rng.normal(size=(num_groups, num_levels)) * scale, axis=-1)
+    # keep levels distinct (ties would make "the" nearest/bracketing level ambiguous)
+    lv += np.arange(num_levels) * 1e-3
+    return lv.astype(np.float32)
+
+
+# ---------------------------------------------------------------- gather_levels
+
+def test_gather_per_layer_hand_computed():
+    levels = jnp.array([[-1.0, 0.0, 0.5, 2.0]])
+    codes = jnp.array([[0, 3], [2, 2], [1, 0]], jnp.uint8)
+    w_q, vjp = jax.vjp(wq.gather_levels, levels, codes)
+    np.testing.assert_array_equal(w_q, [[-1.0, 2.0], [0.5, 0.5], [0.0, -1.0]])
+    d_levels, d_codes = vjp(jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    # code 0: entries (0,0),(2,1) -> 1+6; code 1: (2,0) -> 5; code 2: (1,0),(1,1) -> 3+4;
+    # code 3: (0,1) -> 2
+    np.testing.assert_array_equal(d_levels, [[7.0, 5.0, 7.0, 2.0]])
+    assert d_codes.dtype == jax.dtypes.float0
+    assert d_codes.shape == codes.shape
+
+
+def test_gather_per_channel_hand_computed():
+    # kernel of shape (3, 2): 2 output channels; column o uses level set o
+    levels = jnp.array([[-1.0, 0.0, 1.0, 2.0], [10.0, 20.0, 30.0, 40.0]])
+    codes = jnp.array([[0, 3], [2, 2], [1, 0]], jnp.uint8)
+    w_q, vjp = jax.vjp(wq.gather_levels, levels, codes)
+    np.testing.assert_array_equal(w_q, [[-1.0, 40.0], [1.0, 30.0], [0.0, 10.0]])
+    d_levels, d_codes = vjp(jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    # group 0 (column 0): codes 0,2,1 with cotangents 1,3,5
+    # group 1 (column 1): codes 3,2,0 with cotangents 2,4,6
+    np.testing.assert_array_equal(d_levels, [[1.0, 5.0, 3.0, 0.0], [6.0, 0.0, 4.0, 2.0]])
+    assert d_codes.dtype == jax.dtypes.float0
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gather_hwio_matches_brute_force(np_rng, granularity):
+    shape, num_levels = (3, 3, 2, 5), 8
+    ng = wq.num_groups(shape, granularity)
+    levels = sorted_random_levels(np_rng, ng, num_levels)
+    codes = np_rng.integers(0, num_levels, shape).astype(np.uint8)
+    cot = np_rng.normal(size=shape).astype(np.float32)
+    w_q, vjp = jax.vjp(wq.gather_levels, jnp.asarray(levels), jnp.asarray(codes))
+    np.testing.assert_array_equal(w_q, np_gather_loop(levels, codes))
+    np.testing.assert_array_equal(np_gather(levels, codes), np_gather_loop(levels, codes))
+    d_levels, d_codes = vjp(jnp.asarray(cot))
+    np.testing.assert_allclose(d_levels, np_scatter(cot, codes, ng, num_levels),
+                               rtol=1e-5, atol=1e-5)
+    assert d_levels.shape == levels.shape and d_levels.dtype == levels.dtype
+    assert d_codes.dtype == jax.dtypes.float0 and d_codes.shape == shape
+
+
+def test_gather_backward_is_a_scatter_not_a_one_hot_matmul(np_rng):
+    levels = jnp.asarray(sorted_random_levels(np_rng, 4, 4))
+    codes = jnp.asarray(np_rng.integers(0, 4, (3, 3, 2, 4)).astype(np.uint8))
+    r = jnp.asarray(np_rng.normal(size=(3, 3, 2, 4)).astype(np.float32))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda l: jnp.sum(wq.gather_levels(l, codes) * r)))(levels))
+    assert "scatter-add" in jaxpr or "scatter_add" in jaxpr, jaxpr
+    assert "dot_general" not in jaxpr, "level gradient should not be a one-hot matmul"
+
+
+def test_level_gradient_matches_finite_differences_through_quant_conv(np_rng):
+    # per channel (3 groups x 4 levels), with the input quantizer in the path (eval mode)
+    cfg = QuantConfig(weights="dq", weight_bits=2, granularity="per_channel", acts="dq")
+    layer = QuantConv(3, (3, 3), strides=(2, 1), padding="SAME", quant=cfg)
+    x = np.maximum(np_rng.normal(size=(2, 5, 5, 2)), 0.0).astype(np.float32)
+    variables = jax.jit(partial(layer.init, train=False))(key(0), jnp.asarray(x))
+    r = np_rng.normal(size=(2, 3, 5, 3))
+
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables["params"])
+        rest = {k: v for k, v in variables.items() if k not in ("params", "perturbations")}
+        x64, r64 = jnp.asarray(x, jnp.float64), jnp.asarray(r, jnp.float64)
+
+        @jax.jit
+        def loss(levels):
+            y = layer.apply({"params": {**params, "kernel_levels": levels}, **rest}, x64,
+                            train=False)
+            return jnp.sum(jnp.sin(y) * r64)  # non-linear in the levels
+
+        levels0 = params["kernel_levels"]
+        grad = jax.grad(loss)(levels0)
+        assert grad.dtype == levels0.dtype  # a float64 primal gets a float64 cotangent
+        grad = np.asarray(grad)
+        h = 1e-5
+        fd = np.zeros(levels0.shape)
+        for idx in np.ndindex(levels0.shape):
+            e = np.zeros(levels0.shape)
+            e[idx] = h
+            fd[idx] = (float(loss(levels0 + e)) - float(loss(levels0 - e))) / (2 * h)
+    # float64 central differences are accurate to ~1e-9 here (the tolerance alone would
+    # also accept a float32 cotangent: hence the dtype check above)
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-6)
+    assert np.abs(fd).max() > 1e-2  # the check is not vacuous
+
+
+def test_perturbation_gradient_equals_conv_kernel_gradient(np_rng):
+    """Grad w.r.t. the `perturbations` collection is dL/dW_q of an nn.Conv with kernel W_q."""
+    kw = dict(features=4, kernel_size=(3, 3), strides=(2, 2), padding="SAME",
+              feature_group_count=2)
+    cfg = QuantConfig(weights="dq", weight_bits=2, granularity="per_channel", acts="float")
+    qlayer = QuantConv(quant=cfg, **kw)
+    x = jnp.asarray(np_rng.normal(size=(2, 6, 6, 4)).astype(np.float32))
+    v = jax.jit(qlayer.init)(key(1), x)
+    r = jnp.asarray(np_rng.normal(size=(2, 3, 3, 4)).astype(np.float32))
+    w_q = wq.gather_levels(v["params"]["kernel_levels"], v["codes"]["kernel"])
+
+    def qloss(pert):
+        y = qlayer.apply({"params": v["params"], "codes": v["codes"], "perturbations": pert}, x)
+        return jnp.sum(jnp.tanh(y) * r)
+
+    def ref_loss(kernel):
+        y = nn.Conv(**kw).apply({"params": {"kernel": kernel, "bias": v["params"]["bias"]}}, x)
+        return jnp.sum(jnp.tanh(y) * r)
+
+    def lvl_loss(levels):
+        y = qlayer.apply({"params": {**v["params"], "kernel_levels": levels},
+                          "codes": v["codes"]}, x)
+        return jnp.sum(jnp.tanh(y) * r)
+
+    g_pert, g_ref, g_lv = jax.jit(lambda p, k, lv: (
+        jax.grad(qloss)(p)["kernel"], jax.grad(ref_loss)(k), jax.grad(lvl_loss)(lv)))(
+            v["perturbations"], w_q, v["params"]["kernel_levels"])
+    assert g_pert.shape == w_q.shape
+    np.testing.assert_allclose(g_pert, g_ref, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(g_ref).max()) > 0
+    # and the level gradient is exactly the scatter of that same dL/dW_q
+    np.testing.assert_allclose(g_lv, np_scatter(g_ref, v["codes"]["kernel"], *g_lv.shape),
+                               rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- stochastic_codes
+
+def _binomial_tol(levels_row, targets, n):
+    """5 sigma of the mean of n draws: std of one draw is gap*sqrt(p(1-p))."""
+    lv = np.asarray(levels_row, np.float64)
+    k = np.clip(np.searchsorted(lv, targets, side="right") - 1, 0, len(lv) - 2)
+    gap = lv[k + 1] - lv[k]
+    p = np.clip((targets - lv[k]) / gap, 0, 1)
+    return 5 * gap * np.sqrt(p * (1 - p) / n) + 1e-5
+
+
+def test_stochastic_codes_unbiased_per_layer():
+    levels = np.array([[-1.0, -0.2, 0.5, 2.0]], np.float32)
+    targets = np.array([-0.9, -0.6, -0.2, 0.0, 0.3, 0.49, 1.0, 1.9], np.float32)
+    n = 20000
+    t = jnp.broadcast_to(jnp.asarray(targets), (n, len(targets)))
+    codes = _stochastic(jnp.asarray(levels), t, key(0))
+    assert codes.dtype == jnp.uint8
+    mean = np_gather(levels, np.asarray(codes)).astype(np.float64).mean(0)
+    tol = _binomial_tol(levels[0], targets, n)
+    assert np.all(np.abs(mean - targets) <= tol), (mean, targets, tol)
+    # a target exactly on a level never moves
+    assert np.all(np.asarray(codes)[:, 2] == 1)
+    # only the two bracketing levels are ever used: 0.3 lies in [-0.2, 0.5)
+    assert set(np.unique(np.asarray(codes)[:, 4])) == {1, 2}
+
+
+def test_stochastic_codes_unbiased_per_channel():
+    levels = np.array([[0.0, 1.0, 2.0, 3.0], [-5.0, -1.0, 0.0, 10.0]], np.float32)
+    targets = np.array([[1.3, 4.0], [0.1, -4.0], [2.5, 9.0]], np.float32)  # [T, G]
+    n = 20000
+    t = jnp.broadcast_to(jnp.asarray(targets), (n,) + targets.shape)
+    codes = np.asarray(_stochastic(jnp.asarray(levels), t, key(1)))
+    mean = np_gather(levels, codes).astype(np.float64).mean(0)
+    for g in range(2):
+        tol = _binomial_tol(levels[g], targets[:, g], n)
+        assert np.all(np.abs(mean[:, g] - targets[:, g]) <= tol), (g, mean[:, g], tol)
+
+
+def test_stochastic_codes_probability_threshold_hand_computed():
+    # levels 0, 1, 3; target 2.5 lies in [1, 3): P(up) = (2.5 - 1) / 2 = 0.75
+    levels = jnp.array([[0.0, 1.0, 3.0]])
+    t = jnp.full((4,), 2.5)
+    u = jnp.array([0.0, 0.74, 0.76, 0.999])
+    codes = _stochastic(levels, t, key(0), u)
+    np.testing.assert_array_equal(codes, [2, 2, 1, 1])
+
+
+def test_stochastic_codes_clip_outside_and_stay_in_range(np_rng):
+    levels = jnp.asarray(sorted_random_levels(np_rng, 1, 8))
+    lo, hi = float(levels[0, 0]), float(levels[0, -1])
+    t = jnp.asarray(np.concatenate([np.full(500, lo - 50.0), np.full(500, lo - 1e-3),
+                                    np.full(500, lo), np.full(500, hi),
+                                    np.full(500, hi + 1e-3), np.full(500, hi + 50.0)]))
+    codes = np.asarray(_stochastic(levels, t, key(3))).reshape(6, 500)
+    np.testing.assert_array_equal(codes[:3], 0)
+    np.testing.assert_array_equal(codes[3:], 7)
+    # random targets over a wide range (3 channels, L = 2 and 256): never leaves [0, L)
+    for bits in (1, 8):
+        num_levels = 2 ** bits
+        lv = jnp.asarray(sorted_random_levels(np_rng, 3, num_levels))
+        tt = jnp.asarray(np_rng.normal(size=(200, 3)).astype(np.float32) * 10)
+        c = np.asarray(_stochastic(lv, tt, key(bits)))
+        assert c.dtype == np.uint8 and c.min() >= 0 and c.max() < num_levels
+        assert c.min() == 0 and c.max() == num_levels - 1  # both ends are reached (clipped)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_stochastic_codes_bracket_and_unbiased_binary_search_path(np_rng, granularity):
+    """L=64 > the compare-all threshold: the searchsorted path."""
+    num_levels, ng = 64, (1 if granularity == "per_layer" else 2)
+    levels = sorted_random_levels(np_rng, ng, num_levels)
+    targets = np.stack([np.linspace(levels[g, 0] + 1e-3, levels[g, -1] - 1e-3, 7)
+                        for g in range(ng)], -1).astype(np.float32)  # [7, ng]
+    n = 10000
+    t = np.broadcast_to(targets, (n,) + targets.shape)
+    codes = np.asarray(_stochastic(jnp.asarray(levels), jnp.asarray(t), key(4)))
+    vals = np_gather(levels, codes).astype(np.float64)
+    for g in range(ng):
+        lv = levels[g].astype(np.float64)
+        k = np.searchsorted(lv, targets[:, g], side="right") - 1
+        c = codes[..., g]
+        assert np.all((c == k) | (c == k + 1)), "code outside the bracketing pair"
+        tol = _binomial_tol(lv, targets[:, g], n)
+        assert np.all(np.abs(vals[..., g].mean(0) - targets[:, g]) <= tol)
+
+
+def test_reassign_codes_rejects_unknown_rounding():
+    with pytest.raises(ValueError, match=r"rounding='floor'.*'stochastic', 'nearest'"):
+        wq.reassign_codes(jnp.zeros((1, 2)), jnp.zeros((3,)), key(0), "floor")
+
+
+# ---------------------------------------------------------------- nearest_codes
+
+# L-1 <= 32 mid-points: compare-all; above: binary search (L = 64, 256)
+@pytest.mark.parametrize("bits,granularity", [(1, "per_layer"), (5, "per_layer"),
+                                               (6, "per_layer"), (8, "per_layer"),
+                                               (2, "per_channel"), (8, "per_channel")])
+def test_nearest_codes_match_brute_force(np_rng, granularity, bits):
+    num_levels = 2 ** bits
+    shape = (300, 3) if granularity == "per_channel" else (10, 6, 5)
+    ng = wq.num_groups(shape, granularity)
+    levels = sorted_random_levels(np_rng, ng, num_levels)
+    w = (np_rng.normal(size=shape) * 1.5).astype(np.float32)  # some outside the range
+    codes = np.asarray(_nearest(jnp.asarray(levels), jnp.asarray(w)))
+    assert codes.dtype == np.uint8 and codes.shape == shape
+    table = levels[np.arange(shape[-1]) if ng > 1 else np.zeros(shape[-1], int)]  # [O, L]
+    dist = np.abs(w.astype(np.float64)[..., None] - table.astype(np.float64))
+    brute = dist.argmin(-1)
+    d_code = np.take_along_axis(dist, codes[..., None].astype(np.int64), -1)[..., 0]
+    mismatch = codes != brute
+    # a mismatch is only allowed on an exact (float32-rounded) midpoint tie
+    assert np.all(d_code[mismatch] - dist.min(-1)[mismatch] <= 1e-6), \
+        f"{mismatch.sum()} entries not at their nearest level"
+    assert mismatch.mean() < 1e-3
+
+
+def test_nearest_codes_hand_computed_and_ties_go_down():
+    levels = jnp.array([[0.0, 1.0, 3.0, 4.0]])
+    w = jnp.array([-7.0, 0.49, 0.5, 0.51, 1.99, 2.0, 2.01, 3.6, 100.0])
+    np.testing.assert_array_equal(_nearest(levels, w), [0, 0, 0, 1, 1, 1, 2, 3, 3])
+
+
+# ---------------------------------------------------------------- sort_levels
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_sort_levels_keeps_gather_unchanged(np_rng, granularity):
+    shape, num_levels = (3, 3, 2, 6), 8
+    ng = wq.num_groups(shape, granularity)
+    levels = np_rng.normal(size=(ng, num_levels)).astype(np.float32)  # unsorted
+    assert not np.all(np.diff(levels, axis=-1) > 0)
+    codes = np_rng.integers(0, num_levels, shape).astype(np.uint8)
+    new_levels, new_codes = jax.jit(wq.sort_levels)(jnp.asarray(levels), jnp.asarray(codes))
+    np.testing.assert_array_equal(new_levels, np.sort(levels, axis=-1))
+    assert new_codes.dtype == np.uint8 and new_codes.shape == shape
+    np.testing.assert_array_equal(np_gather(np.asarray(new_levels), np.asarray(new_codes)),
+                                  np_gather(levels, codes))
+    only_levels, none = wq.sort_levels(jnp.asarray(levels))
+    assert none is None
+    np.testing.assert_array_equal(only_levels, np.sort(levels, axis=-1))
+
+
+# ---------------------------------------------------------------- lloyd_init
+
+def _quantile_start(rows, num_levels):
+    qs = (np.arange(num_levels) + 0.5) / num_levels
+    return np.quantile(rows, qs, axis=1).T
+
+
+def _lloyd_case(np_rng, dist, shape, bits, granularity, iters=5):
+    num_levels = 2 ** bits
+    w = (np_rng.laplace(size=shape) if dist == "laplace"
+         else np_rng.normal(size=shape)).astype(np.float32)
+    levels, codes = _lloyd(jnp.asarray(w), num_levels, granularity, iters)
+    levels, codes = np.asarray(levels), np.asarray(codes)
+    ng = wq.num_groups(shape, granularity)
+    rows = np_group_rows(w, ng).astype(np.float64)
+    err = float(((w - np_gather(levels, codes)).astype(np.float64) ** 2).sum())
+    uniform = np.linspace(rows.min(1), rows.max(1), num_levels, axis=-1)
+    return w, levels, codes, rows, err, np_nearest_error(rows, uniform)
+
+
+@pytest.mark.parametrize("bits,granularity", [(1, "per_layer"), (2, "per_layer"),
+                                               (3, "per_layer"), (2, "per_channel"),
+                                               (4, "per_channel")])
+def test_lloyd_init_sorted_nearest_and_no_worse_than_starts(np_rng, granularity, bits):
+    shape = (3, 3, 8, 6)
+    w, levels, codes, rows, err, err_uniform = _lloyd_case(np_rng, "laplace", shape, bits,
+                                                           granularity)
+    ng, num_levels = wq.num_groups(shape, granularity), 2 ** bits
+    assert levels.shape == (ng, num_levels) and levels.dtype == np.float32
+    assert codes.shape == shape and codes.dtype == np.uint8
+    assert np.all(np.diff(levels, axis=-1) >= 0), "levels not sorted"
+    np.testing.assert_array_equal(codes, _nearest(jnp.asarray(levels), jnp.asarray(w)))
+    # codes are the nearest level: the error equals the brute-force projection error
+    np.testing.assert_allclose(err, np_nearest_error(rows, levels.astype(np.float64)),
+                               rtol=1e-5)
+    err_quantile = np_nearest_error(rows, _quantile_start(rows, num_levels))
+    assert err <= err_quantile * (1 + 1e-5), (err, err_quantile)
+    # vs a uniform min-max grid: holds where groups are large relative to L (see the xfail
+    # below for the 4-bit per-channel case)
+    if bits <= 2 or (bits == 3 and granularity == "per_layer"):
+        assert err <= err_uniform * (1 + 1e-5), (err, err_uniform)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Known limitation, not a code bug: Lloyd from the quantile start (DESIGN 1.1) ends in a "
+    "local minimum that can be worse than a plain uniform min-max grid when groups are small "
+    "and L large (4 bits, 72 weights per channel, heavy tails: up to ~1.6x the uniform grid's "
+    "error with the default 5 iterations, and 20 do not fix it). Remove this marker if the "
+    "init is improved, e.g. by also trying a uniform start and keeping the better."))
+def test_lloyd_init_no_worse_than_uniform_grid_4bit_per_channel(np_rng):
+    *_, err, err_uniform = _lloyd_case(np_rng, "laplace", (3, 3, 8, 6), 4, "per_channel")
+    assert err <= err_uniform * (1 + 1e-5), (err, err_uniform)
+
+
+def test_lloyd_error_non_increasing_in_iterations(np_rng):
+    w = jnp.asarray(np_rng.standard_t(3, size=(5, 5, 4, 8)).astype(np.float32))
+    errs = []
+    for iters in (0, 2):
+        levels, codes = _lloyd(w, 4, "per_layer", iters)
+        errs.append(float(jnp.sum((w - wq.gather_levels(levels, codes)) ** 2)))
+    rows = np_group_rows(np.asarray(w), 1).astype(np.float64)
+    np.testing.assert_allclose(errs[0], np_nearest_error(rows, _quantile_start(rows, 4)),
+                               rtol=1e-4)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < errs[0]
+
+
+def test_lloyd_per_channel_equals_per_layer_on_each_column(np_rng):
+    w = np_rng.normal(size=(4, 4, 3, 5)).astype(np.float32) * np.arange(1, 6)
+    levels, _ = _lloyd(jnp.asarray(w), 4, "per_channel", 3)
+    for o in range(5):
+        col_levels, _ = _lloyd(jnp.asarray(w[..., o]), 4, "per_layer", 3)
+        np.testing.assert_allclose(levels[o], col_levels[0], rtol=1e-5, atol=1e-6)
+
+
+def test_lloyd_two_clusters_hand_computed():
+    # 1 bit on {-2, -2, -1, 3, 3, 5}: the optimum is {-5/3, 11/3}
+    w = jnp.array([-2.0, -2.0, -1.0, 3.0, 3.0, 5.0])
+    levels, codes = _lloyd(w, 2, "per_layer", 5)
+    np.testing.assert_allclose(levels, [[-5.0 / 3.0, 11.0 / 3.0]], rtol=1e-6)
+    np.testing.assert_array_equal(codes, [0, 0, 0, 1, 1, 1])
+
+
+# ---------------------------------------------------------------- bad kernel shapes
+
+def test_kernel_shape_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"granularity='per_channel'.*ndim >= 2.*per_layer"):
+        wq.check_kernel_shape((16,), "per_channel", 4)
+    with pytest.raises(ValueError, match=r"per_channel.*L=4.*at least 4 weights.*has 2"
+                                         r".*granularity='per_layer' or fewer bits"):
+        wq.check_kernel_shape((1, 1, 2, 8), "per_channel", 4)
+    with pytest.raises(ValueError, match=r"granularity='per_row'.*'per_layer', 'per_channel'"):
+        wq.check_kernel_shape((3, 3, 2, 8), "per_row", 4)
+    with pytest.raises(ValueError, match=r"per_channel"):
+        wq.lloyd_init(jnp.ones((16,)), 4, "per_channel")
+    # the boundary case is accepted: exactly L weights per channel
+    wq.check_kernel_shape((1, 1, 4, 8), "per_channel", 4)
+    wq.check_kernel_shape((16,), "per_layer", 4)
+
+
+# ---------------------------------------------------------------- latent_ste
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_latent_ste_forward_and_straight_through_gradient(np_rng, granularity):
+    shape = (3, 3, 2, 4)
+    ng = wq.num_groups(shape, granularity)
+    levels = sorted_random_levels(np_rng, ng, 4)
+    kernel = np_rng.normal(size=shape).astype(np.float32)
+    r = np_rng.normal(size=shape).astype(np.float32)
+
+    table = levels[np.arange(4) if ng > 1 else np.zeros(4, int)]
+    brute_codes = np.abs(kernel[..., None] - table).argmin(-1)
+    w_q_ref = np_gather(levels, brute_codes)
+
+    def loss(k, lv):
+        w_q = wq.latent_ste_kernel(k, lv)
+        return jnp.sum(r * w_q ** 2), w_q
+
+    (_, w_q), (g_k, g_lv) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        jnp.asarray(kernel), jnp.asarray(levels))
+    np.testing.assert_array_equal(w_q, w_q_ref)
+    g_w = 2 * r * w_q_ref  # dL/dW_q
+    np.testing.assert_allclose(g_k, g_w, rtol=1e-6, atol=1e-6)  # STE: passes unchanged
+    np.testing.assert_allclose(g_lv, np_scatter(g_w, brute_codes, ng, 4), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_latent_ste_layer_kernel_gradient_is_dl_dwq(np_rng):
+    cfg = QuantConfig(weights="latent_ste", weight_bits=2, acts="float")
+    layer = QuantDense(3, quant=cfg)
+    x = jnp.asarray(np_rng.normal(size=(4, 8)).astype(np.float32))
+    v = jax.jit(layer.init)(key(0), x)
+    assert set(v["params"]) == {"kernel", "kernel_levels", "bias"}
+    p = v["params"]
+    lv, kern = np.asarray(p["kernel_levels"][0]), np.asarray(p["kernel"])
+    w_q = lv[np.abs(kern[..., None] - lv).argmin(-1)]  # brute-force nearest level
+    assert len(np.unique(w_q)) <= 4
+    g = jax.jit(jax.grad(lambda p_: jnp.sum(jnp.tanh(layer.apply({"params": p_}, x)))))(p)
+    g_ref = jax.jit(jax.grad(lambda k: jnp.sum(jnp.tanh(nn.Dense(3).apply(
+        {"params": {"kernel": k, "bias": p["bias"]}}, x)))))(w_q)
+    np.testing.assert_allclose(g["kernel"], g_ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- LSQ
+
+@pytest.mark.parametrize("bits,granularity", [(2, "per_layer"), (4, "per_layer"),
+                                               (2, "per_channel"), (3, "per_channel")])
+def test_lsq_forward_and_gradients_match_paper(np_rng, granularity, bits):
+    shape = (3, 3, 2, 4)
+    qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    assert wq.lsq_bounds(bits) == (-qn, qp)
+    kernel = np_rng.normal(size=shape).astype(np.float32)
+    r = np_rng.normal(size=shape).astype(np.float32)
+    # steps chosen so that some weights clip at +-Qp*s / -Qn*s at every bit width
+    step = ((np.array([1.5]) if granularity == "per_layer"
+             else np.array([0.8, 1.2, 1.6, 2.4])) / qp).astype(np.float32)
+    s = step[0] if granularity == "per_layer" else step  # broadcast over the last axis
+
+    v = kernel / s
+    ref = np.round(np.clip(v, -qn, qp)) * s
+
+    def loss(k, st):
+        out = wq.lsq_kernel(k, st, bits)
+        return jnp.sum(r * out), out
+
+    (_, out), (g_k, g_s) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        jnp.asarray(kernel), jnp.asarray(step))
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+    assert len(np.unique(np.asarray(out))) <= 2 ** bits * len(step)
+
+    inside = (v > -qn) & (v < qp)
+    np.testing.assert_allclose(g_k, r * inside, rtol=1e-6, atol=1e-7)
+    # d w_hat / d s: round(v) - v inside, -Qn below, Qp above; scaled by 1/sqrt(N*Qp)
+    dwds = np.where(v <= -qn, -qn, np.where(v >= qp, qp, np.round(v) - v))
+    n_per_group = kernel.size // len(step)
+    contrib = (r * dwds).astype(np.float64)
+    per_group = contrib.sum() if len(step) == 1 else contrib.reshape(-1, 4).sum(0)
+    expected = np.atleast_1d(per_group) / np.sqrt(n_per_group * qp)
+    np.testing.assert_allclose(g_s, expected, rtol=1e-4, atol=1e-6)
+    assert inside.any() and (~inside).any()  # both branches are exercised
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_lsq_init_step(np_rng, granularity):
+    kernel = np_rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
+    step = wq.lsq_init_step(jnp.asarray(kernel), 3, granularity)
+    absw = np.abs(kernel)
+    ref = (absw.mean(keepdims=True).ravel() if granularity == "per_layer"
+           else absw.reshape(-1, 4).mean(0)) * 2 / np.sqrt(3)
+    np.testing.assert_allclose(step, ref, rtol=1e-5)
