@@ -143,7 +143,8 @@ def stochastic_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
     p = jnp.where(gap > 0, (target - lo) / jnp.where(gap > 0, gap, 1.0), 0.0)
     p = jnp.clip(p, 0.0, 1.0)
     if uniform is None:
-        uniform = jax.random.uniform(key, target.shape, jnp.float32)
+        # A flat draw, reshaped: XLA compiles rank-1 threefry far faster than rank-4.
+        uniform = jax.random.uniform(key, (target.size,), jnp.float32).reshape(target.shape)
     return (k + (uniform < p).astype(jnp.int32)).astype(CODE_DTYPE)
 
 
