@@ -181,18 +181,20 @@ def _group_matrix(w: jax.Array, num_groups_: int) -> jax.Array:
 
 def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
                iters: int = 5) -> tuple[jax.Array, jax.Array]:
-    """Levels by Lloyd (1-D k-means) started at the quantiles; codes = nearest.
+    """Levels by Lloyd (1-D k-means) from the quantiles and from a uniform grid; codes = nearest.
 
     Quantile starts put one level in each equal-mass slice, so no level starts
     empty; each Lloyd step lowers the squared error (empty cells keep their
-    level). Returns `(levels [G, L] float32 sorted, codes uint8 kernel-shaped)`.
+    level). Each group keeps the better of the two refined starts. Returns `(levels [G, L] float32 sorted, codes uint8 kernel-shaped)`.
     """
     check_kernel_shape(w.shape, granularity, num_levels)
     w = jnp.asarray(w, jnp.float32)
     ng = num_groups(w.shape, granularity)
     rows = _group_matrix(w, ng)
     qs = (jnp.arange(num_levels, dtype=jnp.float32) + 0.5) / num_levels
-    levels = jnp.quantile(rows, qs, axis=1).T  # [G, L]
+    quantile_start = jnp.quantile(rows, qs, axis=1).T  # [G, L]
+    lo, hi = jnp.min(rows, axis=1, keepdims=True), jnp.max(rows, axis=1, keepdims=True)
+    uniform_start = lo + (hi - lo) * (jnp.arange(num_levels, dtype=jnp.float32) / (num_levels - 1))
 
     def lloyd_step(_, levels):
         codes = nearest_codes(levels, w)
@@ -203,8 +205,19 @@ def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
         levels = jnp.where(counts > 0, means, levels.reshape(-1)).reshape(ng, num_levels)
         return jnp.sort(levels, axis=-1)
 
-    # A loop, not unrolled: one copy of the step per layer keeps model-init compile short.
-    levels = jax.lax.fori_loop(0, iters, lloyd_step, levels)
+    def refine(start):
+        # A loop, not unrolled: one copy of the step per layer keeps model-init compile short.
+        levels = jax.lax.fori_loop(0, iters, lloyd_step, start)
+        error = jnp.sum(_group_matrix(jnp.square(w - _lookup(levels, nearest_codes(levels, w))),
+                                      ng), axis=1)
+        return levels, error
+
+    # Lloyd only finds a local minimum: from the quantiles (DESIGN 1.1) it can end worse than
+    # the uniform min-max grid for small groups and many levels (heavy tails), so both starts
+    # are refined and each group keeps the better.
+    from_quantiles, err_q = refine(quantile_start)
+    from_uniform, err_u = refine(uniform_start)
+    levels = jnp.where((err_q <= err_u)[:, None], from_quantiles, from_uniform)
     return levels, nearest_codes(levels, w)
 
 
