@@ -88,15 +88,9 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        edge = common.edge_quant(self.quant, self.quantize_first_last)
         bn = self.batch_norm
-        args = dict(use_bias=not bn, dtype=self.dtype, kernel_init=common.conv_kernel_init)
-        first_conv = common.bind_layer(
-            self.conv, common.signed(edge, "The first conv (image input)"), train, **args)
-        conv = common.bind_layer(self.conv, self.quant, train, **args)
+        first_conv, conv, head, norm, _ = common.layer_factories(self, train, conv_bias=not bn)
         fc = common.bind_layer(self.dense, self.quant, train, use_bias=not bn, dtype=self.dtype)
-        head = common.bind_layer(self.dense, edge, train, dtype=self.dtype)
-        norm = common.batch_norm(train, self.dtype)
         window, stride = _POOL[self.variant]
 
         x = jnp.asarray(x, self.dtype)

@@ -18,7 +18,7 @@ batches, where `jnp.mean` over the batch axis is already the global
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -77,6 +77,31 @@ def signed(quant: QuantConfig, where: str = "") -> QuantConfig:
 def edge_quant(quant: QuantConfig, quantize_first_last: bool) -> QuantConfig:
     """Config of the first conv / last dense: float unless `quantize_first_last`."""
     return quant if quantize_first_last else QuantConfig.float()
+
+
+class LayerFactories(NamedTuple):
+    """What every model builds from: first conv, inner conv, classifier head, BatchNorm."""
+    first_conv: ModuleDef
+    conv: ModuleDef
+    head: ModuleDef
+    norm: ModuleDef
+    conv_args: dict
+
+
+def layer_factories(model: Any, train: bool, *, conv_bias: bool = False,
+                    **head_args: Any) -> LayerFactories:
+    """Binds a model's `conv`/`dense` classes to its quantization: the first conv and
+    the head use `edge_quant` (the first conv reads signed image input); inner convs
+    use `model.quant`."""
+    edge = edge_quant(model.quant, model.quantize_first_last)
+    conv_args = dict(use_bias=conv_bias, dtype=model.dtype, kernel_init=conv_kernel_init)
+    return LayerFactories(
+        first_conv=bind_layer(model.conv, signed(edge, "The first conv (image input)"), train,
+                              **conv_args),
+        conv=bind_layer(model.conv, model.quant, train, **conv_args),
+        head=bind_layer(model.dense, edge, train, dtype=model.dtype, **head_args),
+        norm=batch_norm(train, model.dtype),
+        conv_args=conv_args)
 
 
 def batch_norm(train: bool, dtype: Any) -> ModuleDef:

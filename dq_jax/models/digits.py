@@ -44,13 +44,7 @@ class DigitsCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        edge = common.edge_quant(self.quant, self.quantize_first_last)
-        args = dict(use_bias=False, dtype=self.dtype, kernel_init=common.conv_kernel_init)
-        first_conv = common.bind_layer(
-            self.conv, common.signed(edge, "The first conv (image input)"), train, **args)
-        conv = common.bind_layer(self.conv, self.quant, train, **args)
-        head = common.bind_layer(self.dense, edge, train, dtype=self.dtype)
-        norm = common.batch_norm(train, self.dtype)
+        first_conv, conv, head, norm, _ = common.layer_factories(self, train)
         pad = common.torch_padding(3)
 
         x = jnp.asarray(x, self.dtype)

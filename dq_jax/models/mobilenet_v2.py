@@ -142,17 +142,11 @@ class MobileNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        edge = common.edge_quant(self.quant, self.quantize_first_last)
-        args = dict(use_bias=False, dtype=self.dtype, kernel_init=common.conv_kernel_init)
-        first_conv = common.bind_layer(
-            self.conv, common.signed(edge, "The first conv (image input)"), train, **args)
-        conv = common.bind_layer(self.conv, self.quant, train, **args)
+        first_conv, conv, head, norm, args = common.layer_factories(
+            self, train, kernel_init=nn.initializers.normal(0.01))
         signed_conv = common.bind_layer(
             self.conv, common.signed(self.quant, "MobileNetV2's expand / last 1x1 convs"),
             train, **args)
-        head = common.bind_layer(self.dense, edge, train, dtype=self.dtype,
-                                 kernel_init=nn.initializers.normal(0.01))
-        norm = common.batch_norm(train, self.dtype)
         w = float(self.width_multiplier)
 
         x = jnp.asarray(x, self.dtype)
