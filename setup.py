@@ -34,6 +34,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4"],
-        "bench": ["matplotlib>=3.9,<4"],
+        "bench": ["matplotlib>=3.9,<4", "qwix==0.1.8"],  # plots; the QAT peer in step_time
     },
 )

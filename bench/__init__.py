@@ -1,0 +1,1 @@
+"""Benchmarks (step time, input pipeline, accuracy); see RESULTS.md."""

@@ -1,0 +1,347 @@
+"""Top-1 of DQ vs the baselines, through the training program's own `train_and_evaluate`.
+
+Methods (the same schedule for every one):
+  float            no quantization
+  w2a2/w3a3/w4a4   DQ weights (stochastic re-assignment) + channel-aware DQ activations
+  nearest_w2a2     ablation: config.rounding='nearest'
+  global_w2a2      ablation: config.quant.act_error='global'
+  latent_ste_w2a2  baseline: float latent kernel + learned levels + STE
+  lsq_w2a2         baseline: LSQ uniform weights (+ DQ activations, as apply_variant does)
+
+  # digits (from scratch, configs/digits.py: 400 steps, 3 seeds; ~10 min on 2 CPU cores)
+  python bench/accuracy.py --dataset=digits
+
+  # CIFAR-10 ResNet-20, CPU-sized (what RESULTS.md reports; ~30 min on 2 busy CPU cores):
+  # float pre-training for --float_steps (200 = 0.51 epoch), then --finetune_steps (25) of
+  # quantized fine-tuning per method from it, 1 seed
+  python bench/accuracy.py --dataset=cifar10 --float_steps=200 --finetune_steps=25
+  # ... then 3 seeds for the W2A2 comparison, keeping the runs above
+  python bench/accuracy.py --dataset=cifar10 --resume --seeds=3 \
+      --methods=w2a2,latent_ste_w2a2,lsq_w2a2,nearest_w2a2
+
+  # CIFAR-10 at full scale (GPU/TPU): 200 float epochs, 60 fine-tune epochs, 3 seeds
+  python bench/accuracy.py --dataset=cifar10 --full
+
+Writes results/accuracy_<dataset>[_full].json (every run's top-1, steps, wall time, flip
+rates and level drift) and results/accuracy_<dataset>[_full].png (top-1 vs bits), and prints
+a Markdown table (the one pasted into RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+METHODS = ("float", "w2a2", "w3a3", "w4a4", "nearest_w2a2", "global_w2a2",
+           "latent_ste_w2a2", "lsq_w2a2")
+BITS = {"float": 32, "w2a2": 2, "w3a3": 3, "w4a4": 4, "nearest_w2a2": 2, "global_w2a2": 2,
+        "latent_ste_w2a2": 2, "lsq_w2a2": 2}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__)
+    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+    p.add_argument("--full", action="store_true",
+                   help="cifar10 at paper scale: 200 float epochs, 60 fine-tune epochs, 3 seeds")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per method (default: digits 3, cifar10 1, --full 3)")
+    p.add_argument("--float_steps", type=int, default=200,
+                   help="cifar10 (not --full): float pre-training steps (391 = 1 epoch)")
+    p.add_argument("--finetune_steps", type=int, default=25,
+                   help="cifar10 (not --full): fine-tuning steps per method")
+    p.add_argument("--steps", type=int, default=None,
+                   help="digits: training steps per run (default: the config's 400)")
+    p.add_argument("--float_workdir", default="",
+                   help="cifar10: reuse this finished float pre-training run")
+    p.add_argument("--workdir", default="/tmp/dq_bench_accuracy")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --out (same schedule) and only add missing "
+                        "ones, e.g. more seeds; without it the study starts from scratch "
+                        "(its work directories under --workdir are deleted first)")
+    p.add_argument("--out", default="", help="results JSON (default results/accuracy_<ds>.json)")
+    return p.parse_args(argv)
+
+
+def method_config(base, method: str):
+    """`base` with `method`'s quantization (via main.apply_variant + the ablation keys)."""
+    from dq_jax.main import apply_variant
+    if method.startswith("nearest_"):
+        c = apply_variant(base, method[len("nearest_"):])
+        c.rounding = "nearest"
+    elif method.startswith("global_"):
+        c = apply_variant(base, method[len("global_"):])
+        c.quant.act_error = "global"
+    else:
+        c = apply_variant(base, method)
+    return c
+
+
+def read_layer_scalars(workdir: str) -> dict:
+    """Per-layer flip_rate / code_entropy (mean over the logged points) from TensorBoard events."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return {}
+    out: dict[str, list] = {}
+    for ev_file in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+        for ev in tf.compat.v1.train.summary_iterator(str(ev_file)):
+            for v in ev.summary.value:
+                if v.tag.startswith("layers/"):
+                    val = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+                    out.setdefault(v.tag, []).append((ev.step, val))
+    return out
+
+
+def summarize_diagnostics(scalars: dict) -> dict:
+    import numpy as np
+    flips = {k[len("layers/"):-len("/flip_rate")]: v for k, v in scalars.items()
+             if k.endswith("/flip_rate")}
+    if not flips:
+        return {}
+    first = np.mean([sorted(v)[0][1] for v in flips.values()])
+    last = np.mean([sorted(v)[-1][1] for v in flips.values()])
+    mean = np.mean([np.mean([x for _, x in v]) for v in flips.values()])
+    return {"flip_rate_mean": float(mean), "flip_rate_first_log": float(first),
+            "flip_rate_last_log": float(last), "num_dq_layers": len(flips)}
+
+
+def level_drift(initial_params, final_params) -> dict:
+    """Mean |levels_final - levels_init| relative to the initial level range, over layers."""
+    import flax
+    import numpy as np
+    a = flax.traverse_util.flatten_dict(initial_params)
+    b = flax.traverse_util.flatten_dict(final_params)
+    rel = []
+    for path, lv in a.items():
+        if path[-1] != "kernel_levels":
+            continue
+        lv0, lv1 = np.asarray(lv), np.asarray(b[path])
+        span = float(lv0.max() - lv0.min()) or 1.0
+        rel.append(float(np.abs(lv1 - lv0).mean()) / span)
+    return {"level_drift_rel": float(np.mean(rel))} if rel else {}
+
+
+def initial_params(config):
+    """The params the run starts from (after init_from), to measure level drift."""
+    import jax
+    from dq_jax import checkpoints, configlib, data, train
+    quant = configlib.validate(config, device_count=jax.device_count())
+    ds = data.create_dataset(config)
+    model = train.create_model(config, quant, ds.num_classes)
+    opt = train.create_optimizer(config, 10, ds.steps_per_epoch)
+    state = train.init_state(model, opt, ds.image_shape, config.seed)
+    if config.init_from:
+        state = checkpoints.init_from_float(config.init_from, state, quant, opt)
+    return jax.device_get(state.params)
+
+
+def run_one(config, workdir: str) -> dict:
+    import jax
+    from dq_jax import train
+    config.force_new = True
+    params0 = initial_params(config) if config.quant.weights in ("dq", "latent_ste") else None
+    t0 = time.time()
+    out = train.train_and_evaluate(config, workdir)
+    wall = time.time() - t0
+    row = {"top1": out["eval_top1"], "top5": out["eval_top5"], "steps": out["steps"],
+           "train_seconds": out["train_seconds"], "wall_seconds": wall,
+           "steps_per_sec": out["steps_per_sec"]}
+    if params0 is not None:
+        row.update(level_drift(params0, jax.device_get(out["state"].params)))
+    row.update(summarize_diagnostics(read_layer_scalars(workdir)))
+    return row
+
+
+def fmt_table(results: dict, methods, epochs_note: str) -> str:
+    import numpy as np
+    lines = ["| method | W/A bits | top-1 mean | spread (min–max) | seeds | schedule | wall s / run "
+             "| flip rate (mean) | level drift |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        runs = results["runs"].get(m, [])
+        if not runs:
+            continue
+        t = np.array([r["top1"] for r in runs]) * 100
+        bits = "32/32" if m == "float" else f"{BITS[m]}/{BITS[m]}"
+        spread = f"{t.min():.2f}–{t.max():.2f}" if len(t) > 1 else "n/a (1 seed)"
+        flip = np.mean([r.get("flip_rate_mean", np.nan) for r in runs])
+        drift = np.mean([r.get("level_drift_rel", np.nan) for r in runs])
+        lines.append(
+            f"| {m} | {bits} | {t.mean():.2f} | {spread} | {len(t)} | {epochs_note} "
+            f"| {np.mean([r['wall_seconds'] for r in runs]):.0f} "
+            f"| {'—' if np.isnan(flip) else f'{flip:.4f}'} "
+            f"| {'—' if np.isnan(drift) else f'{drift:.3f}'} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, methods, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    groups = {"DQ (stochastic)": ["w2a2", "w3a3", "w4a4"]}
+    for label, ms in groups.items():
+        xs = [BITS[m] for m in ms if m in results["runs"]]
+        ys = [np.mean([r["top1"] for r in results["runs"][m]]) * 100 for m in ms
+              if m in results["runs"]]
+        es = [np.std([r["top1"] for r in results["runs"][m]]) * 100 for m in ms
+              if m in results["runs"]]
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+    markers = {"nearest_w2a2": "v", "global_w2a2": "^", "latent_ste_w2a2": "s", "lsq_w2a2": "D"}
+    for i, (m, mk) in enumerate(markers.items()):
+        if m in results["runs"]:
+            t = [r["top1"] * 100 for r in results["runs"][m]]
+            ax.errorbar([2 + 0.07 * (i + 1)], [np.mean(t)], yerr=[np.std(t)], marker=mk,
+                        capsize=3, linestyle="none", label=m)
+    if "float" in results["runs"]:
+        f = np.mean([r["top1"] for r in results["runs"]["float"]]) * 100
+        ax.axhline(f, color="gray", linestyle="--", label=f"float ({f:.1f})")
+    ax.set_xlabel("bits (weights = activations)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_xticks([2, 3, 4])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        sys.exit(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+    if args.full and args.dataset != "cifar10":
+        sys.exit("--full applies to --dataset=cifar10")
+    seeds = args.seeds or (1 if args.dataset == "cifar10" and not args.full else 3)
+
+    import importlib.util
+    import jax
+    from absl import logging
+    from dq_jax import train
+    logging.set_verbosity(logging.WARNING)
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.get_config()
+
+    suffix = f"{args.dataset}{'_full' if args.full else ''}"
+    out_json = pathlib.Path(args.out or ROOT / "results" / f"accuracy_{suffix}.json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    results = {"dataset": args.dataset, "full": args.full, "seeds": seeds,
+               "command": "python bench/accuracy.py " + " ".join(sys.argv[1:] if argv is None
+                                                                  else argv),
+               "jax": jax.__version__, "devices": str(jax.devices()), "runs": {}}
+    # Runs are kept (and not redone) across invocations with the same schedule, so a study
+    # can be extended, e.g. more seeds for some methods (--seeds=3 --methods=w2a2,lsq_w2a2).
+    results["schedule"] = {"dataset": args.dataset, "full": args.full, "steps": args.steps,
+                           "float_steps": None if args.full or args.dataset == "digits"
+                           else args.float_steps,
+                           "finetune_steps": None if args.full or args.dataset == "digits"
+                           else args.finetune_steps}
+    if not args.resume:
+        import shutil
+        shutil.rmtree(os.path.join(args.workdir, suffix), ignore_errors=True)
+        if not args.float_workdir:
+            shutil.rmtree(os.path.join(args.workdir, f"{suffix}_float_pretrain"),
+                          ignore_errors=True)
+    if args.resume and out_json.exists():
+        prev = json.loads(out_json.read_text())
+        if prev.get("schedule") == results["schedule"]:
+            results["runs"] = prev.get("runs", {})
+            results["commands"] = prev.get("commands", [prev.get("command")])
+            if "float_pretrain" in prev:
+                results["float_pretrain"] = prev["float_pretrain"]
+    results["commands"] = [c for c in results.get("commands", []) if c] + [results["command"]]
+
+    def save():
+        out_json.write_text(json.dumps(results, indent=1))
+
+    if args.dataset == "digits":
+        base = load("digits")
+        if args.steps:
+            base.num_train_steps = args.steps
+        note = f"{base.num_train_steps} steps from scratch"
+    else:
+        base = load("cifar10_resnet20")
+        base.log_every_steps = 50
+        fl = method_config(base, "float")
+        fl.learning_rate, fl.weight_decay, fl.levels_learning_rate = 0.1, 1e-4, 1e-4
+        if args.full:
+            fl.num_epochs = 200.0
+            base.num_epochs = 60.0
+        else:
+            fl.num_train_steps = args.float_steps
+            fl.eval_every_steps = 10 ** 9
+            fl.checkpoint_every_steps = 10 ** 9
+            base.num_train_steps = args.finetune_steps
+            base.eval_every_steps = 10 ** 9
+            base.checkpoint_every_steps = 10 ** 9
+        float_dir = args.float_workdir or os.path.join(args.workdir, f"{suffix}_float_pretrain")
+        if args.float_workdir:
+            prev = json.loads((pathlib.Path(float_dir) / "results.json").read_text())
+            results["float_pretrain"] = {
+                "top1": prev["eval_top1"], "top5": prev["eval_top5"], "steps": prev["steps"],
+                "train_seconds": prev["train_seconds"], "workdir": float_dir,
+                "learning_rate": prev["config"]["learning_rate"]}
+            print("float pre-training (reused):", results["float_pretrain"], flush=True)
+        else:
+            pre = results.get("float_pretrain")
+            if not pre or not (pathlib.Path(float_dir) / "results.json").exists():
+                print(f"== float pre-training -> {float_dir}", flush=True)
+                results["float_pretrain"] = {**run_one(fl, float_dir), "workdir": float_dir}
+                save()
+            print("float pre-training:", results["float_pretrain"], flush=True)
+        base.init_from = float_dir
+        spe = 50000 // base.batch_size
+        steps = base.num_train_steps if base.num_train_steps > 0 else base.num_epochs * spe
+        note = f"{steps / spe:.2f} ep ({steps} steps)"
+        if not args.full:
+            results["float_pretrain_epochs"] = results["float_pretrain"]["steps"] / spe
+    results["finetune_note"] = note
+
+    for m in methods:
+        done = results["runs"].setdefault(m, [])
+        for seed in range(len(done), seeds):
+            cfg = method_config(base, m)
+            cfg.seed = seed
+            wd = os.path.join(args.workdir, suffix, f"{m}_seed{seed}")
+            print(f"== {m} seed {seed} -> {wd}", flush=True)
+            row = run_one(cfg, wd)
+            row["seed"] = seed
+            print(f"   top-1 {row['top1']:.4f}  wall {row['wall_seconds']:.1f}s  "
+                  f"{ {k: round(v, 4) for k, v in row.items() if k.startswith(('flip', 'level'))} }",
+                  flush=True)
+            done.append(row)
+            save()
+
+    shown = [m for m in METHODS if results["runs"].get(m)]
+    table = fmt_table(results, shown, note)
+    results["table_markdown"] = table
+    save()
+    png = out_json.with_suffix(".png")
+    title = f"{args.dataset}: top-1 vs bits (mean ± std over seeds; {note})"
+    plot(results, shown, str(png), title)
+    print(table)
+    print(f"wrote {out_json} and {png}")
+
+
+if __name__ == "__main__":
+    main()

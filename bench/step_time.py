@@ -1,0 +1,367 @@
+"""Train-step time and train-state memory of DQ vs float / latent-STE / LSQ / Qwix QAT, in one run.
+
+  python bench/step_time.py                       # ResNet-20, batch 128, all methods (~6 min on 2 busy cores)
+  python bench/step_time.py --model=digits_cnn --batch=16 --repeats=2 --methods=float,dq_w2a2
+  python bench/step_time.py --profile             # + pieces of the DQ W2A2 step (see --help)
+
+Every method is timed through the program's own jitted step (`dq_jax.train.Steps(...).train`,
+i.e. `train.train_step`: forward/backward, direct code update, level sort, finiteness guard)
+on the same random batch; compile and the first (calibrating) steps are excluded; the reported
+time is the median of --repeats single steps (each blocked on). Memory is the exact byte count
+of the train state's leaves (params + optimizer state + codes + BN/activation statistics).
+
+The peer, Qwix (`pip install qwix`) quantized training (QtProvider, QtRule on the same inner
+conv/dense layers DQ quantizes; first conv and last dense float in both), is trained by the
+same `train.train_step` and optimizer. Qwix's int4/int2 storage does not run on XLA:CPU
+(custom element sizes); there the script falls back to int8 storage with the same number of
+levels (`absmax,<s>` calibration so the step is absmax/(2**(b-1)-1)): the same fake-quant
+values, and it says so in its output.
+
+Last lines: `dq_w2a2_over_float=<ratio>` and `dq_w2a2_over_qwix=<ratio>` (when Qwix ran).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+METHODS = ("float", "dq_w2a2", "dq_w4a4", "latent_ste_w2a2", "lsq_w2a2", "qwix_w4a4",
+           "qwix_w2a2")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per method (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the pieces of the DQ W2A2 step (fwd/bwd, optimizer update, "
+                        "activation-stat fit, stochastic vs nearest rounding)")
+    p.add_argument("--json", default="", help="also write the numbers to this JSON file")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def tree_bytes(tree) -> int:
+    import jax
+    return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree)))
+
+
+def state_memory(state) -> dict:
+    return {"params": tree_bytes(state.params), "codes": tree_bytes(state.codes),
+            "opt_state": tree_bytes(state.opt_state),
+            "stats": tree_bytes(state.batch_stats) + tree_bytes(state.quant_stats),
+            "total": tree_bytes(state)}
+
+
+def time_fn(fn, repeats: int) -> float:
+    """Median seconds of `fn()` (which must block)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def base_config(model: str, batch: int):
+    from dq_jax import configlib
+    c = configlib.base_config()
+    c.model = model
+    c.batch_size = batch
+    c.learning_rate, c.levels_learning_rate, c.weight_decay = 0.01, 1e-4, 1e-4
+    c.nesterov = True
+    return c
+
+
+def variant_config(c, method: str):
+    from dq_jax.main import apply_variant
+    if method.startswith("qwix_"):
+        return apply_variant(c, "float")
+    return apply_variant(c, method[len("dq_"):] if method.startswith("dq_") else method)
+
+
+def random_batch(model: str, batch: int, num_classes: int, seed: int = 0) -> dict:
+    import numpy as np
+    from dq_jax import models
+    rng = np.random.default_rng(seed)
+    h, w, ch = models.INPUT_SHAPES[model]
+    return {"image": rng.standard_normal((batch, h, w, ch), dtype=np.float32),
+            "label": rng.integers(0, num_classes, (batch,)).astype(np.int32)}
+
+
+def dq_layer_regex(model: str, num_classes: int) -> str:
+    """Module paths holding DQ codes (the inner layers): the same set Qwix quantizes."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+    from dq_jax import models
+    from dq_jax.quant.config import QuantConfig
+    m = models.create(model, num_classes, quant=QuantConfig())
+    shape = models.INPUT_SHAPES[model]
+    v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)),
+                                      train=False))
+    paths = sorted("/".join(k[:-1]) for k in flax.traverse_util.flatten_dict(v["codes"]))
+    return "^(" + "|".join(paths) + ")$"
+
+
+def qwix_model(float_model, regex: str, bits: int, int8_storage: bool):
+    import jax.numpy as jnp
+    import qwix
+    if int8_storage:
+        qmax = 2 ** (bits - 1) - 1
+        calib = f"absmax,{127.0 / qmax:.6f}"  # step = absmax/qmax: 2**bits-1 int levels in int8
+        rule = qwix.QtRule(module_path=regex, weight_qtype=jnp.int8, act_qtype=jnp.int8,
+                           weight_calibration_method=calib, act_calibration_method=calib)
+    else:
+        qtype = {4: jnp.int4, 2: jnp.int2}[bits]
+        rule = qwix.QtRule(module_path=regex, weight_qtype=qtype, act_qtype=qtype)
+    return qwix.quantize_model(float_model, qwix.QtProvider([rule]))
+
+
+class Bench:
+    """Builds (model, optimizer, Steps, state, batch) for one method, the program's way."""
+
+    def __init__(self, args):
+        import jax
+        from dq_jax import train
+        self.args = args
+        self.num_classes = 10
+        self.mesh = train.create_mesh(base_config(args.model, args.batch))
+        # Qwix's quantized conv backward does not pass out_sharding, which an Explicit-typed
+        # mesh (jax.make_mesh's default) demands; the peer runs on an Auto-typed mesh of the
+        # same shape (one CPU device: no sharding work either way).
+        self.auto_mesh = jax.make_mesh(
+            self.mesh.devices.shape, self.mesh.axis_names,
+            axis_types=(jax.sharding.AxisType.Auto,) * len(self.mesh.axis_names))
+        self.np_batch = random_batch(args.model, args.batch, self.num_classes)
+        self.qwix_note = ""
+        self.qwix_error = ""
+
+    def build(self, method: str, cfg=None, model=None, mesh=None):
+        from dq_jax import configlib, train
+        cfg = cfg or variant_config(base_config(self.args.model, self.args.batch), method)
+        quant = configlib.validate(cfg, device_count=__import__("jax").device_count())
+        model = model or train.create_model(cfg, quant, self.num_classes)
+        opt = train.create_optimizer(cfg, 1000, 100)
+        steps = train.Steps(model, opt, mesh or self.mesh)
+        state = steps.place(train.init_state(
+            model, opt, tuple(self.np_batch["image"].shape[1:]), cfg.seed))
+        batch = train.to_global(self.np_batch, steps.batch)
+        return model, opt, steps, state, batch
+
+    def time_train(self, steps, state, batch) -> tuple[float, float, object]:
+        import jax
+        t0 = time.perf_counter()
+        state, m = steps.train(state, batch)        # compile + calibration branch
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        for _ in range(self.args.warmup):
+            state, m = steps.train(state, batch)
+        jax.block_until_ready(state)
+        box = [state]
+
+        def one():
+            box[0], metrics = steps.train(box[0], batch)
+            jax.block_until_ready((box[0], metrics))
+
+        return time_fn(one, self.args.repeats), compile_s, box[0]
+
+
+def run_method(bench: Bench, method: str) -> dict:
+    from dq_jax import train
+    if method.startswith("qwix_"):
+        bits = int(method[len("qwix_w")])
+        cfg = variant_config(base_config(bench.args.model, bench.args.batch), method)
+        from dq_jax import configlib
+        quant = configlib.validate(cfg, device_count=__import__("jax").device_count())
+        regex = dq_layer_regex(bench.args.model, bench.num_classes)
+        float_model = train.create_model(cfg, quant, bench.num_classes)
+        for int8_storage in (False, True):
+            try:
+                model = qwix_model(float_model, regex, bits, int8_storage)
+                _, _, steps, state, batch = bench.build(method, cfg, model, bench.auto_mesh)
+                sec, comp, state = bench.time_train(steps, state, batch)
+                note = "int8 storage, %d-bit grid" % bits if int8_storage else \
+                    f"int{bits} storage"
+                if int8_storage:
+                    bench.qwix_note = (f"qwix int4/int2 failed on this backend "
+                                       f"({bench.qwix_error}); used int8 storage with the same "
+                                       "bit-width grid (absmax, qmax = 2**(bits-1)-1)")
+                return {"seconds": sec, "compile_s": comp, "memory": state_memory(state),
+                        "note": note}
+            except Exception as e:  # noqa: BLE001 - report, then fall back to int8 storage
+                if int8_storage:
+                    raise
+                msg = " ".join(str(e).split())
+                bench.qwix_error = msg[:160]
+                print(f"# {method}: int{bits} path failed ({msg[:160]}); retrying with int8 "
+                      "storage of the same grid", flush=True)
+    _, _, steps, state, batch = bench.build(method)
+    sec, comp, state = bench.time_train(steps, state, batch)
+    return {"seconds": sec, "compile_s": comp, "memory": state_memory(state), "note": ""}
+
+
+# --------------------------------------------------------------------------- profile
+
+def profile_dq(bench: Bench) -> dict:
+    """Times the pieces of the DQ W2A2 step (each jitted on its own, same inputs)."""
+    import functools
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from dq_jax import train
+    from dq_jax.layers import PERTURBATIONS, QUANT_STATS
+    from bench import fast_step
+
+    reps = bench.args.repeats
+    out = {}
+    cfg = variant_config(base_config(bench.args.model, bench.args.batch), "dq_w2a2")
+    model, opt, steps, state, batch = bench.build("dq_w2a2", cfg)
+    out["full_step"], _, state = bench.time_train(steps, state, batch)
+    images, labels = batch["image"], batch["label"]
+
+    def loss_fn(params, perturbations, st, fit_stats: bool):
+        mutable = ["batch_stats", QUANT_STATS] if fit_stats else ["batch_stats"]
+        logits, new_vars = model.apply(
+            st.variables(params=params, **{PERTURBATIONS: perturbations}), images, train=True,
+            mutable=mutable)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, new_vars
+
+    def fwd_bwd(st, fit_stats):
+        zeros = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), st.codes)
+        return jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(st.params, zeros, st,
+                                                                  fit_stats)
+
+    fb_fit = jax.jit(functools.partial(fwd_bwd, fit_stats=True))
+    fb_nofit = jax.jit(functools.partial(fwd_bwd, fit_stats=False))
+    (_, _), (grads, w_grads) = fb_fit(state)
+    upd = jax.jit(lambda g, gw, st: opt.update(g, gw, st.opt_state, st.params, st.codes))
+
+    def timed(f, *a):
+        jax.block_until_ready(f(*a))
+        return time_fn(lambda: jax.block_until_ready(f(*a)), reps)
+
+    out["fwd_bwd_with_act_fit"] = timed(fb_fit, state)
+    out["fwd_bwd_no_act_fit"] = timed(fb_nofit, state)
+    out["optimizer_update"] = timed(upd, grads, w_grads, state)
+
+    # float reference: fwd/bwd of the float model on the same batch
+    fcfg = variant_config(base_config(bench.args.model, bench.args.batch), "float")
+    fmodel, _, _, fstate, _ = bench.build("float", fcfg)
+
+    def f_loss(params, st):
+        logits, nv = fmodel.apply(st.variables(params=params), images, train=True,
+                                  mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), nv
+    f_fb = jax.jit(lambda st: jax.value_and_grad(f_loss, has_aux=True)(st.params, st))
+    out["float_fwd_bwd"] = timed(f_fb, fstate)
+
+    # rounding: nearest vs stochastic (whole step)
+    ncfg = variant_config(base_config(bench.args.model, bench.args.batch), "dq_w2a2")
+    ncfg.rounding = "nearest"
+    _, _, nsteps, nstate, _ = bench.build("dq_w2a2", ncfg)
+    out["full_step_nearest"], _, _ = bench.time_train(nsteps, nstate, batch)
+
+    # the proposed variants (bench/fast_step.py), same model/optimizer/state layout
+    shape = tuple(bench.np_batch["image"].shape[1:])
+    for name, kw in (("fast_rbg_prng", dict(rbg=True)),
+                     ("fast_act_fit_every_4", dict(act_fit_every=4))):
+        fs = fast_step.FastSteps(model, opt, bench.mesh, **kw)
+        out[name] = fs.time(shape, cfg.seed, batch, reps)
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        sys.exit(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+    import jax
+    from absl import logging
+    logging.set_verbosity(logging.ERROR)
+
+    qwix_version = None
+    if any(m.startswith("qwix_") for m in methods):
+        try:
+            import qwix
+            qwix_version = getattr(qwix, "__version__", "?")
+        except ImportError as e:
+            print(f"# qwix is not installed ({e}); skipping the Qwix peer "
+                  "(pip install qwix, or pip install -e '.[bench]')", flush=True)
+            methods = [m for m in methods if not m.startswith("qwix_")]
+
+    bench = Bench(args)
+    print(f"# model={args.model} batch={args.batch} repeats={args.repeats} "
+          f"backend={jax.default_backend()} devices={jax.device_count()} jax={jax.__version__}"
+          + (f" qwix={qwix_version}" if qwix_version else ""), flush=True)
+    rows = {}
+    for m in methods:
+        try:
+            rows[m] = run_method(bench, m)
+        except Exception as e:  # noqa: BLE001 - the peer must not take the run down
+            if not m.startswith("qwix_"):
+                raise
+            print(f"# {m}: failed ({' '.join(str(e).split())[:200]}); skipped", flush=True)
+            continue
+        r = rows[m]
+        print(f"# done {m}: {r['seconds'] * 1e3:.1f} ms/step (compile + first step "
+              f"{r['compile_s']:.1f}s)",
+              flush=True)
+
+    ref = rows.get("float")
+    print(f"{'method':<18}{'ms/step':>9}{'img/s':>9}{'x float':>9}{'state MB':>10}"
+          f"{'params':>10}{'codes':>9}{'opt':>10}{'stats':>8}  note")
+    for m, r in rows.items():
+        mem = r["memory"]
+        ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
+        print(f"{m:<18}{r['seconds'] * 1e3:>9.1f}{args.batch / r['seconds']:>9.0f}{ratio:>9}"
+              f"{mem['total'] / 2**20:>10.3f}{mem['params']:>10d}{mem['codes']:>9d}"
+              f"{mem['opt_state']:>10d}{mem['stats']:>8d}  {r['note']}")
+    if bench.qwix_note:
+        print(f"# {bench.qwix_note}")
+    out = {"args": vars(args), "qwix_version": qwix_version, "rows": rows,
+           "jax": jax.__version__, "backend": jax.default_backend()}
+    if args.profile and "dq_w2a2" in rows:
+        try:
+            prof = profile_dq(bench)
+        except Exception as e:  # noqa: BLE001 - keep the table and the ratios
+            import traceback
+            traceback.print_exc()
+            prof = {"error": str(e)[:300]}
+        out["profile"] = prof
+        print("# profile of the DQ W2A2 step (median ms):")
+        for k, v in prof.items():
+            print(f"#   {k:<32}{v * 1e3:>9.1f}" if isinstance(v, float) else f"#   {k}: {v}")
+    if "dq_w2a2" in rows and "latent_ste_w2a2" in rows:
+        r = rows["dq_w2a2"]["memory"]["total"] / rows["latent_ste_w2a2"]["memory"]["total"]
+        print(f"dq_w2a2_state_over_latent_ste={r:.4f}")
+        out["dq_w2a2_state_over_latent_ste"] = r
+    if args.json:
+        import json
+        pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
+    if "dq_w2a2" in rows and any(m.startswith("qwix_w2a2") for m in rows):
+        r = rows["dq_w2a2"]["seconds"] / rows["qwix_w2a2"]["seconds"]
+        print(f"dq_w2a2_over_qwix={r:.4f}")
+    if "dq_w2a2" in rows and ref:
+        print(f"dq_w2a2_over_float={rows['dq_w2a2']['seconds'] / ref['seconds']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

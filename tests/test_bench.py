@@ -1,0 +1,75 @@
+"""Smoke tests of the benchmark scripts (bench/): they run and print what the report parses."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _last_value(text: str, key: str) -> float:
+    found = re.findall(rf"^{re.escape(key)}=([-+0-9.eE]+)\s*$", text, flags=re.M)
+    assert found, f"no '{key}=<float>' line in:\n{text[-2000:]}"
+    return float(found[-1])
+
+
+def test_step_time_tiny_prints_ratio():
+    proc = _run("bench/step_time.py", "--model=digits_cnn", "--batch=16", "--repeats=2",
+                "--warmup=1", "--methods=float,dq_w2a2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    assert lines[-1].startswith("dq_w2a2_over_float="), lines[-3:]
+    ratio = _last_value(proc.stdout, "dq_w2a2_over_float")
+    assert ratio > 0 and ratio == ratio
+    for method in ("float", "dq_w2a2"):
+        assert re.search(rf"^{method}\s+[0-9.]+\s+[0-9]+", proc.stdout, flags=re.M), method
+
+
+def test_state_memory_dq_below_latent_ste():
+    """DQ stores uint8 codes instead of a float latent kernel: its state is smaller."""
+    sys.path.insert(0, str(ROOT))
+    from bench import step_time
+    args = step_time.parse_args(["--model=digits_cnn", "--batch=8"])
+    bench = step_time.Bench(args)
+    mem = {}
+    for method in ("dq_w2a2", "latent_ste_w2a2"):
+        _, _, _, state, _ = bench.build(method)
+        mem[method] = step_time.state_memory(state)
+    dq, latent = mem["dq_w2a2"], mem["latent_ste_w2a2"]
+    assert dq["codes"] > 0 and latent["codes"] == 0
+    assert dq["params"] < latent["params"] / 10      # no float kernel among DQ params
+    assert dq["total"] < latent["total"]
+    assert dq["total"] == dq["params"] + dq["codes"] + dq["opt_state"] + dq["stats"] + 4
+
+
+def test_step_time_rejects_unknown_method():
+    proc = _run("bench/step_time.py", "--methods=float,nope", timeout=60)
+    assert proc.returncode != 0
+    assert "unknown method" in proc.stderr
+
+
+def test_accuracy_help_and_methods():
+    proc = _run("bench/accuracy.py", "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--dataset", "--full", "--methods", "--seeds", "--finetune_steps"):
+        assert flag in proc.stdout
+    sys.path.insert(0, str(ROOT))
+    from bench import accuracy
+    from dq_jax import configlib
+    base = configlib.base_config()
+    assert accuracy.method_config(base, "nearest_w2a2").rounding == "nearest"
+    g = accuracy.method_config(base, "global_w2a2")
+    assert g.quant.act_error == "global" and g.quant.weights == "dq" and g.quant.weight_bits == 2
+    assert accuracy.method_config(base, "lsq_w2a2").quant.weights == "lsq"
+    assert accuracy.method_config(base, "float").quant.acts == "float"
