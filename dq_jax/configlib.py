@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.step_decay = 0.1
     c.label_smoothing = 0.0
     c.rounding = "stochastic"                      # DQ-W code re-assignment
+    c.code_momentum_dtype = "float32"              # or bfloat16: half the DQ train state
 
     c.quant = ml_collections.ConfigDict(dataclasses.asdict(QuantConfig.float()))
     c.quantize_first_last = False
@@ -105,6 +106,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
               f"{', '.join(NONFINITE_POLICIES)}.")
     if config.rounding not in ("stochastic", "nearest"):
         _fail(f"config.rounding={config.rounding!r}; allowed: 'stochastic', 'nearest'.")
+    if config.code_momentum_dtype not in ("float32", "bfloat16"):
+        _fail(f"config.code_momentum_dtype={config.code_momentum_dtype!r}; allowed: "
+              "'float32', 'bfloat16'.")
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]
         if value <= 0 or value % device_count:

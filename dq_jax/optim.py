@@ -76,12 +76,17 @@ class QuantOptimizer:
       momentum, nesterov: SGD momentum (float params and W_q).
       weight_decay: L2 on float kernels and on W_q (not levels, BN, biases).
       rounding: 'stochastic' (default, unbiased) or 'nearest' (ablation).
+      code_momentum_dtype: dtype of the per-weight momentum of W_q. It is most of
+        a DQ model's train state (uint8 codes are 1/4 of it); 'bfloat16' halves it.
     """
 
     def __init__(self, *, learning_rate: float, levels_learning_rate: float,
                  schedule_shape: Schedule = lambda step: 1.0, momentum: float = 0.9,
                  nesterov: bool = False, weight_decay: float = 0.0,
-                 rounding: str = "stochastic"):
+                 rounding: str = "stochastic", code_momentum_dtype: str = "float32"):
+        if code_momentum_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"code_momentum_dtype={code_momentum_dtype!r} is not supported; "
+                             "allowed values: 'float32', 'bfloat16'.")
         if rounding not in ("stochastic", "nearest"):
             raise ValueError(
                 f"rounding={rounding!r} is not supported; allowed values: 'stochastic', 'nearest'.")
@@ -89,16 +94,17 @@ class QuantOptimizer:
         self.lr = lambda step: learning_rate * schedule_shape(step)
         self.levels_lr = lambda step: levels_learning_rate * schedule_shape(step)
 
-        def sgd(wd: float) -> optax.GradientTransformation:
+        def sgd(wd: float, accumulator_dtype=None) -> optax.GradientTransformation:
             parts = [optax.add_decayed_weights(wd)] if wd else []
             return optax.chain(*parts, optax.sgd(self.lr, momentum=momentum or None,
-                                                 nesterov=nesterov))
+                                                 nesterov=nesterov,
+                                                 accumulator_dtype=accumulator_dtype))
 
         self.params_tx = optax.multi_transform(
             {"decay": sgd(weight_decay), "no_decay": sgd(0.0),
              "levels": optax.adam(self.levels_lr)},
             lambda params: flax.traverse_util.path_aware_map(_param_label, params))
-        self.codes_tx = sgd(weight_decay)
+        self.codes_tx = sgd(weight_decay, jnp.dtype(code_momentum_dtype))
 
     def init(self, params: PyTree, codes: PyTree, key: jax.Array) -> QuantOptState:
         return QuantOptState(params=self.params_tx.init(params),

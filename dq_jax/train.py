@@ -82,7 +82,8 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
         levels_learning_rate=config.levels_learning_rate,
         schedule_shape=make_schedule_shape(config, total_steps, steps_per_epoch),
         momentum=config.momentum, nesterov=config.nesterov,
-        weight_decay=config.weight_decay, rounding=config.rounding)
+        weight_decay=config.weight_decay, rounding=config.rounding,
+        code_momentum_dtype=config.code_momentum_dtype)
 
 
 def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_classes: int):

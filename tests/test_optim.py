@@ -407,3 +407,31 @@ def test_digits_w2a2_learns():
     acc = float((np.asarray(logits).argmax(-1) == yte).mean())
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     assert acc >= 0.90, acc
+
+
+def test_bfloat16_code_momentum_halves_the_buffer_and_still_moves_codes():
+    """The W_q momentum is most of a DQ train state; in bfloat16 it takes half the bytes,
+    and the update still re-assigns codes like the float32 one (same direction)."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 16))
+    levels, codes = wq.lloyd_init(w, 4, "per_layer", 3)
+    params, codes = {"l": {"kernel_levels": levels}}, {"l": {"kernel": codes}}
+    g_w = {"l": {"kernel": jnp.sign(w)}}  # pushes every weight toward 0
+    states, moved = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        opt = QuantOptimizer(learning_rate=0.5, levels_learning_rate=0.0, rounding="nearest",
+                             code_momentum_dtype=dtype)
+        st = opt.init(params, codes, jax.random.PRNGKey(1))
+        grads = {"l": {"kernel_levels": jnp.zeros_like(levels)}}
+        _, new_codes, st, _ = opt.update(grads, g_w, st, params, codes)
+        states[dtype] = st
+        before = effective_kernels(params, codes)[("l",)]
+        after = effective_kernels(params, new_codes)[("l",)]
+        moved[dtype] = np.asarray(jnp.abs(after) < jnp.abs(before))
+    trace = lambda st: jax.tree.leaves(st.codes)[0]
+    nbytes = lambda st: sum(x.nbytes for x in jax.tree.leaves(st.codes))
+    assert trace(states["bfloat16"]).dtype == jnp.bfloat16
+    assert nbytes(states["bfloat16"]) < 0.51 * nbytes(states["float32"]) + 64
+    assert moved["float32"].mean() > 0.3
+    np.testing.assert_array_equal(moved["bfloat16"], moved["float32"])
+    with pytest.raises(ValueError, match="code_momentum_dtype='float16'.*'bfloat16'"):
+        QuantOptimizer(learning_rate=0.1, levels_learning_rate=0.0, code_momentum_dtype="float16")
