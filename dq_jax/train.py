@@ -7,6 +7,7 @@ and the step runs the direct code update and level re-sorting in-graph.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -388,7 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Host batches become sharded device arrays in the prefetch thread, off the step's path.
     train_iter = data.prefetch(to_global(b, steps.batch) for b in ds.train_batches(start_step))
     step, preempted = start_step, False
-    with PreemptionWatcher() as watcher:
+    with PreemptionWatcher() as watcher, contextlib.closing(train_iter):
         while step < end_step:
             state, metrics = steps.train(state, next(train_iter))
             step += 1

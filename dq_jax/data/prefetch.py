@@ -21,8 +21,8 @@ def prefetch(iterator: Iterator[T], size: int = 2) -> Iterator[T]:
     Why: batch assembly (numpy gathers, augmentation, tf.data hand-off) then
     overlaps with the accelerator step instead of adding to it. Order is
     preserved; an exception in the producer is re-raised here, at the point
-    the failing item would have been yielded. Closing (or dropping) the
-    returned generator stops the producer thread after at most one more item.
+    the failing item would have been yielded. Closing the returned generator
+    stops the producer thread after at most one more item and joins it.
     """
     if size < 1:
         raise ValueError(f"prefetch size={size} must be >= 1.")
@@ -62,5 +62,8 @@ def prefetch(iterator: Iterator[T], size: int = 2) -> Iterator[T]:
                 yield item
         finally:
             stop.set()
+            # Wait for the producer: a daemon thread still inside a JAX/TF call when the
+            # interpreter exits aborts the process ("terminate called ...").
+            thread.join(timeout=30)
 
     return consume()
