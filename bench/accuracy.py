@@ -39,6 +39,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import parse_methods  # noqa: E402  (after the path set-up)
+
 METHODS = ("float", "w2a2", "w3a3", "w4a4", "nearest_w2a2", "global_w2a2",
            "latent_ste_w2a2", "lsq_w2a2")
 BITS = {"float": 32, "w2a2": 2, "w3a3": 3, "w4a4": 4, "nearest_w2a2": 2, "global_w2a2": 2,
@@ -222,25 +224,18 @@ def plot(results: dict, methods, path: str, title: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        sys.exit(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+    methods = parse_methods(args.methods, METHODS)
     if args.full and args.dataset != "cifar10":
         sys.exit("--full applies to --dataset=cifar10")
     seeds = args.seeds or (1 if args.dataset == "cifar10" and not args.full else 3)
 
-    import importlib.util
     import jax
     from absl import logging
-    from dq_jax import train
+    from dq_jax.configlib import load_config_file
     logging.set_verbosity(logging.WARNING)
 
     def load(name):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod.get_config()
+        return load_config_file(ROOT / "configs" / f"{name}.py")
 
     suffix = f"{args.dataset}{'_full' if args.full else ''}"
     out_json = pathlib.Path(args.out or ROOT / "results" / f"accuracy_{suffix}.json")

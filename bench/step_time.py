@@ -31,6 +31,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import parse_methods  # noqa: E402  (after the path set-up)
+
 METHODS = ("float", "dq_w2a2", "dq_w4a4", "latent_ste_w2a2", "lsq_w2a2", "qwix_w4a4",
            "qwix_w2a2")
 
@@ -222,7 +224,6 @@ def profile_dq(bench: Bench) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
-    from dq_jax import train
     from dq_jax.layers import PERTURBATIONS, QUANT_STATS
     from bench import fast_step
 
@@ -289,10 +290,7 @@ def profile_dq(bench: Bench) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        sys.exit(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+    methods = parse_methods(args.methods, METHODS)
     import jax
     from absl import logging
     logging.set_verbosity(logging.ERROR)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import os
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -63,6 +66,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.force_new = False                            # start over in a workdir of another config
     c.mesh = ml_collections.ConfigDict({"data": -1})  # axis name -> size (-1: the rest)
     return c
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (configs/*.py), loaded as `--config=PATH` would be."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"dq_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _unknown_keys(cfg: Any, ref: Any, prefix: str = "") -> list[tuple[str, list[str]]]:

@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from dq_jax.quant import weights as wq
 from dq_jax.quant.activations import ActQuantizer

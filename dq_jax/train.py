@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import flax
 import jax
@@ -376,8 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     steps = Steps(model, optimizer, create_mesh(config), config.label_smoothing)
     checkpoints.check_compatible(workdir, config)  # before the manager lists the steps
     manager = checkpoints.create_manager(workdir, config)
-    state = steps.place(_initial_state(config, manager, model, optimizer, quant,
-                                       steps, ds))
+    state = _initial_state(config, manager, model, optimizer, quant, steps, ds)  # placed
     start_step = int(jax.device_get(state.step))
 
     writer = metric_writers.create_default_writer(

@@ -1,21 +1,19 @@
 """Shared test utilities: load configs, run the real CLI in a subprocess."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
+
+from dq_jax.configlib import load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str):
     """`configs/<name>.py`'s get_config(), as the CLI would load it."""
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(REPO / "configs" / f"{name}.py")
 
 
 def run_python(args: list[str], *, devices: int | None = None, timeout: int = 600,

@@ -50,6 +50,7 @@ def _random_variables(model, x, rng) -> dict:
     """
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     out = {}
+    flat_params = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes["params"]))
     for collection in ("params", "codes", "batch_stats", "quant_stats"):
         flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes.get(collection, {})))
         values = {}
@@ -71,8 +72,6 @@ def _random_variables(model, x, rng) -> dict:
             else:
                 v = rng.normal(size=s.shape) * (0.3 if leaf == "kernel" else 0.1)
             values[path] = np.asarray(v, s.dtype)
-        if collection == "params":
-            flat_params = flat
         out[collection] = flax.traverse_util.unflatten_dict(values) if values else {}
     return out
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dq_jax import train
-from tests.helpers import REPO, load_config, run_python
+from tests.helpers import REPO, run_python
 from tests.test_train import assert_states_equal, small_digits
 
 
