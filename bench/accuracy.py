@@ -72,7 +72,42 @@ def parse_args(argv=None):
                         "ones, e.g. more seeds; without it the study starts from scratch "
                         "(its work directories under --workdir are deleted first)")
     p.add_argument("--out", default="", help="results JSON (default results/accuracy_<ds>.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the quantized runs' config (repeatable), e.g. "
+                        "--set code_learning_rate=0.1 --set quant.lloyd_iters=50; recorded in "
+                        "the schedule, so --resume only mixes runs with the same overrides")
     return p.parse_args(argv)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a.b': 1, 'c': 'x'} (Python literals, else strings)."""
+    import ast
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            sys.exit(f"--set {item!r}: expected KEY=VALUE, e.g. --set code_learning_rate=0.1")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def apply_overrides(config, overrides: dict):
+    """Sets dotted keys on a ConfigDict; an unknown key exits naming it."""
+    for key, value in overrides.items():
+        target = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in target:
+                sys.exit(f"--set {key}: unknown config key {part!r}")
+            target = target[part]
+        name = parts[-1]
+        if name not in target:
+            sys.exit(f"--set {key}: unknown config key {name!r} (all keys: dq_jax/configlib.py)")
+        target[name] = type(target[name])(value) if isinstance(target[name], float) else value
+    return config
 
 
 def method_config(base, method: str):
@@ -225,6 +260,7 @@ def plot(results: dict, methods, path: str, title: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     methods = parse_methods(args.methods, METHODS)
+    overrides = parse_overrides(args.set)
     if args.full and args.dataset != "cifar10":
         sys.exit("--full applies to --dataset=cifar10")
     seeds = args.seeds or (1 if args.dataset == "cifar10" and not args.full else 3)
@@ -251,6 +287,8 @@ def main(argv=None):
                            else args.float_steps,
                            "finetune_steps": None if args.full or args.dataset == "digits"
                            else args.finetune_steps}
+    if overrides:
+        results["schedule"]["overrides"] = overrides
     if not args.resume:
         import shutil
         shutil.rmtree(os.path.join(args.workdir, suffix), ignore_errors=True)
@@ -270,13 +308,14 @@ def main(argv=None):
         out_json.write_text(json.dumps(results, indent=1))
 
     if args.dataset == "digits":
-        base = load("digits")
+        base = apply_overrides(load("digits"), overrides)
         if args.steps:
             base.num_train_steps = args.steps
         note = f"{base.num_train_steps} steps from scratch"
     else:
         base = load("cifar10_resnet20")
         base.log_every_steps = 50
+        apply_overrides(base, overrides)
         fl = method_config(base, "float")
         fl.learning_rate, fl.weight_decay, fl.levels_learning_rate = 0.1, 1e-4, 1e-4
         if args.full:

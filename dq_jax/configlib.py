@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_train_steps = -1                         # -1: from num_epochs
     c.learning_rate = 0.1                          # peak, for batch_size
     c.levels_learning_rate = 1e-3                  # peak Adam LR of weight levels
+    c.code_learning_rate = -1.0                    # peak LR of the DQ code update; -1: learning_rate
     c.momentum = 0.9
     c.nesterov = False
     c.weight_decay = 1e-4

@@ -70,7 +70,11 @@ class QuantOptimizer:
     """`init(params, codes, key)` / `update(...)` for params, levels and codes.
 
     Args:
-      learning_rate: peak LR of float params and of the code update.
+      learning_rate: peak LR of float params (and of the code update unless
+        `code_learning_rate` is given).
+      code_learning_rate: peak LR of the direct code update (SGD-momentum on
+        W_q). A 2-bit level gap is large next to a float-LR step, so the codes
+        may need a larger step than the float params; None = `learning_rate`.
       levels_learning_rate: peak LR of the levels' Adam.
       schedule_shape: step -> multiplier (peak 1.0), shared by every group.
       momentum, nesterov: SGD momentum (float params and W_q).
@@ -83,7 +87,8 @@ class QuantOptimizer:
     def __init__(self, *, learning_rate: float, levels_learning_rate: float,
                  schedule_shape: Schedule = lambda step: 1.0, momentum: float = 0.9,
                  nesterov: bool = False, weight_decay: float = 0.0,
-                 rounding: str = "stochastic", code_momentum_dtype: str = "float32"):
+                 rounding: str = "stochastic", code_momentum_dtype: str = "float32",
+                 code_learning_rate: float | None = None):
         if code_momentum_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"code_momentum_dtype={code_momentum_dtype!r} is not supported; "
                              "allowed values: 'float32', 'bfloat16'.")
@@ -93,10 +98,12 @@ class QuantOptimizer:
         self.rounding = rounding
         self.lr = lambda step: learning_rate * schedule_shape(step)
         self.levels_lr = lambda step: levels_learning_rate * schedule_shape(step)
+        self.code_lr = self.lr if code_learning_rate is None else (
+            lambda step: code_learning_rate * schedule_shape(step))
 
-        def sgd(wd: float, accumulator_dtype=None) -> optax.GradientTransformation:
+        def sgd(wd: float, accumulator_dtype=None, lr=self.lr) -> optax.GradientTransformation:
             parts = [optax.add_decayed_weights(wd)] if wd else []
-            return optax.chain(*parts, optax.sgd(self.lr, momentum=momentum or None,
+            return optax.chain(*parts, optax.sgd(lr, momentum=momentum or None,
                                                  nesterov=nesterov,
                                                  accumulator_dtype=accumulator_dtype))
 
@@ -104,7 +111,7 @@ class QuantOptimizer:
             {"decay": sgd(weight_decay), "no_decay": sgd(0.0),
              "levels": optax.adam(self.levels_lr)},
             lambda params: flax.traverse_util.path_aware_map(_param_label, params))
-        self.codes_tx = sgd(weight_decay, jnp.dtype(code_momentum_dtype))
+        self.codes_tx = sgd(weight_decay, jnp.dtype(code_momentum_dtype), self.code_lr)
 
     def init(self, params: PyTree, codes: PyTree, key: jax.Array) -> QuantOptState:
         return QuantOptState(params=self.params_tx.init(params),

@@ -84,7 +84,8 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
         schedule_shape=make_schedule_shape(config, total_steps, steps_per_epoch),
         momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay, rounding=config.rounding,
-        code_momentum_dtype=config.code_momentum_dtype)
+        code_momentum_dtype=config.code_momentum_dtype,
+        code_learning_rate=config.code_learning_rate if config.code_learning_rate > 0 else None)
 
 
 def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_classes: int):

@@ -205,8 +205,36 @@ def trained(tmp_path_factory):
     # The training program's own eval forward (eval_step's model.apply).
     logits = jax.jit(lambda s, x: model.apply(s.variables(), x, train=False))(
         results["state"], images)
+    margin = act_threshold_margin(model, results["state"].variables(), images)
     return dict(config=config, workdir=workdir, results=results, images=images,
-                logits=np.asarray(logits), labels=batch["label"][:n], ds=ds)
+                logits=np.asarray(logits), labels=batch["label"][:n], ds=ds, margin=margin)
+
+
+def act_threshold_margin(model, variables, images) -> np.ndarray:
+    """Per image: the smallest distance, in grid steps, of any quantized activation from a
+    rounding threshold (k + 1/2) of its uniform grid, in the eval forward.
+
+    A value within float round-off of a threshold may land in either bin on another CPU or
+    another (e.g. integer) computation of the same layer; the images where that can happen
+    are the only ones allowed to differ.
+    """
+    from dq_jax.quant.activations import ActQuantizer, grid_bounds
+    margins = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, ActQuantizer) and context.method_name == "__call__":
+            lo, hi = grid_bounds(module.config.num_act_levels, module.config.act_signed)
+            v = args[0] / module.get_variable("quant_stats", "alpha")
+            nearest_threshold = jnp.clip(jnp.floor(v) + 0.5, lo + 0.5, hi - 0.5)
+            d = jnp.abs(v - nearest_threshold)
+            margins.append(np.asarray(d.reshape(d.shape[0], -1).min(axis=1)))
+        return next_fun(*args, **kwargs)
+
+    with flax.linen.intercept_methods(interceptor):
+        model.apply(variables, images, train=False)
+    assert margins, "no quantized activation seen"
+    return np.min(np.stack(margins), axis=0)
 
 
 def test_trained_digits_export_load_predict_equals_training_eval(trained, tmp_path):
@@ -222,7 +250,13 @@ def test_trained_digits_export_load_predict_equals_training_eval(trained, tmp_pa
     ref = trained["logits"]
     mi = predict.load_model(str(out), integer=True)
     assert {p.kind for p in mi.plan.values()} == {"thermometer"} and len(mi.plan) == 2
-    np.testing.assert_allclose(mi.predict(trained["images"]), ref, rtol=0,
+    # The integer path computes each layer differently (int8 operands, int32 sums), so an
+    # activation within round-off of a rounding threshold may change bins: only images with
+    # such a value (margin < 1e-5 grid steps, ~100x float32 round-off of these sums) may
+    # differ. With ~3,000 activations per image that excludes a few percent of the images.
+    robust = trained["margin"] >= 1e-5
+    assert robust.mean() >= 0.9, robust.mean()
+    np.testing.assert_allclose(mi.predict(trained["images"])[robust], ref[robust], rtol=0,
                                atol=1e-5 * np.abs(ref).max())
     # predict_raw normalises raw digits pixels (0..16) with the header's mean/std.
     raw = trained["ds"]._x_eval[:len(ref)]
