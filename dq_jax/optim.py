@@ -66,6 +66,33 @@ def code_histogram_entropy(codes: jax.Array, num_levels: int) -> jax.Array:
     return -jnp.sum(jnp.where(p > 0, p * jnp.log2(jnp.where(p > 0, p, 1.0)), 0.0))
 
 
+def permute_level_statistics(opt_state: PyTree,
+                             perms: dict[tuple[str, ...], jax.Array]) -> PyTree:
+    """Re-orders every per-level optimizer statistic (e.g. Adam's mu and nu) like its levels.
+
+    Levels are re-sorted after each update; slot k of a moment buffer must follow the level
+    it was accumulated for, or a crossing hands one level's momentum to another. `perms` maps
+    the levels' param path to the `argsort` used for the sort ([G, L]); optimizer-state
+    leaves are matched by the trailing keys of their path and their shape. An identity
+    permutation returns the same values (bitwise).
+    """
+    if not perms:
+        return opt_state
+
+    def names(keypath) -> tuple[str, ...]:
+        return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
+
+    def visit(keypath, leaf):
+        path = names(keypath)
+        for levels_path, perm in perms.items():
+            n = len(levels_path)
+            if path[-n:] == levels_path and getattr(leaf, "shape", None) == perm.shape:
+                return jnp.take_along_axis(leaf, perm, axis=-1)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(visit, opt_state)
+
+
 class QuantOptimizer:
     """`init(params, codes, key)` / `update(...)` for params, levels and codes.
 
@@ -152,12 +179,15 @@ class QuantOptimizer:
         # 4: levels (and everything float) take their optax update, then sort.
         updates, params_state = self.params_tx.update(grads, state.params, params)
         new_params = _flat(optax.apply_updates(params, updates))
+        perms = {}
         for path in [p for p in new_params if p[-1] == LEVELS]:
             module = path[:-1]
+            perms[path] = jnp.argsort(new_params[path], axis=-1)
             levels, remapped = wq.sort_levels(new_params[path], new_codes.get(module))
             new_params[path] = levels
             if remapped is not None:
                 new_codes[module] = remapped
+        params_state = permute_level_statistics(params_state, perms)
         new_codes_tree = flax.traverse_util.unflatten_dict(
             {m + ("kernel",): c for m, c in new_codes.items()})
         return (flax.traverse_util.unflatten_dict(new_params), new_codes_tree,

@@ -304,6 +304,49 @@ def test_level_crossing_is_sorted_and_codes_remapped():
     assert new_c["layer"]["kernel"].dtype == jnp.uint8
 
 
+def test_level_crossing_keeps_each_levels_adam_moments():
+    """After a crossing, each level's Adam moments follow it to its sorted slot.
+
+    Step 1 makes levels cross (as above); step 2 has zero level gradient, so every level keeps
+    moving by its *own* momentum: Adam's step-2 update with g = 0 after g = +-1 is
+    lr * (b1 / (1 + b1)) / sqrt(b2 / (1 + b2)) in the direction of its own step 1.
+    """
+    levels = np.array([[-1.0, -0.3, 0.2, 1.0]], np.float32)
+    codes_np = np.random.default_rng(0).integers(0, 4, (6, 5)).astype(np.uint8)
+    params, codes = _one_layer(levels, codes_np)
+    g = np.array([[-1.0, 1.0, -1.0, 1.0]], np.float32)
+    grads = {"layer": {"kernel_levels": jnp.asarray(g), "bias": jnp.zeros((5,))}}
+    zero = jax.tree.map(jnp.zeros_like, grads)
+    w_grads = {"layer": {"kernel": jnp.zeros((6, 5))}}
+    lr, b1, b2 = 0.8, 0.9, 0.999
+    opt = QuantOptimizer(learning_rate=0.0, levels_learning_rate=lr)
+    update = jax.jit(opt.update)
+    p1, c1, s1, _ = update(grads, w_grads, opt.init(params, codes, key(0)), params, codes)
+    p2, c2, _, _ = update(zero, w_grads, s1, p1, c1)
+    step2 = lr * (b1 / (1 + b1)) / np.sqrt(b2 / (1 + b2))
+    expected = levels - lr * np.sign(g) - step2 * np.sign(g)  # per original level
+    np.testing.assert_allclose(p2["layer"]["kernel_levels"], np.sort(expected), rtol=1e-4)
+    np.testing.assert_allclose(
+        wq.gather_levels(p2["layer"]["kernel_levels"], c2["layer"]["kernel"]),
+        expected[0][codes_np], rtol=1e-4)
+
+
+def test_level_statistics_identity_permutation_is_bitwise():
+    """Without a crossing the permutation is the identity: the state is unchanged bitwise."""
+    from dq_jax.optim import permute_level_statistics
+    state = {"mu": {"layer": {"kernel_levels": jnp.array([[0.1, -0.2, 0.3, 1e-30]])},
+                    "other": {"kernel": jnp.ones((2, 4))}}}
+    perm = {("layer", "kernel_levels"): jnp.argsort(jnp.array([[0.0, 1.0, 2.0, 3.0]]), -1)}
+    out = permute_level_statistics(state, perm)
+    np.testing.assert_array_equal(out["mu"]["layer"]["kernel_levels"],
+                                  state["mu"]["layer"]["kernel_levels"])
+    perm = {("layer", "kernel_levels"): jnp.array([[3, 2, 1, 0]])}
+    out = permute_level_statistics(state, perm)
+    np.testing.assert_array_equal(out["mu"]["layer"]["kernel_levels"],
+                                  np.float32([[1e-30, 0.3, -0.2, 0.1]]))
+    np.testing.assert_array_equal(out["mu"]["other"]["kernel"], np.ones((2, 4)))
+
+
 # ---------------------------------------------------------------- weight decay
 
 def test_weight_decay_moves_w_q_toward_zero_in_expectation():
