@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.quant = ml_collections.ConfigDict(dataclasses.asdict(QuantConfig.float()))
     c.quantize_first_last = False
     c.calibration_batches = 1                      # activation calibration at start
+    c.bn_recalibration_batches = 0                 # BN statistics re-estimated after training
     c.init_from = ""                               # float workdir/checkpoint to fine-tune from
 
     c.seed = 0

@@ -201,6 +201,43 @@ def calibrate_step(state: TrainState, batch: dict, *, model) -> TrainState:
     return state.replace(quant_stats=new_vars.get(QUANT_STATS, {}))
 
 
+def bn_moments_step(state: TrainState, batch: dict, fill: jax.Array, *, model) -> PyTree:
+    """One train-mode forward from running statistics all equal to `fill`; returns them updated.
+
+    Flax's BatchNorm updates `ra <- m * ra + (1 - m) * batch_moment`; starting from 0 gives
+    `(1 - m) * moment` and from 1 gives `m + (1 - m) * moment`, so two calls recover each
+    layer's momentum and one call per batch its batch moments, whatever momentum the model
+    uses. Only `batch_stats` is mutable: activation quantizers and weights are untouched.
+    """
+    stats = jax.tree.map(lambda x: jnp.full_like(x, fill), state.batch_stats)
+    _, new_vars = model.apply(state.variables(batch_stats=stats), batch["image"], train=True,
+                              mutable=["batch_stats"])
+    return new_vars["batch_stats"]
+
+
+def recalibrate_batch_stats(steps: "Steps", state: TrainState, batches: Iterator[dict],
+                            num_batches: int) -> TrainState:
+    """BatchNorm running statistics re-estimated as plain averages over `num_batches` batches.
+
+    Weights that keep changing code during training leave the EMA statistics lagging behind
+    the final weights; this replaces them by the average batch mean/variance of the final
+    model (train-mode forwards, nothing else changes), as "precise BN" does.
+    """
+    if num_batches <= 0 or not jax.tree.leaves(state.batch_stats):
+        return state
+    total = None
+    one_minus_m = None
+    for i in range(num_batches):
+        batch = to_global(next(batches), steps.batch)
+        zero = steps.bn_moments(state, batch, jnp.float32(0.0))
+        if one_minus_m is None:
+            one = steps.bn_moments(state, batch, jnp.float32(1.0))
+            one_minus_m = jax.tree.map(lambda o, z: 1.0 - (o - z), one, zero)
+        total = zero if total is None else jax.tree.map(jnp.add, total, zero)
+    averaged = jax.tree.map(lambda t, k: t / (k * num_batches), total, one_minus_m)
+    return state.replace(batch_stats=averaged)
+
+
 # --------------------------------------------------------------------------- sharding
 
 def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -241,6 +278,9 @@ class Steps:
         self.calibrate = jax.jit(functools.partial(calibrate_step, model=model),
                                  in_shardings=(self.replicated, self.batch),
                                  out_shardings=self.replicated)
+        self.bn_moments = jax.jit(functools.partial(bn_moments_step, model=model),
+                                  in_shardings=(self.replicated, self.batch, self.replicated),
+                                  out_shardings=self.replicated)
 
     def place(self, state: TrainState) -> TrainState:
         return jax.device_put(state, self.replicated)
@@ -389,6 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Host batches become sharded device arrays in the prefetch thread, off the step's path.
     train_iter = data.prefetch(to_global(b, steps.batch) for b in ds.train_batches(start_step))
     step, preempted = start_step, False
+    before_recalibration: dict = {}
     with PreemptionWatcher() as watcher, contextlib.closing(train_iter):
         while step < end_step:
             state, metrics = steps.train(state, next(train_iter))
@@ -417,6 +458,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 checkpoints.save(manager, step, state, force=True)
                 preempted = True
                 break
+            if step == total_steps and config.bn_recalibration_batches > 0:
+                # Before the final checkpoint, so the saved (and exported) model is this one.
+                before_recalibration = {
+                    f"{k}_before_bn_recalibration": v
+                    for k, v in evaluate(steps, state, ds.eval_batches()).items()
+                    if k != "eval_count"}
+                state = recalibrate_batch_stats(steps, state, ds.train_batches(step),
+                                                config.bn_recalibration_batches)
             if step % config.checkpoint_every_steps == 0 or step == end_step:
                 checkpoints.save(manager, step, state, force=step == end_step)
     if bar is not None:
@@ -427,6 +476,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.flush()
         return {"steps": step, "state": state, "preempted": preempted}
     eval_metrics = evaluate(steps, state, ds.eval_batches())
+    eval_metrics.update(before_recalibration)
     writer.write_scalars(end_step, eval_metrics)
     writer.flush()
     results = {

@@ -239,3 +239,44 @@ def test_every_config_validates_and_documents_its_command(name):
     assert quant.weights == "dq"  # every shipped config is a DQ run (float via overrides)
     module_doc = (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
     assert "python -m dq_jax.main" in module_doc and f"configs/{name}.py" in module_doc
+
+
+def test_bn_recalibration_is_the_plain_average_of_batch_moments():
+    """Whatever the BN momentum (0.7 here), re-estimated stats = mean of per-batch moments."""
+    import flax.linen as nn
+
+    class BNOnly(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.7)(x)
+            return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+    config = small_digits()
+    model = BNOnly()
+    opt = train.create_optimizer(config, 10, 10)
+    steps = train.Steps(model, opt, train.create_mesh(config))
+    state = steps.place(train.init_state(model, opt, (2, 2, 5), 0))
+    rng = np.random.default_rng(0)
+    batches = [{"image": (rng.normal(size=(8, 2, 2, 5)) * (1 + np.arange(5)) + 3).astype(
+        np.float32), "label": np.zeros(8, np.int32)} for _ in range(4)]
+    out = train.recalibrate_batch_stats(steps, state, iter(batches), 4)
+    x = np.stack([b["image"].reshape(-1, 5) for b in batches]).astype(np.float64)
+    stats = jax.device_get(out.batch_stats)["BatchNorm_0"]
+    np.testing.assert_allclose(stats["mean"], x.mean(axis=1).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], x.var(axis=1).mean(axis=0), rtol=1e-4)
+    # Only batch_stats changed.
+    assert_states_equal(out.replace(batch_stats=state.batch_stats), state)
+
+
+def test_bn_recalibration_in_training_is_saved_and_reported(tmp_path):
+    config = small_digits(bn_recalibration_batches=3)
+    out = train.train_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= out["eval_top1_before_bn_recalibration"] <= 1.0
+    assert "eval_loss_before_bn_recalibration" in out and out["steps"] == 24
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["eval_top1"] == out["eval_top1"]
+    # The final checkpoint holds the re-estimated statistics: resuming the finished run
+    # evaluates exactly the same model.
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert again["resumed_from_step"] == 24 and again["eval_top1"] == out["eval_top1"]
+    assert_states_equal(again["state"], out["state"])
