@@ -141,16 +141,28 @@ def read_layer_scalars(workdir: str) -> dict:
 
 
 def summarize_diagnostics(scalars: dict) -> dict:
+    """Flip rate (first/last/mean log, over-training curve), integrated flips, final entropy."""
     import numpy as np
-    flips = {k[len("layers/"):-len("/flip_rate")]: v for k, v in scalars.items()
+    flips = {k[len("layers/"):-len("/flip_rate")]: sorted(v) for k, v in scalars.items()
              if k.endswith("/flip_rate")}
     if not flips:
         return {}
-    first = np.mean([sorted(v)[0][1] for v in flips.values()])
-    last = np.mean([sorted(v)[-1][1] for v in flips.values()])
-    mean = np.mean([np.mean([x for _, x in v]) for v in flips.values()])
-    return {"flip_rate_mean": float(mean), "flip_rate_first_log": float(first),
-            "flip_rate_last_log": float(last), "num_dq_layers": len(flips)}
+    steps = [s for s, _ in next(iter(flips.values()))]
+    curve = [float(np.mean([v[i][1] for v in flips.values()])) for i in range(len(steps))]
+    # Each log is the mean over the steps since the previous one: the integral over training
+    # is the expected number of code changes per weight (an upper bound on the fraction of
+    # weights that changed code at least once).
+    widths = np.diff([0] + steps)
+    integrated = {layer: float(np.sum(widths * np.array([x for _, x in v])))
+                  for layer, v in flips.items()}
+    entropy = {k[len("layers/"):-len("/code_entropy")]: sorted(v)[-1][1]
+               for k, v in scalars.items() if k.endswith("/code_entropy")}
+    return {"flip_rate_mean": float(np.mean(curve)), "flip_rate_first_log": curve[0],
+            "flip_rate_last_log": curve[-1], "num_dq_layers": len(flips),
+            "flip_rate_curve": {"steps": steps, "mean_over_layers": curve},
+            "flips_per_weight": float(np.mean(list(integrated.values()))),
+            "flips_per_weight_by_layer": integrated,
+            "code_entropy_final_by_layer": entropy}
 
 
 def level_drift(initial_params, final_params) -> dict:
@@ -169,8 +181,56 @@ def level_drift(initial_params, final_params) -> dict:
     return {"level_drift_rel": float(np.mean(rel))} if rel else {}
 
 
-def initial_params(config):
-    """The params the run starts from (after init_from), to measure level drift."""
+def weight_diagnostics(config, params0, codes0, params1, codes1, float_kernels) -> dict:
+    """Per layer: relative quantization error of W_q against the float model's kernel at start
+    and end (||W_q - W_float||^2 / ||W_float||^2), and (DQ) the fraction of weights whose code
+    at the end differs from the start (a lower bound on 'changed at least once')."""
+    import flax
+    import jax.numpy as jnp
+    import numpy as np
+    from dq_jax.quant import weights as wq
+    weights = config.quant.weights
+    bits = config.quant.weight_bits
+
+    def w_q(params, codes):
+        p = flax.traverse_util.flatten_dict(params)
+        c = flax.traverse_util.flatten_dict(codes) if codes else {}
+        out = {}
+        for path, leaf in p.items():
+            m = path[:-1]
+            if path[-1] == "kernel_levels" and weights == "dq":
+                out[m] = np.asarray(wq.gather_levels(leaf, c[m + ("kernel",)]))
+            elif path[-1] == "kernel_levels":
+                k = p[m + ("kernel",)]
+                out[m] = np.asarray(wq.gather_levels(leaf, wq.nearest_codes(leaf, k)))
+            elif path[-1] == "kernel_step":
+                out[m] = np.asarray(wq.lsq_kernel(jnp.asarray(p[m + ("kernel",)]), leaf, bits))
+        return out
+
+    q0, q1 = w_q(params0, codes0), w_q(params1, codes1)
+    err0, err1 = {}, {}
+    for m in q0:
+        ref = np.asarray(float_kernels[m + ("kernel",)], np.float64)
+        norm = float(np.sum(ref ** 2)) or 1.0
+        err0["/".join(m)] = float(np.sum((q0[m] - ref) ** 2) / norm)
+        err1["/".join(m)] = float(np.sum((q1[m] - ref) ** 2) / norm)
+    out = {"weight_rel_error_start_by_layer": err0, "weight_rel_error_end_by_layer": err1,
+           "weight_rel_error_start": float(np.mean(list(err0.values()))) if err0 else None,
+           "weight_rel_error_end": float(np.mean(list(err1.values()))) if err1 else None}
+    if weights == "dq" and codes0:
+        c0 = flax.traverse_util.flatten_dict(codes0)
+        c1 = flax.traverse_util.flatten_dict(codes1)
+        changed = {"/".join(k[:-1]): float(np.mean(np.asarray(c0[k]) != np.asarray(c1[k])))
+                   for k in c0}
+        total = sum(np.asarray(c0[k]).size for k in c0)
+        out["codes_changed_by_end_by_layer"] = changed
+        out["codes_changed_by_end"] = float(sum(
+            np.sum(np.asarray(c0[k]) != np.asarray(c1[k])) for k in c0) / total)
+    return out
+
+
+def initial_state(config):
+    """The state the run starts from (after init_from): params and codes."""
     import jax
     from dq_jax import checkpoints, configlib, data, train
     quant = configlib.validate(config, device_count=jax.device_count())
@@ -180,22 +240,33 @@ def initial_params(config):
     state = train.init_state(model, opt, ds.image_shape, config.seed)
     if config.init_from:
         state = checkpoints.init_from_float(config.init_from, state, quant, opt)
-    return jax.device_get(state.params)
+    return jax.device_get(state.params), jax.device_get(state.codes)
 
 
 def run_one(config, workdir: str) -> dict:
+    import flax
     import jax
     from dq_jax import train
     config.force_new = True
-    params0 = initial_params(config) if config.quant.weights in ("dq", "latent_ste") else None
+    quantized = config.quant.weights in ("dq", "latent_ste", "lsq")
+    params0, codes0 = initial_state(config) if quantized else (None, None)
     t0 = time.time()
     out = train.train_and_evaluate(config, workdir)
     wall = time.time() - t0
     row = {"top1": out["eval_top1"], "top5": out["eval_top5"], "steps": out["steps"],
            "train_seconds": out["train_seconds"], "wall_seconds": wall,
            "steps_per_sec": out["steps_per_sec"]}
-    if params0 is not None:
-        row.update(level_drift(params0, jax.device_get(out["state"].params)))
+    if "eval_top1_before_bn_recalibration" in out:
+        row["top1_before_bn_recalibration"] = out["eval_top1_before_bn_recalibration"]
+    if quantized:
+        final = jax.device_get(out["state"])
+        row.update(level_drift(params0, final.params))
+        if config.init_from:
+            from dq_jax.checkpoints import load_float_variables
+            float_kernels = flax.traverse_util.flatten_dict(
+                load_float_variables(config.init_from)["params"])
+            row.update(weight_diagnostics(config, params0, codes0, final.params, final.codes,
+                                          float_kernels))
     row.update(summarize_diagnostics(read_layer_scalars(workdir)))
     return row
 
