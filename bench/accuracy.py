@@ -247,7 +247,16 @@ def run_one(config, workdir: str) -> dict:
     import flax
     import jax
     from dq_jax import train
-    config.force_new = True
+    # Resumable: a run killed mid-way (the session ended) continues from its last checkpoint
+    # when the same command is run again; a workdir left by a *different* run config is
+    # cleared first, so no two configs (or their TensorBoard logs) ever mix.
+    import shutil
+    marker = pathlib.Path(workdir) / "bench_run_config.json"
+    mine = config.to_json_best_effort(sort_keys=True)
+    if marker.exists() and marker.read_text() != mine:
+        shutil.rmtree(workdir)
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    marker.write_text(mine)
     quantized = config.quant.weights in ("dq", "latent_ste", "lsq")
     params0, codes0 = initial_state(config) if quantized else (None, None)
     t0 = time.time()
@@ -398,7 +407,7 @@ def main(argv=None):
             fl.checkpoint_every_steps = 10 ** 9
             base.num_train_steps = args.finetune_steps
             base.eval_every_steps = 10 ** 9
-            base.checkpoint_every_steps = 10 ** 9
+            base.checkpoint_every_steps = 200  # resumable if the session ends mid-run
         float_dir = args.float_workdir or os.path.join(args.workdir, f"{suffix}_float_pretrain")
         if args.float_workdir:
             prev = json.loads((pathlib.Path(float_dir) / "results.json").read_text())

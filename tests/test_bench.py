@@ -73,3 +73,40 @@ def test_accuracy_help_and_methods():
     assert g.quant.act_error == "global" and g.quant.weights == "dq" and g.quant.weight_bits == 2
     assert accuracy.method_config(base, "lsq_w2a2").quant.weights == "lsq"
     assert accuracy.method_config(base, "float").quant.acts == "float"
+
+
+def test_accuracy_overrides_and_diagnostics():
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    from bench import accuracy
+    from dq_jax import configlib
+    o = accuracy.parse_overrides(["code_learning_rate=0.1", "quant.lloyd_iters=30",
+                                  "rounding=nearest"])
+    assert o == {"code_learning_rate": 0.1, "quant.lloyd_iters": 30, "rounding": "nearest"}
+    c = accuracy.apply_overrides(configlib.base_config(), o)
+    assert c.code_learning_rate == 0.1 and c.quant.lloyd_iters == 30 and c.rounding == "nearest"
+    import pytest
+    with pytest.raises(SystemExit, match="unknown config key 'code_lr'"):
+        accuracy.apply_overrides(configlib.base_config(), {"code_lr": 1.0})
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        accuracy.parse_overrides(["oops"])
+    # Flip logs are means since the previous log: 50 steps at 0.01 + 50 at 0.002 = 0.6 flips.
+    d = accuracy.summarize_diagnostics({
+        "layers/a/flip_rate": [(50, 0.01), (100, 0.002)],
+        "layers/b/flip_rate": [(100, 0.0), (50, 0.0)],
+        "layers/a/code_entropy": [(50, 1.5), (100, 1.9)]})
+    assert d["flips_per_weight_by_layer"] == {"a": 0.6, "b": 0.0}
+    assert d["flip_rate_curve"] == {"steps": [50, 100], "mean_over_layers": [0.005, 0.001]}
+    assert d["code_entropy_final_by_layer"] == {"a": 1.9} and d["num_dq_layers"] == 2
+    # Weight diagnostics against hand-computed values (exact in binary floating point).
+    levels = np.array([[-1.0, 0.0, 1.0, 2.0]], np.float32)
+    c0 = {"l": {"kernel": np.array([[0, 1], [2, 3]], np.uint8)}}
+    c1 = {"l": {"kernel": np.array([[0, 1], [2, 2]], np.uint8)}}
+    params = {"l": {"kernel_levels": levels}}
+    float_kernel = {("l", "kernel"): np.array([[-1.0, 0.0], [1.0, 2.0]], np.float32)}
+    cfg = configlib.base_config()
+    cfg.quant.weights = "dq"
+    w = accuracy.weight_diagnostics(cfg, params, c0, params, c1, float_kernel)
+    assert w["weight_rel_error_start"] == 0.0
+    assert w["weight_rel_error_end"] == 1.0 / 6.0  # (2-1)^2 / (1 + 0 + 1 + 4)
+    assert w["codes_changed_by_end"] == 0.25
