@@ -394,6 +394,7 @@ def main(argv=None):
         note = f"{base.num_train_steps} steps from scratch"
     else:
         base = load("cifar10_resnet20")
+        base.dataset = "cifar10_npz"  # the CI/benchmark copy (found via DQ_JAX_DATA_DIR/data_dir)
         base.log_every_steps = 50
         apply_overrides(base, overrides)
         fl = method_config(base, "float")
