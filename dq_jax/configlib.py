@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import pathlib
 from typing import Any
@@ -23,14 +24,15 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """All keys with their defaults (a float ResNet-20 on the shared CIFAR-10 copy)."""
+    """All keys with their defaults (a float ResNet-20 on the bundled digits: every user has
+    that dataset; the configs/*.py files set the model and dataset they are about)."""
     c = ml_collections.ConfigDict()
     c.model = "resnet20"
     c.model_kwargs = ml_collections.ConfigDict()   # e.g. width_multiplier for MobileNetV2
     c.num_classes = -1                             # -1: the dataset's
     c.half_precision = False                       # bfloat16 activations
 
-    c.dataset = "cifar10_npz"
+    c.dataset = "digits"                           # bundled with scikit-learn: no download
     c.data_dir = ""                                # TFDS data_dir / .npz path / '' default
     c.image_size = 224                             # ImageNet crops
     c.augment = True
@@ -128,10 +130,32 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
         if value <= 0 or value % device_count:
             _fail(f"config.{key}={value} must be a positive multiple of the device count "
                   f"({device_count}); e.g. --config.{key}={max(device_count, value - value % device_count or device_count)}.")
+    for key in ("num_epochs", "learning_rate", "levels_learning_rate", "code_learning_rate",
+                "momentum", "weight_decay", "label_smoothing", "warmup_epochs"):
+        if not math.isfinite(float(config[key])):
+            _fail(f"config.{key}={config[key]!r} is not a finite number.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         _fail("set config.num_epochs > 0 or config.num_train_steps > 0.")
     if config.learning_rate <= 0 or config.levels_learning_rate < 0:
         _fail("config.learning_rate must be > 0 and config.levels_learning_rate >= 0.")
+    if config.code_learning_rate <= 0 and config.code_learning_rate != -1:
+        _fail(f"config.code_learning_rate={config.code_learning_rate!r} must be > 0, or -1 "
+              "for config.learning_rate.")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        _fail(f"config.label_smoothing={config.label_smoothing!r} must be in [0, 1).")
+    if not 0.0 <= config.momentum < 1.0 or config.weight_decay < 0:
+        _fail("config.momentum must be in [0, 1) and config.weight_decay >= 0.")
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if int(config[key]) < 1:
+            _fail(f"config.{key}={config[key]!r} must be >= 1"
+                  + (" (0 would keep nothing to resume from)." if key == "keep_checkpoints"
+                     else "."))
+    if config.eval_every_steps == 0 or config.eval_every_steps < -1:
+        _fail(f"config.eval_every_steps={config.eval_every_steps!r} must be >= 1, or -1 for "
+              "once per epoch.")
+    if config.bn_recalibration_batches < 0:
+        _fail(f"config.bn_recalibration_batches={config.bn_recalibration_batches!r} must be "
+              ">= 0 (0: off).")
     try:
         return QuantConfig.from_mapping(config.quant)
     except ValueError as e:

@@ -140,6 +140,14 @@ class QuantOptimizer:
             lambda params: flax.traverse_util.path_aware_map(_param_label, params))
         self.codes_tx = sgd(weight_decay, jnp.dtype(code_momentum_dtype), self.code_lr)
 
+    def applied_updates(self, state: QuantOptState) -> jax.Array:
+        """How many updates this state has applied: the step its schedules are at.
+
+        A training loop that skips a non-finite step keeps the old state, so this count (not
+        the loop's step) is what the learning-rate schedules follow.
+        """
+        return optax.tree_utils.tree_get(state.codes, "count")
+
     def init(self, params: PyTree, codes: PyTree, key: jax.Array) -> QuantOptState:
         return QuantOptState(params=self.params_tx.init(params),
                              codes=self.codes_tx.init(effective_kernels(params, codes)),

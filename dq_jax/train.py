@@ -129,6 +129,12 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _float_leaves(tree: PyTree) -> list[jax.Array]:
+    """Inexact (float) leaves only: integer codes and PRNG keys are always finite."""
+    return [x for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
 def _finite_by_layer(*trees: PyTree) -> dict[str, jax.Array]:
     """Module path -> all leaves finite, over several trees (grads, stats, ...)."""
     out: dict[str, list] = {}
@@ -161,21 +167,27 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer: QuantOptimiz
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, _zeros_like_codes(state.codes))
     params, codes, opt_state, diagnostics = optimizer.update(
         grads, w_grads, state.opt_state, state.params, state.codes)
-    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(w_grads) & \
-        _all_finite(new_vars.get(QUANT_STATS, {}))
     updated = TrainState(step=state.step + 1, params=params, codes=codes,
                          batch_stats=new_vars.get("batch_stats", {}),
                          quant_stats=new_vars.get(QUANT_STATS, {}), opt_state=opt_state)
+    # The *updated* state must be finite too: finite gradients times an infinite learning rate,
+    # or a BatchNorm variance that overflows, would otherwise reach a checkpoint.
+    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(w_grads) & \
+        _all_finite(_float_leaves(updated))
     kept = state.replace(step=state.step + 1)
     new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), updated, kept)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "learning_rate": optimizer.lr(state.step),
+        # The rate this step applied: the schedule follows the optimizer's own count of
+        # applied updates, which a skipped (non-finite) step does not advance.
+        "learning_rate": optimizer.lr(optimizer.applied_updates(state.opt_state)),
         "nonfinite": 1.0 - ok.astype(jnp.float32),
         "layers": diagnostics,
-        # Which layers' gradients / fitted activation statistics blew up (for the report).
-        "finite_by_layer": _finite_by_layer(grads, w_grads, new_vars.get(QUANT_STATS, {})),
+        # Which layers' gradients / fitted activation statistics / new values blew up.
+        "finite_by_layer": _finite_by_layer(
+            grads, w_grads, new_vars.get(QUANT_STATS, {}), {"params": params},
+            {"batch_stats": new_vars.get("batch_stats", {})}),
     }
     return new_state, metrics
 
@@ -411,6 +423,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ds = data.create_dataset(config, process_index=jax.process_index(),
                              process_count=jax.process_count())
     num_classes = ds.num_classes if config.num_classes <= 0 else config.num_classes
+    if num_classes < ds.num_classes:
+        raise ValueError(
+            f"config.num_classes={config.num_classes} is below the {ds.num_classes} classes of "
+            f"dataset {config.dataset!r} (labels would fall outside the logits); use "
+            "--config.num_classes=-1 for the dataset's own count.")
     total_steps = total_train_steps(config, ds.steps_per_epoch)
     model = create_model(config, quant, num_classes)
     optimizer = create_optimizer(config, total_steps, ds.steps_per_epoch)
@@ -477,6 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return {"steps": step, "state": state, "preempted": preempted}
     eval_metrics = evaluate(steps, state, ds.eval_batches())
     eval_metrics.update(before_recalibration)
+    skipped = end_step - int(jax.device_get(optimizer.applied_updates(state.opt_state)))
     writer.write_scalars(end_step, eval_metrics)
     writer.flush()
     results = {
@@ -487,9 +505,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "steps_per_sec": (end_step - start_step) / max(train_seconds, 1e-9),
         "resumed_from_step": start_step,
         "devices": jax.device_count(),
+        # Steps whose update was skipped as non-finite (nonfinite_policy='skip'), whole run.
+        "skipped_steps": skipped,
     }
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     logging.info("Final eval: top-1 %.4f, top-5 %.4f after %d steps (%.1fs).",
                  results["eval_top1"], results["eval_top5"], end_step, train_seconds)
+    if skipped:
+        message = (f"{skipped} of {end_step} steps ({100 * skipped / end_step:.1f}%) were "
+                   "skipped as non-finite (config.nonfinite_policy='skip'); see "
+                   "nonfinite_steps in the logs. Lower config.learning_rate or "
+                   "config.levels_learning_rate.")
+        if jax.process_index() == 0:
+            print(f"dq_jax: warning: {message}", file=sys.stderr, flush=True)
+        if skipped > end_step // 2:
+            raise FloatingPointError(f"training mostly did not happen: {message} "
+                                     f"(results.json in {workdir} records it)")
     return {**results, "state": state}

@@ -25,3 +25,20 @@ def run_python(args: list[str], *, devices: int | None = None, timeout: int = 60
         full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def read_scalar_series(workdir, tag: str) -> dict[int, float]:
+    """step -> value of a scalar the training program wrote to TensorBoard in `workdir`."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+    out = {}
+    for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"tensors": 0, "scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("tensors", []):
+            for e in acc.Tensors(tag):
+                out[e.step] = float(np.asarray(tensor_util.make_ndarray(e.tensor_proto)))
+        if tag in acc.Tags().get("scalars", []):
+            out.update({e.step: e.value for e in acc.Scalars(tag)})
+    return out

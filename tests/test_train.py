@@ -280,3 +280,81 @@ def test_bn_recalibration_in_training_is_saved_and_reported(tmp_path):
     again = train.train_and_evaluate(config, str(tmp_path))
     assert again["resumed_from_step"] == 24 and again["eval_top1"] == out["eval_top1"]
     assert_states_equal(again["state"], out["state"])
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("learning_rate", float("nan"), "learning_rate=nan is not a finite"),
+    ("learning_rate", float("inf"), "learning_rate=inf is not a finite"),
+    ("num_epochs", float("inf"), "num_epochs=inf is not a finite"),
+    ("checkpoint_every_steps", 0, "checkpoint_every_steps=0 must be >= 1"),
+    ("log_every_steps", 0, "log_every_steps=0 must be >= 1"),
+    ("keep_checkpoints", 0, "keep_checkpoints=0 must be >= 1 .0 would keep nothing"),
+    ("label_smoothing", 2.0, "label_smoothing=2.0 must be in"),
+    ("code_learning_rate", 0.0, "code_learning_rate=0.0 must be > 0, or -1"),
+    ("eval_every_steps", 0, "eval_every_steps=0 must be >= 1, or -1"),
+])
+def test_meaningless_values_fail_at_validation(key, value, match):
+    config = small_digits(**{key: value})
+    with pytest.raises(ValueError, match=match):
+        configlib.validate(config, device_count=1)
+
+
+def test_num_classes_below_dataset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"num_classes=5 is below the 10 classes"):
+        train.train_and_evaluate(small_digits(num_classes=5), str(tmp_path))
+
+
+def _poisoned_dataset(monkeypatch, bad_steps):
+    """digits whose training batches at `bad_steps` contain a NaN pixel."""
+    real = data.create_dataset
+
+    def create(config, **kw):
+        ds = real(config, **kw)
+        batches = ds.train_batches
+
+        def poisoned(start_step=0):
+            for i, b in enumerate(batches(start_step), start=start_step):
+                if i in bad_steps:
+                    b = dict(b, image=np.where(np.arange(b["image"].size).reshape(
+                        b["image"].shape) == 0, np.nan, b["image"]).astype(b["image"].dtype))
+                yield b
+        ds.train_batches = poisoned
+        return ds
+    monkeypatch.setattr(data, "create_dataset", create)
+
+
+def test_skipped_steps_do_not_advance_the_schedule_and_are_reported(tmp_path, monkeypatch):
+    """nonfinite_policy='skip': the logged LR is the one applied (the schedule follows applied
+    updates), and results.json + stderr say how many steps were skipped."""
+    _poisoned_dataset(monkeypatch, {3, 4})
+    config = small_digits(nonfinite_policy="skip", log_every_steps=1, schedule="cosine")
+    out = train.train_and_evaluate(config, str(tmp_path))
+    assert out["skipped_steps"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["skipped_steps"] == 2
+    opt = train.create_optimizer(config, 24, 1)
+    from tests.helpers import read_scalar_series
+    lrs = read_scalar_series(tmp_path, "learning_rate")
+    # Steps 1..3 apply updates 0..2; steps 4, 5 (batches 3, 4) are skipped and would have
+    # applied update 3; step 6 applies update 3 (not 5).
+    assert lrs[6] == pytest.approx(float(opt.lr(3)), rel=1e-6)
+    assert lrs[3] == pytest.approx(float(opt.lr(2)), rel=1e-6)
+    assert lrs[24] == pytest.approx(float(opt.lr(21)), rel=1e-6)
+
+
+def test_infinite_update_never_reaches_the_state():
+    """Finite loss and gradients but a non-finite update (an infinite learning rate, which
+    config validation refuses but a library user can pass): the step is refused whole."""
+    config = small_digits()
+    quant = configlib.validate(config, device_count=1)
+    ds = data.create_dataset(config)
+    model = train.create_model(config, quant, ds.num_classes)
+    opt = train.QuantOptimizer(learning_rate=float("inf"), levels_learning_rate=1e-3)
+    steps = train.Steps(model, opt, train.create_mesh(config))
+    state = steps.place(train.init_state(model, opt, ds.image_shape, 0))
+    batch = train.to_global(next(ds.train_batches(0)), steps.batch)
+    before = jax.device_get(state)
+    new, metrics = steps.train(state, batch)
+    assert float(metrics["loss"]) == float(metrics["loss"])  # the loss itself was finite
+    assert float(metrics["nonfinite"]) == 1.0
+    assert int(new.step) == 1
+    assert_states_equal(new.replace(step=before.step), before)
