@@ -105,11 +105,17 @@ def test_nonfinite_stop_reports_layers_and_never_checkpoints_nan(tmp_path):
     _assert_finite(restored)
 
 
-def test_nonfinite_skip_policy_keeps_training_finite(tmp_path):
+def test_nonfinite_skip_policy_keeps_training_finite(tmp_path, capfd):
+    """lr=1e30 with 'skip': nearly every step is skipped. The state stays finite, the run says
+    so on stderr and in results.json, and it ends with an error (training did not happen)."""
     config = constant_lr_digits(24, learning_rate=1e30, nonfinite_policy="skip")
-    out = train.train_and_evaluate(config, str(tmp_path))
-    assert out["steps"] == 24
-    _assert_finite(out["state"])
+    with pytest.raises(FloatingPointError, match=r"mostly did not happen: (2[0-4]) of 24 steps"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "were skipped as non-finite" in capfd.readouterr().err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["skipped_steps"] >= 20 and results["steps"] == 24
+    from dq_jax import checkpoints
+    _assert_finite(checkpoints.load_float_variables(str(tmp_path / "checkpoints" / "24")))
 
 
 def test_same_seed_is_bitwise_deterministic(tmp_path):
