@@ -1,4 +1,9 @@
-"""CIFAR-10 ResNet-20 from the shared CIFAR-10 copy (../shared/data/cifar10.npz).
+"""CIFAR-10 ResNet-20, reading TFDS `cifar10`.
+
+Data: prepare it once on a machine with network access (`tfds build cifar10`, into
+~/tensorflow_datasets or --data_dir=DIR, then --config.data_dir=DIR); nothing is downloaded at
+run time. Or any CIFAR-style .npz (x_train, y_train, x_test, y_test; see README):
+  --config.dataset=npz --config.data_dir=/path/to/cifar10.npz
 
 Paper-style two stages (the same schedule for every quantization method):
   1. float pre-training:
@@ -19,7 +24,7 @@ from dq_jax.configlib import base_config
 def get_config():
     c = base_config()
     c.model = "resnet20"
-    c.dataset = "cifar10_npz"
+    c.dataset = "cifar10"           # TFDS; data_dir  = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.batch_size = 128
     c.eval_batch_size = 500
     c.num_epochs = 60.0

@@ -62,6 +62,8 @@ def prepared_versions(name: str, data_dir: str) -> list[str]:
     """Versions of ``name`` prepared under ``data_dir`` (dirs with dataset_info.json)."""
     pattern = os.path.join(data_dir, name, "*", "dataset_info.json")
     if "://" in data_dir:  # gs://... : only then is TensorFlow's gfile needed.
+        from dq_jax import extras
+        extras.require("train", "reading TFDS datasets", modules=["tensorflow"])
         import tensorflow as tf
         found = tf.io.gfile.glob(pattern)
     else:
@@ -100,6 +102,9 @@ def check_prepared(name: str, data_dir: str) -> list[str]:
 
 def _import_tf():
     """Imports TF + TFDS with TF kept off accelerators and GCS lookups disabled."""
+    from dq_jax import extras
+    extras.require("train", "reading TFDS datasets",
+                   modules=["tensorflow", "tensorflow_datasets"])
     import tensorflow as tf
     try:  # The accelerators belong to JAX; TF only runs the input pipeline.
         tf.config.set_visible_devices([], "GPU")
