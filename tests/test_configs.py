@@ -1,0 +1,61 @@
+"""Shipped configs read data a user has or can prepare: nothing outside the repository.
+
+base_config() defaults to the bundled digits; CIFAR-10 reads TFDS `cifar10` (failing fast with
+the `tfds build` instruction when it is not prepared) or any `.npz` via dataset='npz'."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dq_jax import configlib, data
+from tests.helpers import REPO, load_config
+
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+
+
+def test_base_config_defaults_to_the_bundled_digits():
+    c = configlib.base_config()
+    assert c.dataset == "digits" and c.data_dir == ""
+    c.batch_size, c.eval_batch_size = 64, 64
+    configlib.validate(c, device_count=1)
+    ds = data.create_dataset(c, process_index=0, process_count=1)
+    assert (ds.name, ds.num_classes, ds.image_shape) == ("digits", 10, (8, 8, 1))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_use_no_built_in_data_path(name):
+    c = load_config(name)
+    assert c.data_dir == "", (name, c.data_dir)       # the dataset's own default location
+    assert c.dataset in ("digits", "cifar10", "cifar100", "imagenet2012"), (name, c.dataset)
+
+
+def test_cifar10_config_reads_tfds_and_fails_fast_with_the_build_command(tmp_path):
+    c = load_config("cifar10_resnet20")
+    assert c.dataset == "cifar10"
+    c.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match=r"'cifar10' is not prepared.*tfds build cifar10"):
+        data.create_dataset(c, process_index=0, process_count=1)
+
+
+def test_cifar10_config_takes_any_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 256),
+             x_test=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+             y_test=rng.integers(0, 10, 20))
+    c = load_config("cifar10_resnet20")
+    c.dataset, c.data_dir = "npz", str(path)
+    configlib.validate(c, device_count=1)
+    ds = data.create_dataset(c, process_index=0, process_count=1)
+    assert (ds.name, ds.num_classes, ds.image_shape, ds.train_size) == (
+        "npz", 10, (32, 32, 3), 256)
+    batch = next(ds.train_batches())
+    assert batch["image"].shape == (c.batch_size, 32, 32, 3)
+
+
+def test_cifar10_config_docstring_states_data_and_commands():
+    doc = (REPO / "configs" / "cifar10_resnet20.py").read_text().split('"""')[1]
+    assert "tfds build cifar10" in doc
+    assert "--config.dataset=npz --config.data_dir=" in doc
+    assert "python -m dq_jax.main --config=configs/cifar10_resnet20.py" in doc
