@@ -35,7 +35,7 @@ def _linen_paths(model: nnx.Module) -> dict[tuple[str, ...], tuple]:
     """(collection, *linen path) -> NNX path, for every variable that has a Linen twin."""
     out = {}
     for collection, kind in _COLLECTIONS:
-        for path, _ in nnx.state(model, kind).flat_state():
+        for path, _ in nnx.to_flat_state(nnx.state(model, kind)):
             key = tuple(str(p) for p in path)
             if kind is QuantCodes:
                 if key[-1] != CODES_ATTR:
@@ -47,7 +47,7 @@ def _linen_paths(model: nnx.Module) -> dict[tuple[str, ...], tuple]:
 
 def linen_variables(model: nnx.Module) -> dict:
     """The model's state as Linen variables: {'params', 'codes', 'batch_stats', 'quant_stats'}."""
-    values = {tuple(p): v for p, v in nnx.as_pure(nnx.state(model)).flat_state()}
+    values = {tuple(p): v for p, v in nnx.to_flat_state(nnx.as_pure(nnx.state(model)))}
     out: dict = {c: {} for c, _ in _COLLECTIONS}
     flat = {k: values[p] for k, p in _linen_paths(model).items()}
     out.update(flax.traverse_util.unflatten_dict(flat) if flat else {})
@@ -63,7 +63,7 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> Non
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(
         {c: variables.get(c, {}) for c, _ in _COLLECTIONS if variables.get(c)}))
     paths = _linen_paths(model)
-    current = {tuple(p): v for p, v in nnx.as_pure(nnx.state(model)).flat_state()}
+    current = {tuple(p): v for p, v in nnx.to_flat_state(nnx.as_pure(nnx.state(model)))}
     if set(flat) != set(paths):
         missing = sorted("/".join(k) for k in set(paths) - set(flat))[:4]
         extra = sorted("/".join(k) for k in set(flat) - set(paths))[:4]
@@ -77,7 +77,7 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> Non
             raise ValueError(f"{'/'.join(key)}: {value.dtype}{list(value.shape)} does not match "
                              f"the NNX model's {want.dtype}{list(want.shape)}.")
         updates.append((path, value))
-    nnx.update(model, nnx.State.from_flat_path(updates))
+    nnx.update(model, nnx.from_flat_state(updates))
 
 
 def save_dqz(path: str, model: nnx.Module, *, model_name: str, config: Any,

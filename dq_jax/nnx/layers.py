@@ -91,7 +91,7 @@ class ActQuantizer(nnx.Module):
             return module.apply({"quant_stats": stats}, x, train=False)
         y, new = module.apply({"quant_stats": stats}, x, train=True, mutable=["quant_stats"])
         for name, value in new["quant_stats"].items():
-            getattr(self, name).value = value
+            getattr(self, name).set_value(value)
         return y
 
 

@@ -37,7 +37,7 @@ def _key(path: tuple) -> tuple[str, ...]:
 
 def _flat(state: nnx.State) -> dict[tuple, Any]:
     """Original NNX path -> pure value."""
-    return {tuple(path): value for path, value in nnx.as_pure(state).flat_state()}
+    return {tuple(path): value for path, value in nnx.to_flat_state(nnx.as_pure(state))}
 
 
 def _nested(flat: dict[tuple, Any]) -> dict:
@@ -63,7 +63,7 @@ def codes_tree(model_or_state: Any) -> dict:
     """QuantCodes values as the Linen `codes` dict ('layer/.../kernel')."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else \
         nnx.state(model_or_state, QuantCodes)
-    return _nested(_renamed(_flat(state.filter(QuantCodes)), CODES_ATTR))
+    return _nested(_renamed(_flat(nnx.filter_state(state, QuantCodes)), CODES_ATTR))
 
 
 def _set_hooks(model: nnx.Module, wide: bool) -> None:
@@ -73,7 +73,7 @@ def _set_hooks(model: nnx.Module, wide: bool) -> None:
             continue
         codes = getattr(layer, CODES_ATTR)
         shape = codes.shape if wide else ()
-        hook.value = jnp.zeros(shape, hook[...].dtype)
+        hook.set_value(jnp.zeros(shape, hook[...].dtype))
 
 
 def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False,
@@ -157,14 +157,14 @@ class QuantOptimizer(nnx.Pytree):
         code_paths = {_key(p[:-1]) + ("kernel",): p for p in _flat(nnx.state(model, QuantCodes))}
         params = params_tree(param_state)
         codes = codes_tree(model)
-        g_flat = _flat(grads.filter(self.wrt)) if isinstance(grads, nnx.State) else {}
+        g_flat = _flat(nnx.filter_state(grads, self.wrt)) if isinstance(grads, nnx.State) else {}
         g_params = _nested({_key(p): v for p, v in g_flat.items()})
         if set(_key(p) for p in g_flat) != set(param_paths):
             raise ValueError(
                 "grads do not hold the gradient of every optimized Param: compute them with "
                 "dq_jax.nnx.value_and_grad(fn, wrt=...) using this optimizer's `wrt`; missing "
                 f"{sorted(set(param_paths) - set(_key(p) for p in g_flat))[:4]}.")
-        w_flat = _renamed(_flat(grads.filter(QuantPerturbation)), PERTURBATION_ATTR)
+        w_flat = _renamed(_flat(nnx.filter_state(grads, QuantPerturbation)), PERTURBATION_ATTR)
         for path, code_path in code_paths.items():
             shape = _flat(nnx.state(model, QuantCodes))[code_path].shape
             if path not in w_flat or w_flat[path].shape != shape:
@@ -180,12 +180,12 @@ class QuantOptimizer(nnx.Pytree):
         flat_new_codes = flax.traverse_util.flatten_dict(new_codes) if new_codes else {}
         updates = [(param_paths[k], v) for k, v in flat_new_params.items()]
         updates += [(code_paths[k], v) for k, v in flat_new_codes.items()]
-        nnx.update(model, nnx.State.from_flat_path(updates))
+        nnx.update(model, nnx.from_flat_state(updates))
         holders = _variables(self.opt_state)
         values = jax.tree.leaves(new_state)
         if jax.tree.structure(opt_state) != jax.tree.structure(new_state):
             raise AssertionError("optimizer state changed structure")
         for holder, value in zip(holders, values):
-            holder.value = value
+            holder.set_value(value)
         self.step[...] += 1
         return diagnostics
