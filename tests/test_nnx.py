@@ -154,69 +154,74 @@ def _linen_state(variables, tx, opt_key):
 
 
 def test_linen_and_nnx_same_logits_grads_and_code_update(np_rng):
-    """Same numbers in, same logits, gradients, statistics, codes and levels out (W2A2,
-    first/last quantized so QuantLinear and signed grids are covered), and nnx.jit and a pure
-    jax.jit step over nnx.split/merge agree."""
+    """Same numbers in: the same eval logits, gradients (dL/dW_q included) and, after one
+    training step (Linen's train step vs a pure `jax.jit` NNX step over nnx.split/merge), the
+    same codes (same key), levels, float params, BN and activation statistics, optimizer state
+    and eval logits. W2A2 with first/last quantized, so QuantLinear and signed grids are
+    covered. (nnx.jit, and the full `train.train_step`, run in the digits test.)"""
     lm, variables, nm = _linen_and_nnx(W2A2, seed=3)
     tx = optim.QuantOptimizer(learning_rate=0.05, levels_learning_rate=1e-3, weight_decay=5e-4)
     batch = {"image": jnp.asarray(np_rng.normal(size=(16, 8, 8, 1)).astype(np.float32)),
              "label": jnp.asarray(np.arange(16) % 10, jnp.int32)}
 
-    # Linen: the real train step (loss, dL/dperturbations, QuantOptimizer.update, ...).
-    def linen_grads(state):
+    @jax.jit
+    def linen(state, batch):
+        """`train.train_step`'s forward/backward and update (without its non-finite guard)."""
+        before = lm.apply(state.variables(), batch["image"], train=False)
+
         def loss_fn(params, perturbations):
-            logits, _ = lm.apply(state.variables(params=params, **{PERTURBATIONS: perturbations}),
-                                 batch["image"], train=True, mutable=["batch_stats", "quant_stats"])
-            return jnp.mean(optax.softmax_cross_entropy(
-                logits, jax.nn.one_hot(batch["label"], 10))), logits
+            logits, new_vars = lm.apply(
+                state.variables(params=params, **{PERTURBATIONS: perturbations}),
+                batch["image"], train=True, mutable=["batch_stats", "quant_stats"])
+            one_hot = jax.nn.one_hot(batch["label"], logits.shape[-1])
+            return jnp.mean(optax.softmax_cross_entropy(logits, one_hot)), new_vars
+
         zeros = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), state.codes)
-        return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params, zeros)
+        (_, new_vars), (grads, w_grads) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(state.params, zeros)
+        params, codes, opt_state, diagnostics = tx.update(
+            grads, w_grads, state.opt_state, state.params, state.codes)
+        state = state.replace(params=params, codes=codes, opt_state=opt_state, **new_vars)
+        after = lm.apply(state.variables(), batch["image"], train=False)
+        return before, after, grads, w_grads, state, diagnostics
 
-    state = _linen_state(variables, tx, jax.random.PRNGKey(7))
-    linen_step = jax.jit(lambda s, b: train.train_step(s, b, model=lm, optimizer=tx,
-                                                       label_smoothing=0.0))
-    (_, l_logits), (l_grads, l_wgrads) = jax.jit(linen_grads)(state)
-    new_state, metrics = linen_step(state, batch)
-    assert float(metrics["nonfinite"]) == 0.0
+    graphdef, pstate = nnx.split((nm, dqnnx.QuantOptimizer(nm, tx, key=jax.random.PRNGKey(7))))
 
-    # NNX under nnx.jit: a copy of the model, to compare with the pure jax.jit step below.
-    nm_pure = nnx.clone(nm)
-    optimizer = dqnnx.QuantOptimizer(nm, tx, key=jax.random.PRNGKey(7))
-    n_loss, n_logits, n_grads, n_diag = nnx.jit(nnx_train_step)(nm, optimizer, batch)
+    @jax.jit
+    def nnx_pure(pstate, batch):
+        model, opt = nnx.merge(graphdef, pstate)
+        model.eval()
+        before = model(batch["image"])
+        model.train()
+        _, _, grads, diagnostics = nnx_train_step(model, opt, batch)
+        model.eval()
+        after = model(batch["image"])
+        return before, after, grads, diagnostics, nnx.state((model, opt))
 
-    np.testing.assert_array_equal(n_logits, l_logits)
-    assert_trees_equal(dqnnx.params_tree(nnx.filter_state(n_grads, nnx.Param)), l_grads)
-    w_grads = nnx.as_pure(nnx.filter_state(n_grads, dqnnx.QuantPerturbation))
-    w = {tuple(p[:-1]) + ("kernel",): v for p, v in nnx.to_flat_state(w_grads)}
-    assert_trees_equal(flax.traverse_util.unflatten_dict(w), l_wgrads)
-    n_vars = dqnnx.linen_variables(nm)
-    assert_trees_equal(n_vars["params"], new_state.params)
+    l_before, l_after, l_grads, l_wgrads, new_state, l_diag = linen(
+        _linen_state(variables, tx, jax.random.PRNGKey(7)), batch)
+    n_before, n_after, n_grads, n_diag, pstate = nnx_pure(pstate, batch)
+
+    np.testing.assert_array_equal(n_before, l_before)
+    np.testing.assert_array_equal(n_after, l_after)
+    model, optimizer = nnx.merge(graphdef, pstate)
+    n_vars = dqnnx.linen_variables(model)
     assert_trees_equal(n_vars["codes"], new_state.codes)  # the code update (same key)
+    assert_trees_equal(n_vars["params"], new_state.params)
     assert_trees_equal(n_vars["batch_stats"], new_state.batch_stats)
     assert_trees_equal(n_vars["quant_stats"], new_state.quant_stats)
     assert_trees_equal(nnx.as_pure(optimizer.opt_state), new_state.opt_state)
-    assert_trees_equal(n_diag, metrics["layers"])
+    assert_trees_equal(n_diag, l_diag)
+    assert_trees_equal(dqnnx.params_tree(nnx.filter_state(n_grads, nnx.Param)), l_grads)
     changed = sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in zip(
         jax.tree.leaves(variables["codes"]), jax.tree.leaves(new_state.codes)))
     assert changed > 0  # the comparison saw real code flips
     assert int(optimizer.step[...]) == 1
-    # The hooks are scalars again outside value_and_grad (no float shadow kernel kept).
+    # dL/dW_q came back kernel-shaped; the hooks are scalars again (no float shadow kernel).
+    w_grads = nnx.to_flat_state(nnx.as_pure(nnx.filter_state(n_grads, dqnnx.QuantPerturbation)))
+    assert_trees_equal({p[0]: {"kernel": g} for p, g in w_grads}, l_wgrads)  # dL/dW_q
     assert all(np.shape(v) == () for v in jax.tree.leaves(
-        pure(nnx.state(nm, dqnnx.QuantPerturbation))))
-
-    # A pure jax.jit step over nnx.split / nnx.merge: the same result.
-    graphdef, pstate = nnx.split((nm_pure, dqnnx.QuantOptimizer(nm_pure, tx,
-                                                                 key=jax.random.PRNGKey(7))))
-
-    @jax.jit
-    def pure_step(pstate, batch):
-        model, opt = nnx.merge(graphdef, pstate)
-        loss, *_ = nnx_train_step(model, opt, batch)
-        return nnx.state((model, opt)), loss
-
-    pstate, p_loss = pure_step(pstate, batch)
-    assert float(p_loss) == float(n_loss)
-    assert_trees_equal(pure(pstate), pure(nnx.state((nm, optimizer))))
+        pure(nnx.state(model, dqnnx.QuantPerturbation))))
 
 
 def test_optimizer_rejects_plain_nnx_grads(np_rng):
@@ -237,9 +242,11 @@ DIGITS_STEPS = 60
 SEEDS = (0, 1, 2)
 
 
-def _digits_runs():
-    """Per seed: Linen (`train.train_step`) and NNX W2A2 digits CNNs from the same numbers
-    and optimizer key, trained on the same batches; eval accuracies on the 450 test images."""
+@pytest.fixture(scope="module")
+def digits_runs():
+    """Per seed: Linen (`train.train_step`) and NNX (nnx.jit) W2A2 digits CNNs from the same
+    numbers and optimizer key, trained on the same batches; eval accuracies on the 450 test
+    images. Also returns the last NNX model/optimizer and its eval logits (export tests)."""
     config = load_config("digits")
     ds = data.create_dataset(config, process_index=0, process_count=1)
     it = ds.train_batches(0)
@@ -255,13 +262,12 @@ def _digits_runs():
     @nnx.jit
     def nnx_eval(model, batch):
         logits = model(batch["image"])
-        return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
+        return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]), logits
 
     results = []
     for seed in SEEDS:
-        lm_, variables, nm = _linen_and_nnx(W2A2, seed, widths=(32, 64, 64),
-                                            quantize_first_last=False)
-        del lm_
+        _, variables, nm = _linen_and_nnx(W2A2, seed, widths=(32, 64, 64),
+                                          quantize_first_last=False)
         state = _linen_state(variables, tx, jax.random.PRNGKey(seed + 1))
         optimizer = dqnnx.QuantOptimizer(nm, tx, key=jax.random.PRNGKey(seed + 1))
         nm.train()
@@ -270,19 +276,21 @@ def _digits_runs():
             nnx_step(nm, optimizer, b)
         nm.eval()
         linen_acc = sum(float(linen_eval(state, b)) for b in evals) / ds.eval_size
-        nnx_acc = sum(float(nnx_eval(nm, b)) for b in evals) / ds.eval_size
+        nnx_out = [nnx_eval(nm, b) for b in evals]
+        nnx_acc = sum(float(hits) for hits, _ in nnx_out) / ds.eval_size
         same_codes = all(np.array_equal(a, b) for a, b in zip(
             jax.tree.leaves(state.codes), jax.tree.leaves(dqnnx.linen_variables(nm)["codes"])))
         results.append((linen_acc, nnx_acc, same_codes))
-    return results
+    return dict(results=results, config=config, model=nm, optimizer=optimizer,
+                images=evals[0]["image"], logits=np.asarray(nnx_out[0][1]))
 
 
-def test_nnx_digits_w2a2_trains_to_linen_accuracy():
+def test_nnx_digits_w2a2_trains_to_linen_accuracy(digits_runs):
     """Issue 14: NNX W2A2 on digits reaches the Linen model's accuracy (3 seeds, mean within
     0.5 points). Both start from the same numbers, so the comparison measures the NNX front
     end (gradients, statistics, optimizer, train/eval) rather than init noise; 60 steps
     (~3 epochs, ~0.9 top-1) keep it at a few seconds per seed."""
-    results = _digits_runs()
+    results = digits_runs["results"]
     linen = np.array([r[0] for r in results])
     nnx_ = np.array([r[1] for r in results])
     assert abs(nnx_.mean() - linen.mean()) <= 0.005, results
@@ -293,60 +301,39 @@ def test_nnx_digits_w2a2_trains_to_linen_accuracy():
 
 # ---------------------------------------------------------------- export, checkpoint
 
-@pytest.fixture(scope="module")
-def trained_nnx():
-    """An NNX W2A2 digits CNN (own NNX init, first/last quantized) after 5 train steps."""
-    config = load_config("digits")
-    ds = data.create_dataset(config, process_index=0, process_count=1)
-    model = dqnnx.DigitsCNN(10, quant=W2A2, quantize_first_last=True, widths=WIDTHS,
-                            rngs=nnx.Rngs(key(11)))
-    tx = train.create_optimizer(config, 100, ds.steps_per_epoch)
-    optimizer = dqnnx.QuantOptimizer(model, tx, key=jax.random.PRNGKey(11))
-    step = nnx.jit(lambda m, o, b: nnx_train_step(m, o, b)[0])
-    batches = ds.train_batches(0)
-    for _ in range(5):
-        step(model, optimizer, next(batches))
-    model.eval()
-    images = next(iter(ds.eval_batches()))["image"][:64]
-    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, images))
-    return dict(config=config, ds=ds, model=model, optimizer=optimizer, images=images,
-                logits=logits)
-
-
-def test_nnx_export_and_predict_equal_eval_logits(trained_nnx, tmp_path):
-    t = trained_nnx
+def test_nnx_export_and_predict_equal_eval_logits(digits_runs, tmp_path):
+    t = digits_runs
     path = str(tmp_path / "nnx.dqz")
-    config = dict(t["config"].to_dict(), quantize_first_last=True,
-                  model_kwargs={"widths": WIDTHS})
-    report = dqnnx.save_dqz(path, t["model"], model_name="digits_cnn", config=config,
-                            num_classes=10, image_shape=(8, 8, 1))
+    report = dqnnx.save_dqz(path, t["model"], model_name="digits_cnn",
+                            config=t["config"].to_dict(), num_classes=10, image_shape=(8, 8, 1))
     assert report["ratio"] > 1.0
-    # dq_jax.predict rebuilds the Linen digits_cnn from the packed codes: same logits.
-    m = predict.load_model(path, expected_model="digits_cnn", batch_size=64)
+    n = len(t["images"])
+    # dq_jax.predict rebuilds the Linen digits_cnn from the packed codes: the same logits
+    # (same batch size as the NNX eval, so the same compiled shapes).
+    m = predict.load_model(path, expected_model="digits_cnn", batch_size=n)
     np.testing.assert_array_equal(m.predict(t["images"]), t["logits"])
-    # ... and loading the export into a fresh NNX model gives the same eval forward.
-    fresh = dqnnx.DigitsCNN(10, quant=m.exported.runtime_quant, quantize_first_last=True,
-                            widths=WIDTHS, rngs=nnx.Rngs(key(12)))
+    # ... and the export loaded into a fresh NNX model gives the same eval forward.
+    fresh = dqnnx.DigitsCNN(10, quant=m.exported.runtime_quant, rngs=nnx.Rngs(key(12)))
     dqnnx.load_dqz(path, fresh)
+    assert_trees_equal(dqnnx.linen_variables(fresh), dqnnx.linen_variables(t["model"]))
     fresh.eval()
     np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(fresh, t["images"]), t["logits"])
-    assert_trees_equal(dqnnx.linen_variables(fresh), dqnnx.linen_variables(t["model"]))
 
 
-def test_orbax_checkpoint_round_trip_of_nnx_state(trained_nnx, tmp_path):
+def test_orbax_checkpoint_round_trip_of_nnx_state(digits_runs, tmp_path):
     import orbax.checkpoint as ocp
-    t = trained_nnx
+    t = digits_runs
     saved = nnx.state((t["model"], t["optimizer"]))
+    fresh = dqnnx.DigitsCNN(10, quant=W2A2, rngs=nnx.Rngs(key(13)))
+    fresh_opt = dqnnx.QuantOptimizer(fresh, t["optimizer"].tx, key=jax.random.PRNGKey(0))
+    graphdef, abstract = nnx.split((fresh, fresh_opt))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "ckpt", saved)
         ckptr.wait_until_finished()
-        fresh = dqnnx.DigitsCNN(10, quant=W2A2, quantize_first_last=True, widths=WIDTHS,
-                                rngs=nnx.Rngs(key(13)))
-        fresh_opt = dqnnx.QuantOptimizer(fresh, t["optimizer"].tx, key=jax.random.PRNGKey(0))
-        graphdef, abstract = nnx.split((fresh, fresh_opt))
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
         restored = ckptr.restore(tmp_path / "ckpt", abstract)
     assert_trees_equal(pure(restored), pure(saved))  # codes uint8, flags bool, floats: bitwise
     model, _ = nnx.merge(graphdef, restored)
     model.eval()
-    np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(model, t["images"]), t["logits"])
+    np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(model, t["images"]),
+                                  t["logits"])
