@@ -8,7 +8,9 @@ uninterrupted run would see.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from typing import Any
 
 import flax
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from dq_jax.optim import LEVELS, QuantOptimizer
@@ -42,22 +45,133 @@ def latest_step(manager: ocp.CheckpointManager) -> int | None:
     return manager.latest_step()
 
 
+DIGEST_DIR = "checkpoint_digests"   # beside checkpoints/, so orbax never lists or rotates it
+DAMAGED_DIR = "damaged_checkpoints"  # damaged steps are moved here, never deleted
+
+
+def _host_array(x: Any) -> np.ndarray:
+    """The full value of a (replicated) leaf on this host, also on multi-host meshes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_shards[0].data
+    return np.asarray(jax.device_get(x))
+
+
+def state_digest(state: Any) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes: equal iff the content is equal."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        a = np.ascontiguousarray(_host_array(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _digest_path(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    return epath.Path(manager.directory).parent / DIGEST_DIR / f"{step}.sha256"
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Write-then-rename: a crash or a full disk leaves the old file or the new, never half."""
+    path = epath.Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> None:
+    """Saves `state` at `step` (asynchronously) with a checksum of its content.
+
+    The checksum is written before the save starts: a committed checkpoint always has one (an
+    interrupted save leaves a checksum without a checkpoint, which nothing reads).
+    """
+    if not force and not manager.should_save(step):
+        return
+    digest = state_digest(state)
+    if jax.process_index() == 0:
+        path = _digest_path(manager, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, digest + "\n")
     manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint whose structure matches but whose content cannot be read or verified."""
+
+
+def _structure_matches(manager: ocp.CheckpointManager, step: int, template: Any) -> bool | None:
+    """Whether the saved arrays have the template's shapes and dtypes (as a multiset, so key
+    naming conventions do not matter); None when the metadata itself cannot be read."""
+    try:
+        meta = ocp.StandardCheckpointHandler().metadata(
+            epath.Path(manager.directory) / str(step) / "default")
+        meta = getattr(meta, "tree", meta)
+        saved = sorted((tuple(m.shape), str(np.dtype(m.dtype))) for m in jax.tree.leaves(meta))
+    except Exception:  # noqa: BLE001  (damaged _METADATA / manifest: many exception types)
+        return None
+    if not saved:
+        return None
+    mine = sorted((tuple(np.shape(x)), str(jnp.asarray(x).dtype)) for x in jax.tree.leaves(template))
+    return saved == mine
+
+
+def _restore_verified(manager, step: int, abstract: Any) -> Any:
+    try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # noqa: BLE001  (tensorstore/orbax raise many types on bad bytes)
+        raise DamagedCheckpoint(f"unreadable ({type(e).__name__})") from e
+    path = _digest_path(manager, step)
+    if path.exists():
+        expected = path.read_text().strip()
+        if state_digest(state) != expected:
+            raise DamagedCheckpoint("its content does not match the checksum recorded at save")
+    else:
+        logging.warning("Checkpoint step %d in %s has no recorded checksum (written by an older "
+                        "version?): restored without verification.", step, manager.directory)
+    return state
+
+
 def restore(manager: ocp.CheckpointManager, step: int, template: Any, sharding) -> Any:
-    """Restores `step` into the structure/dtypes of `template`, placed with `sharding`."""
+    """Restores `step` into the structure/dtypes of `template`, placed with `sharding`,
+    verifying its checksum.
+
+    A checkpoint of another model/optimizer structure is refused (ValueError). A damaged one
+    (unreadable, or content differing from its checksum) is moved to `damaged_checkpoints/`
+    with a warning naming it, and the previous step is tried; nothing is deleted.
+    """
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=sharding),
         template)
-    try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # orbax raises several types for structure/shape mismatch
-        raise ValueError(
-            f"Checkpoint step {step} in {manager.directory} does not match this config's "
-            f"model/optimizer state ({type(e).__name__}: {e}). Use a new --workdir, or "
-            "--config.force_new=True to start over in this one.") from e
+    damaged = []
+    while step is not None:
+        if _structure_matches(manager, step, template) is False:
+            raise ValueError(
+                f"Checkpoint step {step} in {manager.directory} does not match this config's "
+                "model/optimizer state (its saved arrays differ in names or shapes). Use a new "
+                "--workdir, or --config.force_new=True to start over in this one.")
+        try:
+            state = _restore_verified(manager, step, abstract)
+            if damaged:
+                logging.warning("Resumed from step %d, the newest undamaged checkpoint.", step)
+            return state
+        except DamagedCheckpoint as e:
+            where = epath.Path(manager.directory).parent / DAMAGED_DIR / str(step)
+            message = (f"Checkpoint step {step} in {manager.directory} is damaged ({e}); "
+                       f"moved to {where} and trying the previous checkpoint.")
+            logging.warning(message)
+            print(f"dq_jax: warning: {message}", file=sys.stderr, flush=True)
+            damaged.append(step)
+            if jax.process_index() == 0:
+                where.parent.mkdir(parents=True, exist_ok=True)
+                if where.exists():
+                    where.rmtree()
+                (epath.Path(manager.directory) / str(step)).rename(where)
+            manager.reload()
+            older = [s for s in manager.all_steps() if s < step]
+            step = max(older) if older else None
+    raise ValueError(
+        f"Every checkpoint in {manager.directory} is damaged (steps {damaged}, moved to "
+        f"{epath.Path(manager.directory).parent / DAMAGED_DIR}); nothing to resume from. "
+        "Start over with --config.force_new=True, or restore a backup of the workdir.")
 
 
 def _identity(config: ml_collections.ConfigDict) -> dict:

@@ -75,15 +75,82 @@ def test_partial_checkpoint_from_killed_save_is_ignored(tmp_path):
     assert out["resumed_from_step"] == 16 and out["steps"] == 24
 
 
-def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+def test_corrupt_checkpoint_gives_clear_error(tmp_path, capfd):
+    """The only checkpoint truncated: named as damaged, moved aside (not deleted), one error."""
     config = small_digits()
     train.train_and_evaluate(config, str(tmp_path), stop_after=8)
     step_dir = tmp_path / "checkpoints" / "8"
     for f in step_dir.rglob("*"):
         if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
-    with pytest.raises(ValueError, match=r"Checkpoint step 8 in .*checkpoints"):
+    with pytest.raises(ValueError, match=r"Every checkpoint in .*checkpoints is damaged "
+                                         r"\(steps \[8\].*force_new"):
         train.train_and_evaluate(config, str(tmp_path))
+    assert "Checkpoint step 8 in" in capfd.readouterr().err
+    assert (tmp_path / "damaged_checkpoints" / "8").is_dir() and not step_dir.exists()
+
+
+def _array_files(step_dir):
+    return sorted(f for f in (step_dir / "default").rglob("*")
+                  if f.is_file() and "/d/" in str(f) and f.stat().st_size > 0)
+
+
+@pytest.mark.parametrize("damage", ["flip_array_byte", "truncate_manifest", "silent"])
+def test_damaged_latest_checkpoint_falls_back_to_previous_good(tmp_path, capfd, damage):
+    """One flipped byte in an array file (or a cut manifest) of the newest checkpoint: never
+    restored silently; named, moved aside, and the run resumes from the previous checkpoint,
+    ending bitwise equal to an uninterrupted run."""
+    config = small_digits()
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    wd = tmp_path / "damaged"
+    train.train_and_evaluate(config, str(wd), stop_after=16)  # checkpoints 8 and 16
+    if damage == "flip_array_byte":
+        files = _array_files(wd / "checkpoints" / "16")
+        assert files
+        for f in files:  # flip one byte in the middle of every array file
+            b = bytearray(f.read_bytes())
+            b[len(b) // 2] ^= 0x40
+            f.write_bytes(bytes(b))
+    elif damage == "truncate_manifest":
+        manifest = wd / "checkpoints" / "16" / "default" / "manifest.ocdbt"
+        manifest.write_bytes(manifest.read_bytes()[:20])
+    else:  # content that reads back fine but differs from what was saved (as a flipped bit
+        # inside a stored float does): simulated by recording another checksum
+        (wd / "checkpoint_digests" / "16.sha256").write_text("0" * 64 + "\n")
+    out = train.train_and_evaluate(config, str(wd))
+    err = capfd.readouterr().err
+    assert "Checkpoint step 16 in" in err and "damaged" in err, err[-2000:]
+    if damage == "silent":
+        assert "does not match the checksum" in err
+    assert out["resumed_from_step"] == 8 and out["steps"] == 24
+    assert (wd / "damaged_checkpoints" / "16").is_dir()
+    assert_states_equal(out["state"], full["state"])
+
+
+def test_checkpoint_of_another_structure_is_not_called_damaged(tmp_path):
+    """A structure mismatch (e.g. another optimizer state) is refused, and nothing is moved."""
+    from dq_jax import checkpoints
+    config = small_digits()
+    train.train_and_evaluate(config, str(tmp_path), stop_after=8)
+    manager = checkpoints.create_manager(__import__("etils").epath.Path(tmp_path), config)
+    template = {"params": {"w": np.zeros((3,), np.float32)}}
+    with pytest.raises(ValueError, match=r"Checkpoint step 8 in .* does not match this config"):
+        checkpoints.restore(manager, 8, template, None)
+    assert (tmp_path / "checkpoints" / "8").is_dir()
+    assert not (tmp_path / "damaged_checkpoints").exists()
+
+
+def test_state_digest_sees_one_flipped_bit():
+    from dq_jax.checkpoints import state_digest
+    a = {"x": np.arange(6, dtype=np.float32), "c": np.ones((2, 2), np.uint8)}
+    b = {"x": np.arange(6, dtype=np.float32), "c": np.ones((2, 2), np.uint8)}
+    assert state_digest(a) == state_digest(b)
+    b["x"].view(np.uint32)[3] ^= 1
+    assert state_digest(a) != state_digest(b)
+    # Same bytes under another dtype or shape are another content.
+    assert state_digest({"x": np.zeros(4, np.float32)}) != state_digest(
+        {"x": np.zeros(4, np.int32)})
+    assert state_digest({"x": np.zeros(4)}) != state_digest({"x": np.zeros((2, 2))})
 
 
 def _assert_finite(state):
