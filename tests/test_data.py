@@ -1,10 +1,11 @@
 """Tests for dq_jax.data: formats, determinism/resume, per-process split, eval
-padding, .npz validation, the shared CIFAR-10 copy, and TFDS (mock data only;
-nothing is downloaded)."""
+padding, .npz validation, the CI's CIFAR-10 copy (found through DQ_JAX_SHARED_DATA),
+the image-folder converter, and TFDS (mock data only; nothing is downloaded)."""
 from __future__ import annotations
 
 import itertools
 import os
+import pathlib
 import time
 
 import ml_collections
@@ -13,6 +14,12 @@ import pytest
 
 from dq_jax.data import DATASETS, Dataset, create_dataset, prefetch
 from dq_jax.data import arrays as arrays_lib
+from dq_jax.data import folder_to_npz
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The CI machines' data copy, next to the checkout. Only the tests look there (the library
+# reads config.data_dir or $DQ_JAX_SHARED_DATA); absent in a plain clone: those tests skip.
+CI_DATA_DIR = REPO.parent / "shared" / "data"
 
 
 def make_config(**kwargs) -> ml_collections.ConfigDict:
@@ -336,10 +343,14 @@ def test_npz_missing_file_and_missing_data_dir(tmp_path):
 
 def test_cifar10_npz_lookup_and_missing_message(tmp_path, monkeypatch):
     monkeypatch.setenv(arrays_lib.SHARED_DATA_ENV, str(tmp_path / "env"))
-    candidates = arrays_lib.cifar10_npz_candidates(None)
-    assert candidates[0] == tmp_path / "env" / "cifar10.npz"
-    assert candidates[1] == arrays_lib.repo_root().parent / "shared" / "data" / "cifar10.npz"
-    assert (arrays_lib.repo_root() / "dq_jax" / "data").is_dir()
+    assert arrays_lib.cifar10_npz_candidates(None) == [tmp_path / "env" / "cifar10.npz"]
+    # Without the variable the library has no default location (nothing outside the repo).
+    monkeypatch.delenv(arrays_lib.SHARED_DATA_ENV)
+    assert arrays_lib.cifar10_npz_candidates(None) == []
+    with pytest.raises(FileNotFoundError, match=r"config\.data_dir is not set and neither is "
+                       r"DQ_JAX_SHARED_DATA.*tfds build cifar10"):
+        create_dataset(make_config(dataset="cifar10_npz"), process_index=0, process_count=1)
+    monkeypatch.setenv(arrays_lib.SHARED_DATA_ENV, str(tmp_path / "env"))
     with pytest.raises(FileNotFoundError) as info:
         create_dataset(make_config(dataset="cifar10_npz", data_dir=str(tmp_path)),
                        process_index=0, process_count=1)
@@ -357,10 +368,18 @@ def test_cifar10_npz_lookup_and_missing_message(tmp_path, monkeypatch):
         assert (ds.train_size, ds.num_classes, ds.image_shape) == (40, 10, (32, 32, 3))
 
 
-def test_cifar10_npz_real_shared_file():
+@pytest.fixture
+def ci_cifar10_env(monkeypatch):
+    """DQ_JAX_SHARED_DATA pointing at the CI copy of cifar10.npz, or a skip saying why."""
+    if not os.environ.get(arrays_lib.SHARED_DATA_ENV) and CI_DATA_DIR.is_dir():
+        monkeypatch.setenv(arrays_lib.SHARED_DATA_ENV, str(CI_DATA_DIR))
     if not any(p.is_file() for p in arrays_lib.cifar10_npz_candidates(None)):
-        pytest.skip("shared cifar10.npz is absent (looked at: "
+        pytest.skip(f"no CI copy of cifar10.npz (set {arrays_lib.SHARED_DATA_ENV} to the "
+                    f"directory holding it; looked at: "
                     f"{[str(p) for p in arrays_lib.cifar10_npz_candidates(None)]})")
+
+
+def test_cifar10_npz_real_shared_file(ci_cifar10_env):
     cfg = make_config(dataset="cifar10_npz", batch_size=500, eval_batch_size=1000,
                       augment=False)
     ds = create_dataset(cfg, process_index=0, process_count=1)
@@ -494,3 +513,144 @@ def test_tfds_missing_dataset_fails_fast(tmp_path, name):
     assert f"tfds build {name}" in msg and "download_and_prepare" in msg
     if name == "imagenet2012":
         assert "manual_dir" in msg and "ILSVRC2012_img_train.tar" in msg
+
+
+# --------------------------------------------------------------------------
+# Image folder -> .npz converter (dq_jax.data.folder_to_npz)
+# --------------------------------------------------------------------------
+CLASS_COLOURS = {"cat": (200, 10, 10), "dog": (10, 200, 10), "emu": (10, 10, 200)}
+
+
+def _save_image(path: pathlib.Path, array: np.ndarray, fmt: str = "PNG") -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt)
+
+
+def _class_image(name: str, i: int, shape=(6, 5)) -> np.ndarray:
+    """A distinct, exactly recoverable RGB image per (class, i)."""
+    a = np.zeros((*shape, 3), np.uint8)
+    a[...] = CLASS_COLOURS[name]
+    a[0, 0] = (i, i, i)
+    return a
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """IMAGES/train/<class>/ (4 per class) and IMAGES/test/<class>/ (2 per class), PNG."""
+    pytest.importorskip("PIL")
+    root = tmp_path / "images"
+    for split, n in (("train", 4), ("test", 2)):
+        for name in CLASS_COLOURS:
+            for i in range(n):
+                _save_image(root / split / name / f"{i:03d}.png", _class_image(name, i))
+    (root / "train" / "cat" / ".hidden.png").write_bytes(b"ignored")
+    (root / "train" / "cat" / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_folder_to_npz_train_test_layout_roundtrips_pixels(image_tree, tmp_path, capsys):
+    out = tmp_path / "data.npz"
+    assert folder_to_npz.main([f"--src={image_tree}", f"--out={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 train / 6 test images of 6x5x3, 3 classes (cat, dog, emu)" in printed
+    assert f"--config.dataset=npz --config.data_dir={out}" in printed
+    with np.load(out) as f:
+        data = {k: f[k] for k in f.files}
+    assert sorted(data) == ["label_names", "x_test", "x_train", "y_test", "y_train"]
+    assert data["label_names"].tolist() == ["cat", "dog", "emu"]
+    assert data["x_train"].dtype == np.uint8 and data["x_train"].shape == (12, 6, 5, 3)
+    assert data["y_train"].dtype == np.int32 and data["y_train"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert data["y_test"].tolist() == [0, 0, 1, 1, 2, 2]
+    for x, y, n in ((data["x_train"], data["y_train"], 4), (data["x_test"], data["y_test"], 2)):
+        for row, (img, label) in enumerate(zip(x, y)):
+            name = data["label_names"][label]
+            np.testing.assert_array_equal(img, _class_image(name, row % n))
+    # The training program reads it as config.dataset='npz'.
+    ds = create_dataset(make_config(dataset="npz", data_dir=str(out), batch_size=4,
+                                    eval_batch_size=4), process_index=0, process_count=1)
+    assert (ds.train_size, ds.eval_size, ds.num_classes, ds.image_shape) == (12, 6, 3, (6, 5, 3))
+    assert next(ds.train_batches())["image"].shape == (4, 6, 5, 3)
+
+
+def test_folder_to_npz_cli_as_a_module(image_tree, tmp_path):
+    from tests.helpers import run_python
+    out = tmp_path / "cli"  # .npz is appended
+    proc = run_python(["-m", "dq_jax.data.folder_to_npz", f"--src={image_tree}",
+                       f"--out={out}", "--image_size=4", "--compress"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    arrays, classes = arrays_lib.load_npz(tmp_path / "cli.npz")
+    assert classes == 3 and arrays["x_train"].shape == (12, 4, 4, 3)
+
+
+def test_folder_to_npz_class_folders_split_stratified_and_seeded(tmp_path):
+    pytest.importorskip("PIL")
+    root = tmp_path / "flat"
+    counts = {"cat": 10, "dog": 5, "emu": 2}
+    for name, n in counts.items():
+        for i in range(n):
+            _save_image(root / name / f"{i}.png", _class_image(name, i))
+    a = folder_to_npz.folder_to_arrays(root, test_fraction=0.2, seed=0)
+    test_counts = np.bincount(a["y_test"], minlength=3).tolist()
+    assert test_counts == [2, 1, 1]  # 20% of each class, at least one
+    assert np.bincount(a["y_train"], minlength=3).tolist() == [8, 4, 1]
+    assert a["label_names"].tolist() == ["cat", "dog", "emu"]
+    again = folder_to_npz.folder_to_arrays(root, test_fraction=0.2, seed=0)
+    np.testing.assert_array_equal(a["x_test"], again["x_test"])
+    other = folder_to_npz.folder_to_arrays(root, test_fraction=0.2, seed=1)
+    assert not np.array_equal(a["x_test"], other["x_test"])
+    # Every image lands in exactly one split.
+    pixels = sorted(int(v) for v in np.concatenate([a["x_train"], a["x_test"]])[:, 0, 0, 0])
+    assert len(pixels) == sum(counts.values())
+    default = folder_to_npz.folder_to_arrays(root)  # 10% default
+    assert np.bincount(default["y_test"], minlength=3).tolist() == [1, 1, 1]
+
+
+def test_folder_to_npz_sizes_channels_and_formats(tmp_path):
+    pytest.importorskip("PIL")
+    root = tmp_path / "mixed"
+    _save_image(root / "train" / "a" / "big.png", np.full((20, 10, 3), 50, np.uint8))
+    _save_image(root / "train" / "a" / "small.jpg", np.full((8, 8, 3), 60, np.uint8), "JPEG")
+    _save_image(root / "test" / "a" / "t.bmp", np.full((8, 8, 3), 70, np.uint8), "BMP")
+    with pytest.raises(ValueError, match=r"differ in size.*--image_size"):
+        folder_to_npz.folder_to_arrays(root)
+    a = folder_to_npz.folder_to_arrays(root, image_size="6x4")
+    assert a["x_train"].shape == (2, 6, 4, 3) and a["x_test"].shape == (1, 6, 4, 3)
+    assert abs(int(a["x_test"][0].mean()) - 70) <= 1
+    gray = tmp_path / "gray"
+    for split in ("train", "val"):
+        for name in ("x", "y"):
+            _save_image(gray / split / name / "0.png", np.full((5, 5), 9, np.uint8))
+    g = folder_to_npz.folder_to_arrays(gray)
+    assert g["x_train"].shape == (2, 5, 5, 1) and (g["x_train"] == 9).all()
+    assert folder_to_npz.folder_to_arrays(gray, channels=3)["x_test"].shape == (2, 5, 5, 3)
+
+
+def test_folder_to_npz_errors_name_the_problem(tmp_path, capsys):
+    pytest.importorskip("PIL")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        folder_to_npz.folder_to_arrays(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        folder_to_npz.folder_to_arrays(tmp_path / "empty")
+    only_train = tmp_path / "only_train"
+    _save_image(only_train / "train" / "a" / "0.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"train/ but no test/"):
+        folder_to_npz.folder_to_arrays(only_train)
+    bad = tmp_path / "bad"
+    _save_image(bad / "a" / "0.png", np.zeros((4, 4, 3), np.uint8))
+    _save_image(bad / "a" / "1.png", np.zeros((4, 4, 3), np.uint8))
+    (bad / "b").mkdir()
+    with pytest.raises(ValueError, match=r"b: class folder holds no images"):
+        folder_to_npz.folder_to_arrays(bad)
+    (bad / "b" / "broken.png").write_bytes(b"not a png")
+    assert folder_to_npz.main([f"--src={bad}", f"--out={tmp_path / 'o.npz'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.png" in err[0] and "cannot be read as an image" in err[0]
+    with pytest.raises(ValueError, match="expected N or HxW"):
+        folder_to_npz.folder_to_arrays(only_train, image_size="big")
+    extra = tmp_path / "extra_test_class"
+    _save_image(extra / "train" / "a" / "0.png", np.zeros((4, 4, 3), np.uint8))
+    _save_image(extra / "test" / "z" / "0.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"classes \['z'\] have no train/ folder"):
+        folder_to_npz.folder_to_arrays(extra)

@@ -23,35 +23,30 @@ CIFAR10_STD = (63.0, 62.1, 66.7)
 
 DIGITS_TEST_SIZE = 0.25  # -> 1347 train / 450 eval examples, stratified.
 DIGITS_SPLIT_SEED = 0
+# Where test and benchmark machines keep their data copies: `cifar10_npz` without a
+# config.data_dir reads $DQ_JAX_SHARED_DATA/cifar10.npz.
 SHARED_DATA_ENV = "DQ_JAX_SHARED_DATA"
 CIFAR10_NPZ_NAME = "cifar10.npz"
 REQUIRED_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def repo_root() -> pathlib.Path:
-    """The repository root: the parent of the ``dq_jax`` package directory."""
-    return pathlib.Path(__file__).resolve().parents[2]
-
-
 def cifar10_npz_candidates(data_dir: str | os.PathLike | None = None
                            ) -> list[pathlib.Path]:
-    """Where ``cifar10_npz`` looks for its file, in order.
+    """Where ``cifar10_npz`` looks for its file.
 
-    ``data_dir`` (a file, or a directory holding ``cifar10.npz``) wins when
-    given. Otherwise: ``$DQ_JAX_SHARED_DATA/cifar10.npz`` if that variable is
-    set, then ``<repo root>/../shared/data/cifar10.npz`` (the shared copy).
+    ``data_dir`` (a file, or a directory holding ``cifar10.npz``) when given;
+    otherwise ``$DQ_JAX_SHARED_DATA/cifar10.npz`` if that variable is set;
+    otherwise nowhere (the library has no built-in data location).
     """
     if data_dir is not None:
         path = pathlib.Path(data_dir).expanduser()
         if path.suffix == ".npz":
             return [path]
         return [path / CIFAR10_NPZ_NAME]
-    candidates = []
     env = os.environ.get(SHARED_DATA_ENV)
     if env:
-        candidates.append(pathlib.Path(env).expanduser() / CIFAR10_NPZ_NAME)
-    candidates.append(repo_root().parent / "shared" / "data" / CIFAR10_NPZ_NAME)
-    return candidates
+        return [pathlib.Path(env).expanduser() / CIFAR10_NPZ_NAME]
+    return []
 
 
 def find_cifar10_npz(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -60,12 +55,14 @@ def find_cifar10_npz(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
     for path in candidates:
         if path.is_file():
             return path
-    looked = ", ".join(str(p) for p in candidates)
+    looked = (f"looked at: {', '.join(str(p) for p in candidates)}" if candidates else
+              f"config.data_dir is not set and neither is {SHARED_DATA_ENV}")
     raise FileNotFoundError(
-        f"cifar10_npz: no {CIFAR10_NPZ_NAME} found (looked at: {looked}). "
+        f"cifar10_npz: no {CIFAR10_NPZ_NAME} found ({looked}). "
         "Point at it with config.data_dir (the .npz file or its directory) or "
         f"set the environment variable {SHARED_DATA_ENV} to the directory that "
-        f"holds {CIFAR10_NPZ_NAME}.")
+        f"holds {CIFAR10_NPZ_NAME}; or read TFDS instead: config.dataset='cifar10' "
+        "after `tfds build cifar10`.")
 
 
 def load_npz(path: str | os.PathLike, num_classes: int | None = None
@@ -147,6 +144,8 @@ def load_digits_split() -> dict[str, np.ndarray]:
     train and 450 eval images. Pixels stay on their native 0..16 integer
     scale (stored as uint8) so the batching code is shared with .npz sources.
     """
+    from dq_jax import extras
+    extras.require("train", "the digits dataset", modules=["sklearn"])
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
