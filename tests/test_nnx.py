@@ -124,9 +124,12 @@ def _linen_and_nnx(quant, seed, widths=WIDTHS, quantize_first_last=True):
     variables = jax.jit(lambda k: lm.init(k, jnp.zeros((1, 8, 8, 1)), train=False))(key(seed))
     variables = flax.core.unfreeze(variables)
     variables.pop(PERTURBATIONS)
-    nm = dqnnx.DigitsCNN(10, quant=quant, quantize_first_last=quantize_first_last,
-                         widths=widths, rngs=nnx.Rngs(key(seed + 100)))
+    # Built abstractly (no NNX init computed), then every variable comes from Linen.
+    nm = nnx.eval_shape(lambda: dqnnx.DigitsCNN(
+        10, quant=quant, quantize_first_last=quantize_first_last, widths=widths,
+        rngs=nnx.Rngs(key(seed + 100))))
     dqnnx.load_linen_variables(nm, variables)
+    assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(pure(nm)))
     assert_trees_equal(dqnnx.linen_variables(nm), variables)
     return lm, variables, nm
 
@@ -313,7 +316,8 @@ def test_nnx_export_and_predict_equal_eval_logits(digits_runs, tmp_path):
     m = predict.load_model(path, expected_model="digits_cnn", batch_size=n)
     np.testing.assert_array_equal(m.predict(t["images"]), t["logits"])
     # ... and the export loaded into a fresh NNX model gives the same eval forward.
-    fresh = dqnnx.DigitsCNN(10, quant=m.exported.runtime_quant, rngs=nnx.Rngs(key(12)))
+    fresh = nnx.eval_shape(lambda: dqnnx.DigitsCNN(10, quant=m.exported.runtime_quant,
+                                                    rngs=nnx.Rngs(key(12))))
     dqnnx.load_dqz(path, fresh)
     assert_trees_equal(dqnnx.linen_variables(fresh), dqnnx.linen_variables(t["model"]))
     fresh.eval()
@@ -324,10 +328,12 @@ def test_orbax_checkpoint_round_trip_of_nnx_state(digits_runs, tmp_path):
     import orbax.checkpoint as ocp
     t = digits_runs
     saved = nnx.state((t["model"], t["optimizer"]))
-    fresh = dqnnx.DigitsCNN(10, quant=W2A2, rngs=nnx.Rngs(key(13)))
-    fresh_opt = dqnnx.QuantOptimizer(fresh, t["optimizer"].tx, key=jax.random.PRNGKey(0))
-    graphdef, abstract = nnx.split((fresh, fresh_opt))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+
+    def fresh():
+        model = dqnnx.DigitsCNN(10, quant=W2A2, rngs=nnx.Rngs(key(13)))
+        return model, dqnnx.QuantOptimizer(model, t["optimizer"].tx, key=jax.random.PRNGKey(0))
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(fresh))  # shapes/dtypes only: no init run
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "ckpt", saved)
         ckptr.wait_until_finished()
@@ -337,3 +343,18 @@ def test_orbax_checkpoint_round_trip_of_nnx_state(digits_runs, tmp_path):
     model.eval()
     np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(model, t["images"]),
                                   t["logits"])
+
+
+def test_docs_nnx_example_runs(capsys):
+    """docs/nnx.md's README-section example (the NNX twin of the README's Linen one) runs.
+
+    Its `nnx.Rngs(0)` becomes an unsafe_rbg key here (threefry rank-4 draws compile slowly)."""
+    import re
+    from tests.helpers import REPO
+    text = (REPO / "docs" / "nnx.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    assert block.count("nnx.Rngs(0)") == 1
+    block = block.replace("nnx.Rngs(0)", "nnx.Rngs(jax.random.key(0, impl='unsafe_rbg'))")
+    exec(compile(block, "docs/nnx.md", "exec"), {"__name__": "docs_nnx_example"})
+    out = capsys.readouterr().out
+    assert "codes dtype uint8" in out, out

@@ -25,7 +25,7 @@ from flax import nnx
 
 from dq_jax import export
 from dq_jax.layers import CODES, QUANT_STATS
-from dq_jax.nnx.layers import CODES_ATTR, QuantCodes, QuantStats
+from dq_jax.nnx.layers import CODES_ATTR, QuantCodes, QuantStats, set_perturbation_hooks
 
 _COLLECTIONS = (("params", nnx.Param), (CODES, QuantCodes), ("batch_stats", nnx.BatchStat),
                 (QUANT_STATS, QuantStats))
@@ -58,7 +58,9 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> Non
     """Sets the model's state from Linen variables (e.g. a Linen model's, or an export's).
 
     Every NNX variable with a Linen twin must be present with the same shape and
-    dtype; extra entries are an error too (the architectures differ).
+    dtype; extra entries are an error too (the architectures differ). The dL/dW_q hooks
+    are reset to scalar zeros, so an abstract model (`nnx.eval_shape(lambda: Net(...))`,
+    no init computed) becomes a complete one.
     """
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(
         {c: variables.get(c, {}) for c, _ in _COLLECTIONS if variables.get(c)}))
@@ -78,6 +80,7 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> Non
                              f"the NNX model's {want.dtype}{list(want.shape)}.")
         updates.append((path, value))
     nnx.update(model, nnx.from_flat_state(updates))
+    set_perturbation_hooks(model, wide=False)
 
 
 def save_dqz(path: str, model: nnx.Module, *, model_name: str, config: Any,

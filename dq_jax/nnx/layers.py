@@ -220,3 +220,12 @@ def quant_layers(model: nnx.Module) -> list[tuple[tuple, _QuantMixin]]:
     """(path, layer) of every QuantConv / QuantLinear in `model`."""
     return [(path, node) for path, node in nnx.iter_graph(model)
             if isinstance(node, _QuantMixin)]
+
+
+def set_perturbation_hooks(model: nnx.Module, *, wide: bool) -> None:
+    """Sets every DQ-W layer's hook to kernel-shaped zeros (`wide`) or to a scalar 0."""
+    for _, layer in quant_layers(model):
+        hook = getattr(layer, PERTURBATION_ATTR, None)
+        if hook is not None:
+            shape = getattr(layer, CODES_ATTR).shape if wide else ()
+            hook.set_value(jnp.zeros(shape, hook.get_value().dtype))

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dq_jax import optim
-from dq_jax.nnx.layers import CODES_ATTR, PERTURBATION_ATTR, QuantCodes, QuantPerturbation
-from dq_jax.nnx.layers import quant_layers
+from dq_jax.nnx.layers import (CODES_ATTR, PERTURBATION_ATTR, QuantCodes, QuantPerturbation,
+                               set_perturbation_hooks)
 
 PyTree = Any
 
@@ -66,16 +66,6 @@ def codes_tree(model_or_state: Any) -> dict:
     return _nested(_renamed(_flat(nnx.filter_state(state, QuantCodes)), CODES_ATTR))
 
 
-def _set_hooks(model: nnx.Module, wide: bool) -> None:
-    for _, layer in quant_layers(model):
-        hook = getattr(layer, PERTURBATION_ATTR, None)
-        if hook is None:
-            continue
-        codes = getattr(layer, CODES_ATTR)
-        shape = codes.shape if wide else ()
-        hook.set_value(jnp.zeros(shape, hook[...].dtype))
-
-
 def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False,
                    wrt: nnx.filterlib.Filter = nnx.Param) -> Callable[..., Any]:
     """`nnx.value_and_grad(fn)` for a model with DQ-W layers.
@@ -92,11 +82,11 @@ def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False,
                                  has_aux=has_aux)
 
     def wrapped(model: nnx.Module, *args: Any, **kwargs: Any):
-        _set_hooks(model, wide=True)
+        set_perturbation_hooks(model, wide=True)
         try:
             return grad_fn(model, *args, **kwargs)
         finally:
-            _set_hooks(model, wide=False)
+            set_perturbation_hooks(model, wide=False)
 
     return wrapped
 
