@@ -394,7 +394,12 @@ def main(argv=None):
         note = f"{base.num_train_steps} steps from scratch"
     else:
         base = load("cifar10_resnet20")
-        base.dataset = "cifar10_npz"  # the CI/benchmark copy (found via DQ_JAX_DATA_DIR/data_dir)
+        base.dataset = "cifar10_npz"
+        # The benchmark copy: $DQ_JAX_SHARED_DATA, else a data/ folder beside the checkout.
+        if not os.environ.get("DQ_JAX_SHARED_DATA") and not base.data_dir:
+            beside = ROOT.parent / "shared" / "data" / "cifar10.npz"
+            if beside.exists():
+                base.data_dir = str(beside)
         base.log_every_steps = 50
         apply_overrides(base, overrides)
         fl = method_config(base, "float")
@@ -441,8 +446,9 @@ def main(argv=None):
             print(f"== {m} seed {seed} -> {wd}", flush=True)
             row = run_one(cfg, wd)
             row["seed"] = seed
-            print(f"   top-1 {row['top1']:.4f}  wall {row['wall_seconds']:.1f}s  "
-                  f"{ {k: round(v, 4) for k, v in row.items() if k.startswith(('flip', 'level'))} }",
+            brief = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)
+                     and k.startswith(("flip", "level", "top1_", "codes_changed"))}
+            print(f"   top-1 {row['top1']:.4f}  wall {row['wall_seconds']:.1f}s  {brief}",
                   flush=True)
             done.append(row)
             save()

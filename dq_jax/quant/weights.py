@@ -180,7 +180,7 @@ def _group_matrix(w: jax.Array, num_groups_: int) -> jax.Array:
 
 
 def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
-               iters: int = 5) -> tuple[jax.Array, jax.Array]:
+               iters: int = 200) -> tuple[jax.Array, jax.Array]:
     """Levels by Lloyd (1-D k-means) from the quantiles and from a uniform grid; codes = nearest.
 
     Quantile starts put one level in each equal-mass slice, so no level starts
@@ -207,7 +207,19 @@ def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
 
     def refine(start):
         # A loop, not unrolled: one copy of the step per layer keeps model-init compile short.
-        levels = jax.lax.fori_loop(0, iters, lloyd_step, start)
+        # It stops early at the fixed point (a further step would return the same levels
+        # bitwise), so `iters` is a cap: heavy-tailed 4-bit kernels need ~100 steps, most
+        # 2-bit ones < 10.
+        def cond(carry):
+            i, _, changed = carry
+            return (i < iters) & changed
+
+        def body(carry):
+            i, levels, _ = carry
+            new = lloyd_step(i, levels)
+            return i + 1, new, jnp.any(new != levels)
+
+        _, levels, _ = jax.lax.while_loop(cond, body, (0, start, jnp.array(True)))
         error = jnp.sum(_group_matrix(jnp.square(w - _lookup(levels, nearest_codes(levels, w))),
                                       ng), axis=1)
         return levels, error
