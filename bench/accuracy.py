@@ -394,7 +394,7 @@ def main(argv=None):
         note = f"{base.num_train_steps} steps from scratch"
     else:
         base = load("cifar10_resnet20")
-        base.dataset = "cifar10_npz"
+        base.dataset = "cifar10_npz"  # the benchmark copy, not TFDS
         # The benchmark copy: $DQ_JAX_SHARED_DATA, else a data/ folder beside the checkout.
         if not os.environ.get("DQ_JAX_SHARED_DATA") and not base.data_dir:
             beside = ROOT.parent / "shared" / "data" / "cifar10.npz"

@@ -64,6 +64,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from dq_jax import extras
+    extras.exit_unless_installed("train", "the training program (python -m dq_jax.main)")
     import jax
     from dq_jax import train
     from dq_jax.distributed import maybe_initialize

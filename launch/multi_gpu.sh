@@ -39,7 +39,7 @@ Flags (FLAG=VALUE or FLAG VALUE):
   -h, --help                this text
 
 Install (per node, Python 3.11, CUDA 12 driver):
-  python3 -m venv .venv && .venv/bin/pip install -e . "jax[cuda12]>=0.10.2,<0.11"
+  python3 -m venv .venv && .venv/bin/pip install -e '.[train]' "jax[cuda12]>=0.10.2,<0.11"
   (the jax[cuda12] range must match setup.py's jax range; check: .venv/bin/python -c
    "import jax; print(jax.devices())" lists the GPUs)
 EOF

@@ -308,7 +308,7 @@ do_setup() {
   install+="; command -v uv >/dev/null 2>&1 || python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv"
   install+="; [ -x $RPY ] || uv venv -q --seed --python $PY_VERSION $RVENV"
   install+="; $RPY -m pip install -q -U pip"
-  install+="; $RPY -m pip install -e $RDIR \"$(jax_requirement)\""
+  install+="; $RPY -m pip install -e \"$RDIR[train]\" \"$(jax_requirement)\""
   install+="; echo \"$TAG dq_jax installed, jax \$($RPY -c \"import jax, dq_jax; print(jax.__version__)\")\""
   run_cmd "${GC[@]}" ssh "$NAME" "${SCOPE[@]}" --worker=all --command="set -e; $fetch; $install"
 }

@@ -186,7 +186,7 @@ def test_setup_copies_the_repo_and_installs_jax_tpu_on_every_worker():
     assert flag(ssh, "--worker") == "all" and flag(ssh, "--project") == "p1"
     words = remote_words(ssh)
     i = words.index("-e")
-    assert words[i - 2:i + 3] == ["pip", "install", "-e", "$HOME/dq_jax",
+    assert words[i - 2:i + 3] == ["pip", "install", "-e", "$HOME/dq_jax[train]",
                                   "jax[tpu]" + setup_jax_spec()[len("jax"):] + ";"]
     assert setup_jax_spec() == "jax>=0.10.2,<0.11"
 
@@ -356,7 +356,7 @@ def test_setup_executes_on_every_worker(fake_tpu):
         assert (home / "dq_jax" / "launch" / "tpu_vm.sh").exists()
         assert not (home / "dq_jax" / ".git").exists() and not (home / "dq_jax_src.tar.gz").exists()
         pip = (home / "python_calls").read_text()
-        assert f"-m pip install -e {home}/dq_jax jax[tpu]>=0.10.2,<0.11" in pip
+        assert f"-m pip install -e {home}/dq_jax[train] jax[tpu]>=0.10.2,<0.11" in pip
     assert not (tpu / "w0" / "uv_calls").exists()          # venv there: kept
     assert (tpu / "w1" / "uv_calls").read_text() == \
         f"uv venv -q --seed --python 3.11 {tpu}/w1/dq_jax_venv\n"

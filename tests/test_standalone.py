@@ -168,9 +168,6 @@ def test_entry_points_that_need_the_train_extra_fail_in_one_line(module, tmp_pat
     assert len(lines) == 1 and "pip install 'dq_jax[train]'" in lines[0], proc.stderr
 
 
-@pytest.mark.xfail(reason="needs dq_jax/main.py to call dq_jax.extras.exit_unless_installed() "
-                          "before importing the training code (follow-up in main.py)",
-                   strict=False)
 def test_training_program_without_the_train_extra_fails_in_one_line(tmp_path):
     code = BLOCK_TRAIN_EXTRAS + (
         "import runpy, sys\nsys.argv = ['dq_jax.main', '--config=configs/digits.py', "
