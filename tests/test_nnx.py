@@ -23,7 +23,6 @@ from dq_jax.quant.config import QuantConfig
 from tests.helpers import load_config
 
 W2A2 = QuantConfig()
-WIDTHS = (8, 16, 16)
 
 
 def key(seed):
@@ -105,33 +104,63 @@ def test_variable_types_filters_and_train_eval(np_rng):
         after["act_quant"]["alpha"]
     assert y_eval.shape == (4, 5, 5, 8)
 
-    lsq = dqnnx.QuantLinear(6, 4, quant=QuantConfig(weights="lsq", acts="float"),
-                            rngs=nnx.Rngs(key(3)))
-    assert set(pure(nnx.state(lsq, nnx.Param))) == {"kernel", "kernel_step", "bias"}
-    ste = dqnnx.QuantLinear(6, 4, quant=QuantConfig(weights="latent_ste", acts="float"),
-                            rngs=nnx.Rngs(key(3)))
-    assert set(pure(nnx.state(ste, nnx.Param))) == {"kernel", "kernel_levels", "bias"}
-    assert not nnx.to_flat_state(nnx.state(ste, dqnnx.QuantCodes))
 
 
 # ---------------------------------------------------------------- Linen == NNX
 
-def _linen_and_nnx(quant, seed, widths=WIDTHS, quantize_first_last=True):
-    """A Linen digits_cnn with its (jitted) init and the NNX DigitsCNN loaded with the same
-    numbers."""
-    lm = models.create("digits_cnn", 10, quant=quant, quantize_first_last=quantize_first_last,
-                       widths=widths)
-    variables = jax.jit(lambda k: lm.init(k, jnp.zeros((1, 8, 8, 1)), train=False))(key(seed))
-    variables = flax.core.unfreeze(variables)
-    variables.pop(PERTURBATIONS)
-    # Built abstractly (no NNX init computed), then every variable comes from Linen.
-    nm = nnx.eval_shape(lambda: dqnnx.DigitsCNN(
-        10, quant=quant, quantize_first_last=quantize_first_last, widths=widths,
-        rngs=nnx.Rngs(key(seed + 100))))
-    dqnnx.load_linen_variables(nm, variables)
-    assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(pure(nm)))
-    assert_trees_equal(dqnnx.linen_variables(nm), variables)
-    return lm, variables, nm
+@pytest.mark.parametrize("kind,quant", [
+    ("conv", QuantConfig(granularity="per_channel", act_levels="learned")),
+    ("linear", QuantConfig(weights="dq", act_signed=True)),
+    ("conv", QuantConfig(weights="latent_ste", act_signed=True)),
+    ("linear", QuantConfig(weights="lsq", weight_bits=3, acts="float")),
+], ids=["conv_dq_per_channel_learned_acts", "linear_dq_signed", "conv_latent_ste_signed",
+        "linear_lsq"])
+def test_each_method_layer_equals_linen_layer(np_rng, kind, quant):
+    """One layer, Linen vs NNX from the same variables (loading checks that the variable
+    names, shapes and dtypes match exactly): train-mode output, fitted statistics and the
+    gradients of every Param (and dL/dW_q) are bitwise equal."""
+    from dq_jax.layers import QuantConv as LinenConv, QuantDense as LinenDense
+    shape = (2, 5, 5, 4) if kind == "conv" else (3, 4)
+    x = jnp.asarray(np_rng.normal(size=shape).astype(np.float32))
+    if not quant.act_signed:
+        x = jnp.abs(x)
+    if kind == "conv":
+        lin = LinenConv(6, (3, 3), quant=quant, train=True)
+        make = lambda: dqnnx.QuantConv(4, 6, (3, 3), quant=quant, rngs=nnx.Rngs(key(6)))
+    else:
+        lin = LinenDense(6, quant=quant, train=True)
+        make = lambda: dqnnx.QuantLinear(4, 6, quant=quant, rngs=nnx.Rngs(key(6)))
+    variables = flax.core.unfreeze(jax.jit(lambda k: lin.init(k, x))(key(5)))
+    has_hooks = PERTURBATIONS in variables
+    zeros = variables.pop(PERTURBATIONS, {})
+    layer = nnx.eval_shape(make)  # abstract: every value comes from the Linen variables
+    dqnnx.load_linen_variables(layer, variables)
+
+    @jax.jit
+    def linen(variables):
+        def loss(params, perturbations):
+            y, new = lin.apply({**variables, "params": params, PERTURBATIONS: perturbations}, x,
+                               mutable=["quant_stats"])
+            return jnp.sum(jnp.sin(y)), (y, new)
+        (_, (y, new)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+            variables["params"], zeros)
+        return y, new.get("quant_stats", {}), grads
+
+    @nnx.jit
+    def nnx_(layer):
+        def loss(layer):
+            y = layer(x)
+            return jnp.sum(jnp.sin(y)), y
+        (_, y), grads = dqnnx.value_and_grad(loss, has_aux=True)(layer)
+        return y, grads
+
+    l_y, l_stats, (l_grads, l_wgrads) = linen(variables)
+    n_y, n_grads = nnx_(layer)
+    np.testing.assert_array_equal(n_y, l_y)
+    assert_trees_equal(dqnnx.linen_variables(layer)["quant_stats"], l_stats)
+    assert_trees_equal(dqnnx.params_tree(nnx.filter_state(n_grads, nnx.Param)), l_grads)
+    w = nnx.to_pure_dict(nnx.as_pure(nnx.filter_state(n_grads, dqnnx.QuantPerturbation)))
+    assert_trees_equal({"kernel": w["kernel_perturbation"]} if has_hooks else {}, l_wgrads)
 
 
 def _nnx_loss(model, images, labels):
@@ -148,85 +177,6 @@ def nnx_train_step(model, optimizer, batch):
     return loss, logits, grads, diagnostics
 
 
-def _linen_state(variables, tx, opt_key):
-    params, codes = variables["params"], variables["codes"]
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, codes=codes,
-                            batch_stats=variables["batch_stats"],
-                            quant_stats=variables["quant_stats"],
-                            opt_state=tx.init(params, codes, opt_key))
-
-
-def test_linen_and_nnx_same_logits_grads_and_code_update(np_rng):
-    """Same numbers in: the same eval logits, gradients (dL/dW_q included) and, after one
-    training step (Linen's train step vs a pure `jax.jit` NNX step over nnx.split/merge), the
-    same codes (same key), levels, float params, BN and activation statistics, optimizer state
-    and eval logits. W2A2 with first/last quantized, so QuantLinear and signed grids are
-    covered. (nnx.jit, and the full `train.train_step`, run in the digits test.)"""
-    lm, variables, nm = _linen_and_nnx(W2A2, seed=3)
-    tx = optim.QuantOptimizer(learning_rate=0.05, levels_learning_rate=1e-3, weight_decay=5e-4)
-    batch = {"image": jnp.asarray(np_rng.normal(size=(16, 8, 8, 1)).astype(np.float32)),
-             "label": jnp.asarray(np.arange(16) % 10, jnp.int32)}
-
-    @jax.jit
-    def linen(state, batch):
-        """`train.train_step`'s forward/backward and update (without its non-finite guard)."""
-        before = lm.apply(state.variables(), batch["image"], train=False)
-
-        def loss_fn(params, perturbations):
-            logits, new_vars = lm.apply(
-                state.variables(params=params, **{PERTURBATIONS: perturbations}),
-                batch["image"], train=True, mutable=["batch_stats", "quant_stats"])
-            one_hot = jax.nn.one_hot(batch["label"], logits.shape[-1])
-            return jnp.mean(optax.softmax_cross_entropy(logits, one_hot)), new_vars
-
-        zeros = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), state.codes)
-        (_, new_vars), (grads, w_grads) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(state.params, zeros)
-        params, codes, opt_state, diagnostics = tx.update(
-            grads, w_grads, state.opt_state, state.params, state.codes)
-        state = state.replace(params=params, codes=codes, opt_state=opt_state, **new_vars)
-        after = lm.apply(state.variables(), batch["image"], train=False)
-        return before, after, grads, w_grads, state, diagnostics
-
-    graphdef, pstate = nnx.split((nm, dqnnx.QuantOptimizer(nm, tx, key=jax.random.PRNGKey(7))))
-
-    @jax.jit
-    def nnx_pure(pstate, batch):
-        model, opt = nnx.merge(graphdef, pstate)
-        model.eval()
-        before = model(batch["image"])
-        model.train()
-        _, _, grads, diagnostics = nnx_train_step(model, opt, batch)
-        model.eval()
-        after = model(batch["image"])
-        return before, after, grads, diagnostics, nnx.state((model, opt))
-
-    l_before, l_after, l_grads, l_wgrads, new_state, l_diag = linen(
-        _linen_state(variables, tx, jax.random.PRNGKey(7)), batch)
-    n_before, n_after, n_grads, n_diag, pstate = nnx_pure(pstate, batch)
-
-    np.testing.assert_array_equal(n_before, l_before)
-    np.testing.assert_array_equal(n_after, l_after)
-    model, optimizer = nnx.merge(graphdef, pstate)
-    n_vars = dqnnx.linen_variables(model)
-    assert_trees_equal(n_vars["codes"], new_state.codes)  # the code update (same key)
-    assert_trees_equal(n_vars["params"], new_state.params)
-    assert_trees_equal(n_vars["batch_stats"], new_state.batch_stats)
-    assert_trees_equal(n_vars["quant_stats"], new_state.quant_stats)
-    assert_trees_equal(nnx.as_pure(optimizer.opt_state), new_state.opt_state)
-    assert_trees_equal(n_diag, l_diag)
-    assert_trees_equal(dqnnx.params_tree(nnx.filter_state(n_grads, nnx.Param)), l_grads)
-    changed = sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in zip(
-        jax.tree.leaves(variables["codes"]), jax.tree.leaves(new_state.codes)))
-    assert changed > 0  # the comparison saw real code flips
-    assert int(optimizer.step[...]) == 1
-    # dL/dW_q came back kernel-shaped; the hooks are scalars again (no float shadow kernel).
-    w_grads = nnx.to_flat_state(nnx.as_pure(nnx.filter_state(n_grads, dqnnx.QuantPerturbation)))
-    assert_trees_equal({p[0]: {"kernel": g} for p, g in w_grads}, l_wgrads)  # dL/dW_q
-    assert all(np.shape(v) == () for v in jax.tree.leaves(
-        pure(nnx.state(model, dqnnx.QuantPerturbation))))
-
-
 def test_optimizer_rejects_plain_nnx_grads(np_rng):
     model = dqnnx.QuantLinear(6, 4, quant=QuantConfig(acts="float"), rngs=nnx.Rngs(key(4)))
     tx = optim.QuantOptimizer(learning_rate=0.1, levels_learning_rate=1e-3)
@@ -239,7 +189,7 @@ def test_optimizer_rejects_plain_nnx_grads(np_rng):
         dqnnx.QuantOptimizer(model, optax.sgd(0.1), key=jax.random.PRNGKey(0))
 
 
-# ---------------------------------------------------------------- digits W2A2
+# ---------------------------------------------------------------- digits W2A2: Linen vs NNX
 
 DIGITS_STEPS = 60
 SEEDS = (0, 1, 2)
@@ -247,9 +197,11 @@ SEEDS = (0, 1, 2)
 
 @pytest.fixture(scope="module")
 def digits_runs():
-    """Per seed: Linen (`train.train_step`) and NNX (nnx.jit) W2A2 digits CNNs from the same
-    numbers and optimizer key, trained on the same batches; eval accuracies on the 450 test
-    images. Also returns the last NNX model/optimizer and its eval logits (export tests)."""
+    """Per seed, the zoo's Linen W2A2 digits_cnn trained by the real `train.train_step` and
+    `dq_jax.nnx.DigitsCNN` loaded with the same initial numbers and optimizer key, trained on
+    the same batches: seeds 0 and 1 with `nnx.jit`, seed 2 with a pure `jax.jit` step over
+    nnx.split / nnx.merge. Records the full state of both after the first step, and eval
+    accuracies and codes at the end."""
     config = load_config("digits")
     ds = data.create_dataset(config, process_index=0, process_count=1)
     it = ds.train_batches(0)
@@ -257,35 +209,85 @@ def digits_runs():
     evals = list(ds.eval_batches())
     tx = train.create_optimizer(config, DIGITS_STEPS, ds.steps_per_epoch)
     lm = models.create("digits_cnn", 10, quant=W2A2)
+    linen_init = jax.jit(lambda k: lm.init(k, jnp.zeros((1, 8, 8, 1)), train=False))
     linen_step = jax.jit(lambda s, b: train.train_step(s, b, model=lm, optimizer=tx,
-                                                       label_smoothing=0.0)[0])
+                                                       label_smoothing=0.0))
     linen_eval = jax.jit(lambda s, b: train.eval_step(s, b, model=lm)["top1"])
-    nnx_step = nnx.jit(lambda m, o, b: nnx_train_step(m, o, b)[0])
+    nnx_jit_step = nnx.jit(lambda m, o, b: nnx_train_step(m, o, b)[3])
 
     @nnx.jit
     def nnx_eval(model, batch):
         logits = model(batch["image"])
         return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]), logits
 
-    results = []
+    results, first_steps = [], []
     for seed in SEEDS:
-        _, variables, nm = _linen_and_nnx(W2A2, seed, widths=(32, 64, 64),
-                                          quantize_first_last=False)
-        state = _linen_state(variables, tx, jax.random.PRNGKey(seed + 1))
-        optimizer = dqnnx.QuantOptimizer(nm, tx, key=jax.random.PRNGKey(seed + 1))
-        nm.train()
-        for b in batches:
-            state = linen_step(state, b)
-            nnx_step(nm, optimizer, b)
-        nm.eval()
+        variables = flax.core.unfreeze(linen_init(key(seed)))
+        variables.pop(PERTURBATIONS)
+        # Built abstractly (no NNX init computed), then every variable comes from Linen.
+        model = nnx.eval_shape(lambda: dqnnx.DigitsCNN(10, quant=W2A2, rngs=nnx.Rngs(key(0))))
+        dqnnx.load_linen_variables(model, variables)
+        assert_trees_equal(dqnnx.linen_variables(model), variables)
+        params, codes = variables["params"], variables["codes"]
+        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, codes=codes,
+                                 batch_stats=variables["batch_stats"],
+                                 quant_stats=variables["quant_stats"],
+                                 opt_state=tx.init(params, codes, jax.random.PRNGKey(seed + 1)))
+        optimizer = dqnnx.QuantOptimizer(model, tx, key=jax.random.PRNGKey(seed + 1))
+        model.train()
+        if seed != 2:
+            nnx_step = nnx_jit_step
+        else:
+            graphdef, pstate = nnx.split((model, optimizer))
+
+            @jax.jit
+            def pure_step(pstate, batch):
+                m, o = nnx.merge(graphdef, pstate)
+                diagnostics = nnx_train_step(m, o, batch)[3]
+                return nnx.state((m, o)), diagnostics
+
+            def nnx_step(model, optimizer, batch):
+                nonlocal pstate
+                pstate, diagnostics = pure_step(pstate, batch)
+                return diagnostics
+        for i, b in enumerate(batches):
+            state, metrics = linen_step(state, b)
+            diagnostics = nnx_step(model, optimizer, b)
+            if i == 0:
+                m_, o_ = nnx.merge(graphdef, pstate) if seed == 2 else (model, optimizer)
+                first_steps.append(dict(
+                    linen=jax.device_get((state, metrics["layers"])), start_codes=codes,
+                    nnx=jax.device_get((dqnnx.linen_variables(m_), diagnostics,
+                                        nnx.as_pure(o_.opt_state)))))
+        if seed == 2:
+            model, optimizer = nnx.merge(graphdef, pstate)
+        model.eval()
         linen_acc = sum(float(linen_eval(state, b)) for b in evals) / ds.eval_size
-        nnx_out = [nnx_eval(nm, b) for b in evals]
+        nnx_out = [nnx_eval(model, b) for b in evals]
         nnx_acc = sum(float(hits) for hits, _ in nnx_out) / ds.eval_size
         same_codes = all(np.array_equal(a, b) for a, b in zip(
-            jax.tree.leaves(state.codes), jax.tree.leaves(dqnnx.linen_variables(nm)["codes"])))
+            jax.tree.leaves(state.codes), jax.tree.leaves(dqnnx.linen_variables(model)["codes"])))
         results.append((linen_acc, nnx_acc, same_codes))
-    return dict(results=results, config=config, model=nm, optimizer=optimizer,
-                images=evals[0]["image"], logits=np.asarray(nnx_out[0][1]))
+    return dict(results=results, first_steps=first_steps, config=config, model=model,
+                optimizer=optimizer, images=evals[0]["image"], logits=np.asarray(nnx_out[0][1]))
+
+
+def test_linen_and_nnx_same_first_step(digits_runs):
+    """Same numbers in: after one step with the same key, the same codes, levels, float params,
+    BN and activation statistics, per-layer diagnostics and optimizer state, whose
+    momentum buffers hold the gradients (dL/dW_q included); for nnx.jit and pure jax.jit."""
+    for first in digits_runs["first_steps"]:
+        state, l_diag = first["linen"]
+        n_vars, n_diag, n_opt_state = first["nnx"]
+        assert_trees_equal(n_vars["codes"], state.codes)  # the code update (same key)
+        assert_trees_equal(n_vars["params"], state.params)
+        assert_trees_equal(n_vars["batch_stats"], state.batch_stats)
+        assert_trees_equal(n_vars["quant_stats"], state.quant_stats)
+        assert_trees_equal(n_diag, l_diag)
+        assert_trees_equal(n_opt_state, state.opt_state)
+        changed = sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in zip(
+            jax.tree.leaves(first["start_codes"]), jax.tree.leaves(state.codes)))
+        assert changed > 0  # the comparison saw real code flips
 
 
 def test_nnx_digits_w2a2_trains_to_linen_accuracy(digits_runs):
