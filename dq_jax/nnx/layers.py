@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
-import flax.linen
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
