@@ -144,7 +144,8 @@ class QuantOptimizer(nnx.Pytree):
         """
         param_state = nnx.state(model, self.wrt)
         param_paths = {_key(p): p for p in _flat(param_state)}
-        code_paths = {_key(p[:-1]) + ("kernel",): p for p in _flat(nnx.state(model, QuantCodes))}
+        code_values = _flat(nnx.state(model, QuantCodes))
+        code_paths = {_key(p[:-1]) + ("kernel",): p for p in code_values}
         params = params_tree(param_state)
         codes = codes_tree(model)
         g_flat = _flat(nnx.filter_state(grads, self.wrt)) if isinstance(grads, nnx.State) else {}
@@ -156,7 +157,7 @@ class QuantOptimizer(nnx.Pytree):
                 f"{sorted(set(param_paths) - set(_key(p) for p in g_flat))[:4]}.")
         w_flat = _renamed(_flat(nnx.filter_state(grads, QuantPerturbation)), PERTURBATION_ATTR)
         for path, code_path in code_paths.items():
-            shape = _flat(nnx.state(model, QuantCodes))[code_path].shape
+            shape = code_values[code_path].shape
             if path not in w_flat or w_flat[path].shape != shape:
                 raise ValueError(
                     f"grads lack dL/dW_q of {'/'.join(path[:-1])} (kernel-shaped "
