@@ -7,6 +7,7 @@ Methods (the same schedule for every one):
   global_w2a2      ablation: config.quant.act_error='global'
   latent_ste_w2a2  baseline: float latent kernel + learned levels + STE
   lsq_w2a2         baseline: LSQ uniform weights (+ DQ activations, as apply_variant does)
+  lsq_w3a3/w4a4    the same at 3 and 4 bits
 
   # digits (from scratch, configs/digits.py: 400 steps, 3 seeds; ~10 min on 2 CPU cores)
   python bench/accuracy.py --dataset=digits
@@ -42,9 +43,9 @@ if str(ROOT) not in sys.path:
 from bench import parse_methods  # noqa: E402  (after the path set-up)
 
 METHODS = ("float", "w2a2", "w3a3", "w4a4", "nearest_w2a2", "global_w2a2",
-           "latent_ste_w2a2", "lsq_w2a2")
+           "latent_ste_w2a2", "lsq_w2a2", "lsq_w3a3", "lsq_w4a4")
 BITS = {"float": 32, "w2a2": 2, "w3a3": 3, "w4a4": 4, "nearest_w2a2": 2, "global_w2a2": 2,
-        "latent_ste_w2a2": 2, "lsq_w2a2": 2}
+        "latent_ste_w2a2": 2, "lsq_w2a2": 2, "lsq_w3a3": 3, "lsq_w4a4": 4}
 
 
 def parse_args(argv=None):
@@ -302,32 +303,41 @@ def fmt_table(results: dict, methods, epochs_note: str) -> str:
     return "\n".join(lines)
 
 
+GROUPS = {  # series of the top-1 vs bits plot: label -> methods (one per bit width)
+    "DQ (stochastic)": ["w2a2", "w3a3", "w4a4"],
+    "LSQ": ["lsq_w2a2", "lsq_w3a3", "lsq_w4a4"],
+    "latent-STE": ["latent_ste_w2a2"],
+    "DQ nearest": ["nearest_w2a2"],
+    "DQ global act. error": ["global_w2a2"],
+}
+
+
 def plot(results: dict, methods, path: str, title: str) -> None:
+    """Top-1 vs bits: mean per method with min-max over seeds as error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    groups = {"DQ (stochastic)": ["w2a2", "w3a3", "w4a4"]}
-    for label, ms in groups.items():
-        xs = [BITS[m] for m in ms if m in results["runs"]]
-        ys = [np.mean([r["top1"] for r in results["runs"][m]]) * 100 for m in ms
-              if m in results["runs"]]
-        es = [np.std([r["top1"] for r in results["runs"][m]]) * 100 for m in ms
-              if m in results["runs"]]
-        if xs:
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-    markers = {"nearest_w2a2": "v", "global_w2a2": "^", "latent_ste_w2a2": "s", "lsq_w2a2": "D"}
-    for i, (m, mk) in enumerate(markers.items()):
-        if m in results["runs"]:
-            t = [r["top1"] * 100 for r in results["runs"][m]]
-            ax.errorbar([2 + 0.07 * (i + 1)], [np.mean(t)], yerr=[np.std(t)], marker=mk,
-                        capsize=3, linestyle="none", label=m)
+    for i, (label, ms) in enumerate(GROUPS.items()):
+        ms = [m for m in ms if results["runs"].get(m)]
+        if not ms:
+            continue
+        tops = [np.array([r["top1"] for r in results["runs"][m]]) * 100 for m in ms]
+        xs = np.array([BITS[m] for m in ms]) + 0.05 * (i - 2)
+        ys = np.array([t.mean() for t in tops])
+        err = np.array([[y - t.min() for y, t in zip(ys, tops)],
+                        [t.max() - y for y, t in zip(ys, tops)]])
+        ax.errorbar(xs, ys, yerr=err, marker="osDv^"[i], capsize=3,
+                    linestyle="-" if len(ms) > 1 else "none", label=label)
     if "float" in results["runs"]:
         f = np.mean([r["top1"] for r in results["runs"]["float"]]) * 100
         ax.axhline(f, color="gray", linestyle="--", label=f"float ({f:.1f})")
+    elif results.get("float_pretrain"):
+        f = results["float_pretrain"]["top1"] * 100
+        ax.axhline(f, color="gray", linestyle="--", label=f"float start ({f:.2f})")
     ax.set_xlabel("bits (weights = activations)")
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel("top-1 (%), mean; bars: min-max over seeds")
     ax.set_xticks([2, 3, 4])
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
@@ -335,6 +345,37 @@ def plot(results: dict, methods, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_flips(results: dict, path: str, title: str) -> bool:
+    """Flip rate (mean over DQ layers) over training, one line per DQ run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    drawn = False
+    for m, runs in results["runs"].items():
+        for r in runs:
+            curve = r.get("flip_rate_curve")
+            if not curve:
+                continue
+            ys = [max(y, 1e-7) for y in curve["mean_over_layers"]]
+            ax.plot(curve["steps"], ys, label=f"{m} seed {r.get('seed', 0)}",
+                    linewidth=1.0 if r.get("seed", 0) else 1.6)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction of weights changing code per step")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main(argv=None):
@@ -460,6 +501,9 @@ def main(argv=None):
     png = out_json.with_suffix(".png")
     title = f"{args.dataset}: top-1 vs bits (mean ± std over seeds; {note})"
     plot(results, shown, str(png), title)
+    flips_png = out_json.with_name(out_json.stem + "_flips.png")
+    if plot_flips(results, str(flips_png), f"{args.dataset}: DQ flip rate ({note})"):
+        print(f"wrote {flips_png}")
     print(table)
     print(f"wrote {out_json} and {png}")
 
