@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from dq_jax.layers import QuantConv, QuantDense
 from dq_jax.quant import weights as wq
@@ -124,13 +125,118 @@ def test_gather_hwio_matches_brute_force(np_rng, granularity):
     assert d_codes.dtype == jax.dtypes.float0 and d_codes.shape == shape
 
 
-def test_gather_backward_is_a_scatter_not_a_one_hot_matmul(np_rng):
-    levels = jnp.asarray(sorted_random_levels(np_rng, 4, 4))
-    codes = jnp.asarray(np_rng.integers(0, 4, (3, 3, 2, 4)).astype(np.uint8))
-    r = jnp.asarray(np_rng.normal(size=(3, 3, 2, 4)).astype(np.float32))
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda l: jnp.sum(wq.gather_levels(l, codes) * r)))(levels))
-    assert "scatter-add" in jaxpr or "scatter_add" in jaxpr, jaxpr
-    assert "dot_general" not in jaxpr, "level gradient should not be a one-hot matmul"
+def _primitives(fn, *args):
+    """Names of every primitive in fn's jaxpr, sub-jaxprs (custom_vjp, pjit) included."""
+    names = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
+
+
+@pytest.mark.parametrize("num_levels", [2, 4, 16, 32])
+def test_lookup_and_level_gradient_are_selects_up_to_16_levels_gather_scatter_above(
+        np_rng, num_levels):
+    """<= 16 levels: no gather, no scatter, no one-hot matmul; > 16: the gather/scatter path."""
+    shape = (3, 3, 2, 4)
+    levels = jnp.asarray(sorted_random_levels(np_rng, 4, num_levels))
+    codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
+    r = jnp.asarray(np_rng.normal(size=shape).astype(np.float32))
+    prims = _primitives(jax.value_and_grad(lambda l: jnp.sum(wq.gather_levels(l, codes) * r)),
+                        levels)
+    assert "dot_general" not in prims, "level gradient should not be a one-hot matmul"
+    big = {p for p in prims if "gather" in p or "scatter" in p}
+    if num_levels <= wq.SELECT_MAX_LEVELS:
+        assert not big, big
+        assert {"select_n", "reduce_sum"} <= prims, prims
+    else:
+        assert {"gather", "scatter-add"} <= big, prims
+
+
+def _old_gather(levels, codes):
+    """The general path (what every level count used before the select path)."""
+    ng, nl = levels.shape
+    return levels.reshape(-1)[wq._flat_index(codes, ng, nl)]
+
+
+def _old_level_grad(levels, codes, cot):
+    ng, nl = levels.shape
+    idx = wq._flat_index(codes, ng, nl)
+    return jax.ops.segment_sum(cot.reshape(-1), idx.reshape(-1), ng * nl).reshape(ng, nl)
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("num_levels", [2, 4, 8, 16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_select_lookup_is_bitwise_the_gather(np_rng, granularity, num_levels, dtype):
+    """A select returns the table's float unchanged: -0.0, denormals, inf and NaN included."""
+    shape = (3, 3, 5, 6)
+    ng = wq.num_groups(shape, granularity)
+    levels = np_rng.normal(size=(ng, num_levels)).astype(np.float32)
+    specials = np.float32([-0.0, 1e-45, -np.inf, np.nan, 3.0e38, 0.0])
+    levels.reshape(-1)[:min(levels.size, specials.size)] = specials[:levels.size]
+    levels = jnp.asarray(levels, dtype)
+    codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
+    new, old = jax.jit(lambda l, c: (wq.gather_levels(l, c), _old_gather(l, c)))(levels, codes)
+    assert new.dtype == old.dtype == dtype
+    np.testing.assert_array_equal(_bits(new), _bits(old))
+    np.testing.assert_array_equal(_bits(new), _bits(np_gather_loop(np.asarray(levels), codes)))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("num_levels", [4, 16])
+def test_level_gradient_bitwise_equal_to_segment_sum_on_integer_cotangents(
+        np_rng, granularity, num_levels):
+    """Integer cotangents: every partial sum is an integer < 2**24, exact in float32 in any
+    order, so the masked sums and the segment sum must agree bit for bit (and with numpy)."""
+    shape = (3, 3, 64, 32)
+    ng = wq.num_groups(shape, granularity)
+    levels = jnp.asarray(sorted_random_levels(np_rng, ng, num_levels))
+    codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
+    cot = jnp.asarray(np_rng.integers(-8, 9, shape).astype(np.float32))
+    new, old = jax.jit(lambda l, c, g: (jax.vjp(wq.gather_levels, l, c)[1](g)[0],
+                                        _old_level_grad(l, c, g)))(levels, codes, cot)
+    np.testing.assert_array_equal(_bits(new), _bits(old))
+    np.testing.assert_array_equal(new, np_scatter(cot, codes, ng, num_levels))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("num_levels", [4, 16])
+def test_level_gradient_matches_segment_sum_within_float32_summation_bound(
+        np_rng, granularity, num_levels):
+    """Float cotangents: the masked reductions sum in XLA's reduce order, the segment sum in
+    scatter order. Any order of summing n float32 terms is within gamma_(n-1) * sum|g| of the
+    exact sum (gamma_m = m u / (1 - m u), u = 2**-24; adding the masked-out zeros is exact),
+    so each result is checked against the float64 sum with that bound, and the two against
+    each other with twice it. The bound is a worst case; the observed gap is far smaller."""
+    shape = (3, 3, 64, 32)
+    ng = wq.num_groups(shape, granularity)
+    levels = jnp.asarray(sorted_random_levels(np_rng, ng, num_levels))
+    codes_np = np_rng.integers(0, num_levels, shape).astype(np.uint8)
+    cot_np = np_rng.normal(size=shape).astype(np.float32) * np.float32(1e-3)
+    new, old = jax.jit(lambda l, c, g: (jax.vjp(wq.gather_levels, l, c)[1](g)[0],
+                                        _old_level_grad(l, c, g)))(
+        levels, jnp.asarray(codes_np), jnp.asarray(cot_np))
+    exact = np_scatter(cot_np, codes_np, ng, num_levels)             # float64
+    abs_sum = np_scatter(np.abs(cot_np), codes_np, ng, num_levels)
+    count = np_scatter(np.ones(shape), codes_np, ng, num_levels)
+    u = 2.0 ** -24
+    gamma = (count - 1) * u / (1 - (count - 1) * u)
+    bound = gamma * abs_sum
+    for got in (new, old):
+        assert np.all(np.abs(np.asarray(got, np.float64) - exact) <= bound)
+    assert np.all(np.abs(np.asarray(new, np.float64) - np.asarray(old, np.float64)) <= 2 * bound)
+    assert np.all(count > 1) and np.abs(exact).max() > 0  # not vacuous
 
 
 def test_level_gradient_matches_finite_differences_through_quant_conv(np_rng):
@@ -198,7 +304,7 @@ def test_perturbation_gradient_equals_conv_kernel_gradient(np_rng):
     assert g_pert.shape == w_q.shape
     np.testing.assert_allclose(g_pert, g_ref, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(g_ref).max()) > 0
-    # and the level gradient is exactly the scatter of that same dL/dW_q
+    # and the level gradient is exactly the per-(group, code) sum of that same dL/dW_q
     np.testing.assert_allclose(g_lv, np_scatter(g_ref, v["codes"]["kernel"], *g_lv.shape),
                                rtol=1e-4, atol=1e-5)
 
@@ -290,6 +396,33 @@ def test_stochastic_codes_bracket_and_unbiased_binary_search_path(np_rng, granul
         assert np.all(np.abs(vals[..., g].mean(0) - targets[:, g]) <= tol)
 
 
+def _old_stochastic_codes(levels, target, uniform):
+    """stochastic_codes with the general gather lookup (the implementation before selects)."""
+    num_levels = levels.shape[-1]
+    k = jnp.clip(wq.count_levels_below(levels, target, inclusive=True) - 1, 0, num_levels - 2)
+    lo, hi = _old_gather(levels, k), _old_gather(levels, k + 1)
+    gap = hi - lo
+    p = jnp.clip(jnp.where(gap > 0, (target - lo) / jnp.where(gap > 0, gap, 1.0), 0.0), 0.0, 1.0)
+    return (k + (uniform < p).astype(jnp.int32)).astype(wq.CODE_DTYPE)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("num_levels", [2, 4, 16])
+def test_stochastic_codes_equal_the_gather_implementation(np_rng, granularity, num_levels):
+    """Same lo/hi floats (selects return them bitwise), so the same codes for the same draws."""
+    shape = (3, 3, 16, 8)
+    ng = wq.num_groups(shape, granularity)
+    levels = jnp.asarray(sorted_random_levels(np_rng, ng, num_levels))
+    target = jnp.asarray(np_rng.normal(size=shape).astype(np.float32) * 1.5)
+    uniform = jnp.asarray(np_rng.uniform(size=shape).astype(np.float32))
+    new, old = jax.jit(lambda l, t, u: (wq.stochastic_codes(l, t, None, u),
+                                        _old_stochastic_codes(l, t, u)))(levels, target, uniform)
+    np.testing.assert_array_equal(new, old)
+    prims = _primitives(lambda l, t, u: wq.stochastic_codes(l, t, None, u), levels, target,
+                        uniform)
+    assert not {p for p in prims if "gather" in p or "scatter" in p}, prims
+
+
 def test_reassign_codes_rejects_unknown_rounding():
     with pytest.raises(ValueError, match=r"rounding='floor'.*'stochastic', 'nearest'"):
         wq.reassign_codes(jnp.zeros((1, 2)), jnp.zeros((3,)), key(0), "floor")
@@ -343,6 +476,50 @@ def test_sort_levels_keeps_gather_unchanged(np_rng, granularity):
     only_levels, none = wq.sort_levels(jnp.asarray(levels))
     assert none is None
     np.testing.assert_array_equal(only_levels, np.sort(levels, axis=-1))
+
+
+def _old_sort_levels(levels, codes):
+    """argsort + take_along_axis + gather remap (the implementation before the select path)."""
+    ng, nl = levels.shape
+    perm = jnp.argsort(levels, axis=-1)
+    inverse = jnp.argsort(perm, axis=-1).astype(jnp.int32)
+    new_codes = inverse.reshape(-1)[wq._flat_index(codes, ng, nl)]
+    return jnp.take_along_axis(levels, perm, axis=-1), new_codes.astype(codes.dtype)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("num_levels", [4, 16, 32])
+def test_sort_levels_bitwise_equal_to_argsort_and_gather(np_rng, granularity, num_levels):
+    """Same sorted levels (bits) and remapped codes as argsort + gathers, ties included
+    (a tie keeps the earlier slot first in both: the same stable sort)."""
+    shape = (3, 3, 4, 8)
+    ng = wq.num_groups(shape, granularity)
+    levels = np_rng.normal(size=(ng, num_levels)).astype(np.float32)
+    levels[:, 1] = levels[:, 2]   # ties
+    levels[:, 0] = -0.0
+    levels[:, 3] = 0.0            # -0.0 and 0.0 compare equal
+    codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
+    (nl, nc), (ol, oc) = jax.jit(lambda l, c: (wq.sort_levels(l, c), _old_sort_levels(l, c)))(
+        jnp.asarray(levels), codes)
+    np.testing.assert_array_equal(_bits(nl), _bits(ol))
+    assert nc.dtype == oc.dtype == np.uint8
+    np.testing.assert_array_equal(nc, oc)
+
+
+@pytest.mark.parametrize("num_levels", [4, 16, 32])
+def test_permute_levels_and_code_counts_equal_take_along_axis_and_bincount(np_rng, num_levels):
+    stats = jnp.asarray(np_rng.normal(size=(5, num_levels)).astype(np.float32))
+    perm = jnp.asarray(np.argsort(np_rng.normal(size=(5, num_levels)), axis=-1).astype(np.int32))
+    np.testing.assert_array_equal(_bits(jax.jit(wq.permute_levels)(stats, perm)),
+                                  _bits(jnp.take_along_axis(stats, perm, axis=-1)))
+    codes = np_rng.integers(0, num_levels, (3, 3, 4, 8)).astype(np.uint8)
+    got = jax.jit(wq.code_counts, static_argnums=1)(jnp.asarray(codes), num_levels)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.bincount(codes.reshape(-1), minlength=num_levels))
+    prims = _primitives(lambda s, p, c: (wq.permute_levels(s, p), wq.code_counts(c, num_levels)),
+                        stats, perm, jnp.asarray(codes))
+    big = {p for p in prims if "gather" in p or "scatter" in p}
+    assert (not big) if num_levels <= wq.SELECT_MAX_LEVELS else big, prims
 
 
 # ---------------------------------------------------------------- lloyd_init

@@ -61,8 +61,51 @@ def _flat_index(codes: jax.Array, num_groups_: int, num_levels: int) -> jax.Arra
     return idx
 
 
+# Up to this many levels (2-4 bits) a lookup `table[g, codes]` is a chain of elementwise
+# selects and the level gradient L masked reductions: no gather and no scatter-add, which
+# accelerators serialise (TPU) or contend on (GPU atomics into G*L addresses). Above, the
+# general gather / segment-sum path keeps the cost independent of L.
+SELECT_MAX_LEVELS = 16
+
+
+def _group_column(table: jax.Array, k: int) -> jax.Array:
+    """Entry k of every group's table, broadcastable against a kernel: [G] or a scalar."""
+    return table[:, k] if table.shape[0] > 1 else table[0, k]
+
+
+def _select_lookup(table: jax.Array, codes: jax.Array) -> jax.Array:
+    """`table[g, codes]` as L-1 selects; the value returned is the table's entry, bit for bit.
+
+    Codes must lie in [0, L) (as everywhere in this module); an out-of-range code would give
+    entry 0 here, where the gather clamps.
+    """
+    num_levels = table.shape[-1]
+    out = jnp.broadcast_to(_group_column(table, 0), codes.shape)
+    for k in range(1, num_levels):
+        out = jnp.where(codes == k, _group_column(table, k), out)
+    return out
+
+
+def _masked_level_sums(values: jax.Array, codes: jax.Array, num_groups_: int,
+                       num_levels: int) -> jax.Array:
+    """`out[g, k] = sum of values over the entries of group g with code k`, as L reductions.
+
+    One masked sum per level over the non-group axes (all axes for G = 1, all but the
+    last for per-channel), which XLA fuses; no scatter. The summation order is XLA's reduce
+    order, not the segment-sum's sequential one: the same sums up to float round-off, and
+    bitwise equal where every partial sum is exact (e.g. small integers).
+    """
+    axes = tuple(range(codes.ndim)) if num_groups_ == 1 else tuple(range(codes.ndim - 1))
+    zero = jnp.zeros((), values.dtype)
+    sums = [jnp.sum(jnp.where(codes == k, values, zero), axis=axes) for k in range(num_levels)]
+    return jnp.stack(sums, axis=-1).reshape(num_groups_, num_levels)
+
+
 def _lookup(levels: jax.Array, codes: jax.Array) -> jax.Array:
+    """`levels[g, codes]` for a [G, L] table (float levels, or an int code map)."""
     g, l = levels.shape
+    if l <= SELECT_MAX_LEVELS:
+        return _select_lookup(levels, codes)
     return levels.reshape(-1)[_flat_index(codes, g, l)]
 
 
@@ -71,8 +114,10 @@ def gather_levels(levels: jax.Array, codes: jax.Array) -> jax.Array:
     """`W_q[..., o] = levels[g(o), codes[..., o]]`.
 
     The VJP is exact: `dL/dlevels[g, k]` is the sum of `dL/dW_q` over entries
-    of group g with code k (one scatter-add, no one-hot matmul). Codes are
-    integers and get a `float0` cotangent.
+    of group g with code k (no one-hot matmul). Up to `SELECT_MAX_LEVELS` levels
+    the forward is a chain of selects and the backward L masked reductions (no
+    gather, no scatter); above, a gather and one scatter-add (segment sum).
+    Codes are integers and get a `float0` cotangent.
     """
     return _lookup(levels, codes)
 
@@ -84,10 +129,13 @@ def _gather_fwd(levels, codes):
 def _gather_bwd(res, g):
     codes, levels = res
     ng, nl = levels.shape
-    idx = _flat_index(codes, ng, nl)
     acc = jnp.promote_types(levels.dtype, jnp.float32)
-    d_levels = jax.ops.segment_sum(
-        g.reshape(-1).astype(acc), idx.reshape(-1), num_segments=ng * nl)
+    if nl <= SELECT_MAX_LEVELS:
+        d_levels = _masked_level_sums(g.astype(acc), codes, ng, nl)
+    else:
+        idx = _flat_index(codes, ng, nl)
+        d_levels = jax.ops.segment_sum(
+            g.reshape(-1).astype(acc), idx.reshape(-1), num_segments=ng * nl)
     zero_codes = np.zeros(codes.shape, dtype=jax.dtypes.float0)
     # The cotangent must have the primal's dtype (float64 levels get float64).
     return d_levels.reshape(ng, nl).astype(levels.dtype), zero_codes
@@ -162,16 +210,38 @@ def reassign_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
 def sort_levels(levels: jax.Array, codes: jax.Array | None = None):
     """Sorts each group's levels; remaps codes so `gather_levels` is unchanged.
 
-    Returns `(sorted_levels, remapped_codes)` (codes None if not given).
+    Returns `(sorted_levels, remapped_codes)` (codes None if not given). The levels are
+    sorted together with their positions in one `lax.sort` (the sort `jnp.argsort` runs),
+    so no gather is needed to apply the permutation; the code remap is a `_lookup` (selects
+    up to `SELECT_MAX_LEVELS` levels).
     """
-    perm = jnp.argsort(levels, axis=-1)
-    sorted_levels = jnp.take_along_axis(levels, perm, axis=-1)
+    iota = jax.lax.broadcasted_iota(jnp.int32, levels.shape, levels.ndim - 1)
+    sorted_levels, perm = jax.lax.sort_key_val(levels, iota, dimension=levels.ndim - 1)
     if codes is None:
         return sorted_levels, None
-    ng, nl = levels.shape
-    inverse = jnp.argsort(perm, axis=-1).astype(jnp.int32)  # old code -> new code
-    new_codes = inverse.reshape(-1)[_flat_index(codes, ng, nl)]
-    return sorted_levels, new_codes.astype(codes.dtype)
+    # old code -> new code: the inverse permutation, by a second (integer) sort
+    _, inverse = jax.lax.sort_key_val(perm, iota, dimension=levels.ndim - 1)
+    return sorted_levels, _lookup(inverse, codes).astype(codes.dtype)
+
+
+def permute_levels(x: jax.Array, perm: jax.Array) -> jax.Array:
+    """`take_along_axis(x, perm, axis=-1)` for per-level tables `[..., L]` (e.g. optimizer
+    statistics following a level sort), as selects up to `SELECT_MAX_LEVELS` levels."""
+    num_levels = x.shape[-1]
+    if num_levels > SELECT_MAX_LEVELS:
+        return jnp.take_along_axis(x, perm, axis=-1)
+    out = jnp.broadcast_to(x[..., :1], perm.shape)
+    for k in range(1, num_levels):
+        out = jnp.where(perm == k, x[..., k:k + 1], out)
+    return out
+
+
+def code_counts(codes: jax.Array, num_levels: int) -> jax.Array:
+    """`bincount(codes, length=L)` (int32), as L masked reductions up to `SELECT_MAX_LEVELS`
+    levels (a bincount is a scatter-add over every weight)."""
+    if num_levels > SELECT_MAX_LEVELS:
+        return jnp.bincount(codes.reshape(-1).astype(jnp.int32), length=num_levels)
+    return jnp.stack([jnp.sum(codes == k, dtype=jnp.int32) for k in range(num_levels)])
 
 
 def _group_matrix(w: jax.Array, num_groups_: int) -> jax.Array:
