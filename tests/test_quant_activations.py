@@ -136,8 +136,12 @@ def test_calibration_is_near_the_brute_force_optimum(np_rng):
 def test_fit_learned_levels_hand_computed_and_monotone(np_rng):
     # one channel, levels {0, 1, 2}: cells {0.1, 0.2} -> 0.15, {0.9, 1.3} -> 1.1, {2.6} -> 2.6
     x = jnp.array([[0.1], [0.2], [0.9], [1.3], [2.6]])
-    new = _fit_learned(x, jnp.array([0.0, 1.0, 2.0]), jnp.ones((1,)), True)
+    new = _fit_learned(x, jnp.array([0.0, 1.0, 2.0]), jnp.ones((1,)), False)
     np.testing.assert_allclose(new, [0.15, 1.1, 2.6], rtol=1e-6)
+    # unsigned (post-ReLU): the lowest level stays exactly 0, the others are cell means
+    new = _fit_learned(x, jnp.array([0.0, 1.0, 2.0]), jnp.ones((1,)), True)
+    assert float(new[0]) == 0.0
+    np.testing.assert_allclose(new, [0.0, 1.1, 2.6], rtol=1e-6)
     # weighted error never increases under repeated steps (Lloyd)
     x = jnp.asarray(relu_data(np_rng, (4, 5, 5, 6), big_channel=2))
     w_c = _weights(x, "channel")
@@ -153,6 +157,68 @@ def test_fit_learned_levels_hand_computed_and_monotone(np_rng):
         errs.append(float(werr(lv)))
     assert all(b <= a * (1 + 1e-5) for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < errs[0]
+
+
+def _one_hot_fit(x, levels, w_c, nonnegative):
+    """The dense one-hot formulation (before the masked reductions); no zero pinning."""
+    num_levels = levels.shape[0]
+    idx = qa.nearest_level_index(x, levels)
+    weighted = jax.nn.one_hot(idx, num_levels, dtype=jnp.float32) * w_c[:, None]
+    sums = jnp.sum((weighted * x[..., None]).reshape(-1, num_levels), axis=0)
+    mass = jnp.sum(weighted.reshape(-1, num_levels), axis=0)
+    new = jnp.where(mass > 0, sums / jnp.where(mass > 0, mass, 1.0), levels)
+    return jnp.sort(jnp.maximum(new, 0.0) if nonnegative else new)
+
+
+_one_hot_fit_jit = jax.jit(_one_hot_fit, static_argnums=(3,))
+
+
+@pytest.mark.parametrize("num_levels", [4, 16, 32])
+def test_fit_learned_levels_bitwise_equal_to_one_hot_on_integer_data(np_rng, num_levels):
+    """Integer inputs and integer channel weights: every partial sum is exact in float32 in
+    any order, so the masked reductions (or, above 16 levels, the segment sum) and the
+    one-hot sums agree bit for bit; so does the division."""
+    x = jnp.asarray(np_rng.integers(-3, 12, (4, 6, 6, 5)).astype(np.float32))
+    w_c = jnp.asarray(np_rng.integers(1, 4, (5,)).astype(np.float32))
+    levels = jnp.asarray(np.linspace(-2.0, 11.0, num_levels).astype(np.float32))
+    got = _fit_learned(x, levels, w_c, False)
+    np.testing.assert_array_equal(got, _one_hot_fit_jit(x, levels, w_c, False))
+    assert len(np.unique(np.asarray(got))) > 2  # not vacuous
+
+
+@pytest.mark.parametrize("num_levels", [4, 16])
+def test_fit_learned_levels_matches_one_hot_within_summation_bound(np_rng, num_levels):
+    """Float post-ReLU data (every term >= 0): each sum over n terms is within gamma_n of
+    exact in any order (relative, as no term cancels), so the cell mean sums/mass is within
+    ~2 gamma_n + u, and two orders within twice that (gamma_n = n u / (1 - n u), u = 2**-24).
+    Compared without pinning (signed form), so every level is a cell mean in both."""
+    x = jnp.asarray(relu_data(np_rng, (8, 6, 6, 16), big_channel=3))
+    w_c = _weights(x, "channel")
+    levels = jnp.asarray(np.linspace(0.05, float(x.max()), num_levels).astype(np.float32))
+    got = np.asarray(_fit_learned(x, levels, w_c, False), np.float64)
+    ref = np.asarray(_one_hot_fit_jit(x, levels, w_c, False), np.float64)
+    n, u = x.size, 2.0 ** -24
+    gamma = n * u / (1 - n * u)
+    np.testing.assert_array_less(np.abs(got - ref), 2 * (2 * gamma + u) * np.abs(ref) + 1e-30)
+
+
+def test_learned_unsigned_levels_keep_an_exact_zero_on_post_relu_data(np_rng):
+    """Post-ReLU batches are mostly exact zeros: the fitted unsigned level set keeps a level
+    at exactly 0.0 through calibration and EMA steps, so those zeros quantize to exactly 0.
+    (The plain Lloyd mean of the lowest cell, zeros plus small positives, sits above 0.)"""
+    cfg = QuantConfig(acts="dq", act_bits=2, act_levels="learned", act_momentum=0.9)
+    batches = [relu_data(np_rng, (8, 6, 6, 8)) - np.float32(0.3) for _ in range(4)]
+    batches = [np.maximum(b, 0.0) for b in batches]   # ~60% exact zeros
+    assert all((b == 0).mean() > 0.5 for b in batches)
+    q, v = _fit_module(cfg, batches)
+    lv = np.asarray(v["quant_stats"]["levels"])
+    assert lv[0] == 0.0 and np.all(np.diff(lv) > 0), lv
+    y = np.asarray(q.apply(v, jnp.asarray(batches[-1]), train=False))
+    assert np.all(y[batches[-1] == 0] == 0.0)
+    # the unpinned Lloyd step would move it: the pin is what keeps the zero
+    x = jnp.asarray(batches[-1])
+    free = np.asarray(_fit_learned(x, jnp.asarray(lv), _weights(x, "channel"), False))
+    assert free[0] > 0.0, free
 
 
 def test_learned_levels_stay_sorted_and_nonnegative(np_rng):

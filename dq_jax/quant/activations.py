@@ -87,24 +87,62 @@ def calibrate_uniform(x: jax.Array, w_c: jax.Array, num_levels: int, signed: boo
         0, iters, lambda _, a: fit_uniform_step(x, a, w_c, num_levels, signed), alpha)
 
 
+# Up to this many levels (2-4 bits) the learned-level lookup and fit are written as
+# elementwise selects / compares and L masked reductions (no gather, no scatter, no [..., L]
+# intermediate); above, a broadcast compare, a gather and a segment sum keep compile time
+# independent of L.
+_SELECT_MAX_LEVELS = 16
+
+
 def nearest_level_index(x: jax.Array, levels: jax.Array) -> jax.Array:
     """Index of the nearest of the sorted 1-D `levels` (ties go down)."""
     mids = 0.5 * (levels[1:] + levels[:-1])
+    if levels.shape[0] <= _SELECT_MAX_LEVELS:
+        idx = jnp.zeros(x.shape, jnp.int32)
+        for k in range(levels.shape[0] - 1):
+            idx = idx + (x > mids[k]).astype(jnp.int32)
+        return idx
     return jnp.sum(x[..., None] > mids, axis=-1, dtype=jnp.int32)
+
+
+def _level_of_index(levels: jax.Array, idx: jax.Array) -> jax.Array:
+    """`levels[idx]` for 1-D `levels`: selects (the same float, bit for bit) up to 16 levels."""
+    if levels.shape[0] > _SELECT_MAX_LEVELS:
+        return levels[idx]
+    out = jnp.broadcast_to(levels[0], idx.shape)
+    for k in range(1, levels.shape[0]):
+        out = jnp.where(idx == k, levels[k], out)
+    return out
 
 
 def fit_learned_levels(x: jax.Array, levels: jax.Array, w_c: jax.Array,
                        nonnegative: bool) -> jax.Array:
-    """One Lloyd step of the weighted error: each level -> weighted mean of its cell."""
+    """One Lloyd step of the weighted error: each level -> weighted mean of its cell.
+
+    Per level k, `sum(w_c x)` and `sum(w_c)` over the entries nearest to level k, as L
+    masked reductions over the whole batch (no one-hot `[..., C, L]` is built). An empty cell
+    keeps its level. `nonnegative` (unsigned, post-ReLU inputs): the lowest level is pinned
+    at exactly 0.0, so the exact zeros that make up most of a post-ReLU batch stay exactly 0
+    after quantization (the cell's mean would drift above 0 with the small positives in it);
+    the other levels take their cell means, clipped at 0. With the assignment fixed this is
+    the least-squares optimum under that constraint, so a step never increases the weighted
+    error once the lowest level is 0.
+    """
     num_levels = levels.shape[0]
     idx = nearest_level_index(x, levels)
-    onehot = jax.nn.one_hot(idx, num_levels, dtype=jnp.float32)  # [..., C, L]
-    weighted = onehot * w_c[:, None]
-    sums = jnp.sum((weighted * x[..., None]).reshape(-1, num_levels), axis=0)
-    mass = jnp.sum(weighted.reshape(-1, num_levels), axis=0)
+    wx = w_c * x  # per-channel weight broadcast over the last axis
+    w = jnp.broadcast_to(w_c, x.shape)
+    if num_levels <= _SELECT_MAX_LEVELS:
+        zero = jnp.zeros((), x.dtype)
+        sums = jnp.stack([jnp.sum(jnp.where(idx == k, wx, zero)) for k in range(num_levels)])
+        mass = jnp.stack([jnp.sum(jnp.where(idx == k, w, zero)) for k in range(num_levels)])
+    else:
+        flat = idx.reshape(-1)
+        sums = jax.ops.segment_sum(wx.reshape(-1), flat, num_segments=num_levels)
+        mass = jax.ops.segment_sum(w.reshape(-1), flat, num_segments=num_levels)
     new = jnp.where(mass > 0, sums / jnp.where(mass > 0, mass, 1.0), levels)
     if nonnegative:
-        new = jnp.maximum(new, 0.0)
+        new = jnp.concatenate([jnp.zeros((1,), new.dtype), jnp.maximum(new[1:], 0.0)])
     return jnp.sort(new)
 
 
@@ -135,7 +173,7 @@ def quantize_uniform(x: jax.Array, alpha: jax.Array, num_levels: int, signed: bo
 
 
 def quantize_learned(x: jax.Array, levels: jax.Array) -> jax.Array:
-    q = levels[nearest_level_index(x, levels)]
+    q = _level_of_index(levels, nearest_level_index(x, levels))
     return _clipped_ste(x, q.astype(x.dtype), levels[0].astype(x.dtype),
                         levels[-1].astype(x.dtype))
 
