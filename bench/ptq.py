@@ -1,0 +1,60 @@
+"""Post-training quantization from a float checkpoint: top-1 with no training at all.
+
+The starting point every quantized fine-tune begins from (RESULTS.md §1): Lloyd levels and
+nearest codes (DQ, latent-STE) or LSQ's initial step, one calibration batch for the activation
+quantizers, evaluated as is and after re-estimating BatchNorm statistics on 50 batches.
+
+  python bench/ptq.py --init_from=/path/to/float_workdir --methods=w2a2,lsq_w2a2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--init_from", required=True)
+    p.add_argument("--methods", default="w2a2,w3a3,w4a4,lsq_w2a2,latent_ste_w2a2")
+    p.add_argument("--bn_batches", type=int, default=50)
+    p.add_argument("--out", default=str(ROOT / "results" / "ptq_cifar10.json"))
+    args = p.parse_args(argv)
+    import jax
+    from dq_jax import checkpoints, configlib, data, train
+    from dq_jax.configlib import load_config_file
+    from dq_jax.main import apply_variant
+    base = load_config_file(ROOT / "configs" / "cifar10_resnet20.py")
+    base.dataset = "cifar10_npz"
+    beside = ROOT.parent / "shared" / "data" / "cifar10.npz"
+    if not os.environ.get("DQ_JAX_SHARED_DATA") and beside.exists():
+        base.data_dir = str(beside)
+    out = {"init_from": args.init_from, "bn_batches": args.bn_batches, "runs": {}}
+    for method in args.methods.split(","):
+        c = apply_variant(base, method)
+        quant = configlib.validate(c, device_count=jax.device_count())
+        ds = data.create_dataset(c)
+        model = train.create_model(c, quant, ds.num_classes)
+        opt = train.create_optimizer(c, 1, ds.steps_per_epoch)
+        steps = train.Steps(model, opt, train.create_mesh(c))
+        state = train.init_state(model, opt, ds.image_shape, c.seed)
+        state = steps.place(checkpoints.init_from_float(args.init_from, state, quant, opt))
+        batches = ds.train_batches(0)
+        state = steps.calibrate(state, train.to_global(next(batches), steps.batch))
+        plain = train.evaluate(steps, state, ds.eval_batches())["eval_top1"]
+        state = train.recalibrate_batch_stats(steps, state, batches, args.bn_batches)
+        bn = train.evaluate(steps, state, ds.eval_batches())["eval_top1"]
+        out["runs"][method] = {"top1": plain, "top1_bn_recalibrated": bn}
+        print(f"{method:<18} PTQ top-1 {plain:.4f}   + BN re-estimation {bn:.4f}", flush=True)
+    pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
