@@ -8,8 +8,12 @@ uninterrupted run would see.
 """
 from __future__ import annotations
 
+import datetime
+import errno
 import hashlib
 import json
+import os
+import socket
 import sys
 from typing import Any
 
@@ -28,10 +32,188 @@ from dq_jax.quant.config import QuantConfig
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "run_history.jsonl"   # append-only: one JSON object per line, one per event
+LOCK_FILE = "workdir.lock"           # held (flock + pid/host inside) while a run uses the workdir
 # Keys that define what a checkpoint *is*; resuming under different values
 # would silently mix two experiments.
 IDENTITY_KEYS = ("model", "model_kwargs", "dataset", "quant", "quantize_first_last",
                  "num_classes", "seed")
+# Keys that cannot change the trained model: how often the run logs, evaluates and saves, how
+# many checkpoints it keeps, the eval batch size, and the start-up switches. Changing them on
+# resume needs no permission (the change is still recorded in run_history.jsonl). Any other
+# difference (learning rates, batch size, schedule, rounding, steps, data_dir, init_from, ...)
+# is refused unless config.allow_config_change=True.
+NON_RESULT_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                   "eval_every_steps", "eval_batch_size", "force_new", "allow_config_change")
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used as asked: in use by another run, not writable, a file,
+    damaged bookkeeping, or a changed config. The message is one line naming the fix."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in str(path)
+
+
+# --------------------------------------------------------------------------- workdir
+
+def prepare_workdir(workdir: epath.Path) -> None:
+    """Creates `workdir` and proves it (and its checkpoint folders) writable, or fails in one
+    line: a file in its place, no permission, a read-only file system."""
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"workdir {workdir} is an existing file, not a directory; give a "
+                           "directory path (it is created if missing).")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"cannot create workdir {workdir} ({_os_reason(e)}); give a "
+                           "--workdir in a writable location.") from e
+    for d in (workdir, workdir / CHECKPOINT_DIR, workdir / DIGEST_DIR):
+        if d != workdir and not d.exists():
+            continue
+        if not d.is_dir():
+            raise WorkdirError(f"{d} is a file where the run keeps a directory; move it away.")
+        probe = d / f".write_probe.{socket.gethostname()}.{os.getpid()}"
+        try:
+            probe.write_text("probe")
+            probe.unlink()
+        except OSError as e:
+            what = "workdir" if d == workdir else "directory"
+            raise WorkdirError(
+                f"{what} {d} is not writable ({_os_reason(e)}); checkpoints could not be "
+                "saved. Fix its permissions (or remount it read-write), or give another "
+                "--workdir.") from e
+
+
+def _os_reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_HELD_HERE: set[str] = set()  # lock files this process holds (two runs in one process too)
+
+
+class WorkdirLock:
+    """One run per workdir: an exclusive `flock` on `workdir/workdir.lock`, which names the
+    holder (pid, host, start time).
+
+    The kernel drops an flock when its process dies, so a lock file left by a killed run is
+    stale: it is taken over with a warning (on the same host, its pid is also checked). A lock
+    naming another host whose flock this host cannot see is refused (its process cannot be
+    checked from here); delete the file if that run is gone. Not used on non-local paths
+    (gs://), and only process 0 of a multi-process run takes it.
+    """
+
+    def __init__(self, workdir: epath.Path):
+        self.path = workdir / LOCK_FILE
+        self._fd: int | None = None
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(open(self.path).read() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self, holder: dict, note: str = "") -> None:
+        pid, host = holder.get("pid", "?"), holder.get("host", "?")
+        raise WorkdirError(
+            f"workdir {self.path.parent} is in use by another run (pid {pid} on host {host}, "
+            f"started {holder.get('started', '?')}{note}). Wait for it to finish or stop it, "
+            f"or use another --workdir; if that run is gone, delete {self.path}.")
+
+    def acquire(self) -> "WorkdirLock":
+        import fcntl
+        key = os.path.realpath(self.path)
+        if key in _HELD_HERE:
+            self._refuse({"pid": os.getpid(), "host": socket.gethostname()},
+                         "; this same process")
+        for _ in range(20):  # retried only if the file was replaced while we locked it
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                flock_ok = True
+            except BlockingIOError:
+                os.close(fd)
+                self._refuse(self._holder())
+            except OSError as e:  # file system without flock: the pid/host check alone
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                flock_ok = False
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:  # the previous holder removed it between our open and flock
+                os.close(fd)
+                continue
+            holder = self._holder()
+            if holder:
+                here = holder.get("host") == socket.gethostname()
+                pid = int(holder.get("pid", -1))
+                if not here:
+                    os.close(fd)
+                    self._refuse(holder, "; a process on another host cannot be checked "
+                                         "from here")
+                if pid != os.getpid() and _pid_alive(pid) and not flock_ok:
+                    os.close(fd)
+                    self._refuse(holder)
+                state = "has exited" if not _pid_alive(pid) else "no longer holds it"
+                message = (f"taking over the stale lock {self.path} of pid {pid} on this host "
+                           f"(started {holder.get('started', '?')}; that process {state}).")
+                logging.warning(message)
+                print(f"dq_jax: warning: {message}", file=sys.stderr, flush=True)
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                    "argv": sys.argv[:8]}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            os.fsync(fd)
+            self._fd = fd
+            _HELD_HERE.add(key)
+            return self
+        raise WorkdirError(f"could not lock {self.path} (it keeps being replaced); is another "
+                           "program using this workdir?")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        _HELD_HERE.discard(os.path.realpath(self.path))
+        try:
+            os.unlink(self.path)  # before closing: a waiter that locked the old file retries
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_workdir(workdir: epath.Path):
+    """The workdir lock as a context manager (a no-op where it does not apply)."""
+    import contextlib
+    if not _is_local(workdir) or jax.process_index() != 0:
+        if not _is_local(workdir):
+            logging.info("Workdir %s is not a local path: no workdir lock.", workdir)
+        return contextlib.nullcontext()
+    return WorkdirLock(workdir)
 
 
 def create_manager(workdir: epath.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -179,23 +361,136 @@ def _identity(config: ml_collections.ConfigDict) -> dict:
     return {k: d.get(k) for k in IDENTITY_KEYS}
 
 
-def check_compatible(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a workdir written by a different experiment; records the config."""
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(recorded: dict, config: ml_collections.ConfigDict) -> dict[str, list]:
+    """Dotted key -> [recorded value, new value] for every key that differs (identity keys
+    excluded: they are checked separately). A key the recorded config lacks (written before
+    that key existed) counts as its default."""
+    from dq_jax import configlib
+    defaults = _flat(_config_json(configlib.base_config()))
+    old, new = _flat(recorded), _flat(_config_json(config))
+    changes = {}
+    for key in sorted(new):
+        if key.split(".")[0] in IDENTITY_KEYS:
+            continue
+        before = old.get(key, defaults.get(key))
+        if before != new[key]:
+            changes[key] = [before, new[key]]
+    return changes
+
+
+def _read_config_json(workdir: epath.Path) -> dict:
     path = workdir / CONFIG_FILE
+    try:
+        recorded = json.loads(path.read_text())
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("identity"), dict):
+            raise ValueError("no 'identity' record")
+        return recorded
+    except (ValueError, UnicodeDecodeError) as e:
+        reason = " ".join(str(e).split())[:120]
+        raise WorkdirError(
+            f"{path} is damaged ({reason}); it records which config wrote this workdir. Restore "
+            "it from a backup, or delete it to resume under this config (the checkpoints are "
+            "kept; their structure is still checked), or pass --config.force_new=True to start "
+            "over.") from e
+
+
+def has_checkpoints(workdir: epath.Path) -> bool:
+    root = workdir / CHECKPOINT_DIR
+    return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
+
+
+def check_compatible(workdir: epath.Path, config: ml_collections.ConfigDict) -> dict[str, list]:
+    """Refuses to resume a workdir written by a different experiment, or under changed
+    hyperparameters unless config.allow_config_change; returns the changes (to record).
+
+    Discards the checkpoints with config.force_new. Writes nothing else: `record_start`
+    writes config.json and the history once the run has really started.
+    """
+    path = workdir / CONFIG_FILE
+    if config.force_new:
+        for d in (CHECKPOINT_DIR, DIGEST_DIR):
+            if (workdir / d).exists():
+                (workdir / d).rmtree()
+        return {}
+    if not path.exists():
+        return {}
+    recorded = _read_config_json(workdir)
+    theirs = recorded["identity"]
     mine = json.loads(json.dumps(_identity(config), default=str))
-    if path.exists() and not config.force_new:
-        theirs = json.loads(path.read_text()).get("identity", {})
-        diff = sorted(k for k in IDENTITY_KEYS if theirs.get(k) != mine.get(k))
-        if diff:
-            details = "; ".join(f"{k}: workdir has {theirs.get(k)!r}, config has {mine.get(k)!r}"
-                                for k in diff)
-            raise ValueError(
-                f"Workdir {workdir} was written by a different config ({details}). Use a new "
-                "--workdir, or pass --config.force_new=True to discard its checkpoints.")
-    if config.force_new and (workdir / CHECKPOINT_DIR).exists():
-        (workdir / CHECKPOINT_DIR).rmtree()
-    path.write_text(json.dumps({"identity": mine, "config": json.loads(config.to_json_best_effort())},
-                               indent=2))
+    diff = sorted(k for k in IDENTITY_KEYS if theirs.get(k) != mine.get(k))
+    if diff:
+        details = "; ".join(f"{k}: workdir has {theirs.get(k)!r}, config has {mine.get(k)!r}"
+                            for k in diff)
+        raise ValueError(
+            f"Workdir {workdir} was written by a different config ({details}). Use a new "
+            "--workdir, or pass --config.force_new=True to discard its checkpoints.")
+    changes = config_changes(recorded.get("config", {}), config)
+    refused = {k: v for k, v in changes.items() if k not in NON_RESULT_KEYS}
+    if refused and has_checkpoints(workdir) and not config.allow_config_change:
+        details = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise WorkdirError(
+            f"Resuming {workdir} under a changed config ({details}). Rerun with the recorded "
+            f"values ({path}), pass --config.allow_config_change=True to continue with the "
+            f"changes (recorded in {HISTORY_FILE}), or use a new --workdir.")
+    return changes
+
+
+def append_history(workdir: epath.Path, event: str, **fields: Any) -> None:
+    """Appends one JSON line {time, event, ...} to run_history.jsonl (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    line = json.dumps({"time": _now(), "event": event, **fields}, default=str) + "\n"
+    path = workdir / HISTORY_FILE
+    if _is_local(path):
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    else:  # object stores cannot append
+        write_text_atomic(path, (path.read_text() if path.exists() else "") + line)
+
+
+def read_history(workdir: epath.Path) -> list[dict]:
+    """The events of run_history.jsonl (a damaged line, e.g. cut by a full disk, is skipped)."""
+    path = workdir / HISTORY_FILE
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+def record_start(workdir: epath.Path, config: ml_collections.ConfigDict, step: int,
+                 changes: dict[str, list]) -> None:
+    """Writes config.json (atomically) and the start/resume event with its config changes."""
+    if jax.process_index() != 0:
+        return
+    mine = json.loads(json.dumps(_identity(config), default=str))
+    write_text_atomic(workdir / CONFIG_FILE, json.dumps(
+        {"identity": mine, "config": _config_json(config)}, indent=2))
+    fields: dict[str, Any] = {"step": step, "changes": changes,
+                              "pid": os.getpid(), "host": socket.gethostname()}
+    if config.force_new:
+        fields["force_new"] = True
+    append_history(workdir, "resume" if step > 0 else "start", **fields)
 
 
 def _find_checkpoint(path: str) -> tuple[epath.Path, int]:

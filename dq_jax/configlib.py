@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.nonfinite_policy = "stop"
     c.force_new = False                            # start over in a workdir of another config
+    c.allow_config_change = False                  # resume under changed hyperparameters
+                                                   # (recorded in run_history.jsonl)
     c.mesh = ml_collections.ConfigDict({"data": -1})  # axis name -> size (-1: the rest)
     return c
 
@@ -153,6 +155,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
     if config.eval_every_steps == 0 or config.eval_every_steps < -1:
         _fail(f"config.eval_every_steps={config.eval_every_steps!r} must be >= 1, or -1 for "
               "once per epoch.")
+    for key in ("force_new", "allow_config_change", "augment", "nesterov", "half_precision",
+                "quantize_first_last"):
+        value = config.get(key, False)  # absent in configs recorded by older versions
+        if not isinstance(value, bool):
+            _fail(f"config.{key}={value!r} must be True or False.")
     if config.bn_recalibration_batches < 0:
         _fail(f"config.bn_recalibration_batches={config.bn_recalibration_batches!r} must be "
               ">= 0 (0: off).")

@@ -47,8 +47,9 @@ def apply_variant(config, variant: str):
 def format_table(rows: list[tuple[str, dict]]) -> str:
     lines = [f"{'variant':<16}{'top-1':>8}{'top-5':>8}{'steps':>8}{'seconds':>9}"]
     for name, r in rows:
+        seconds = "n/a" if r.get("train_seconds") is None else f"{r['train_seconds']:.1f}"
         lines.append(f"{name:<16}{r['eval_top1']:>8.4f}{r['eval_top5']:>8.4f}"
-                     f"{r['steps']:>8d}{r['train_seconds']:>9.1f}")
+                     f"{r['steps']:>8d}{seconds:>9}")
     return "\n".join(lines)
 
 
@@ -60,7 +61,31 @@ class _QuietLibraries(logging_lib.Filter):
             f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "etils"))
 
 
+def _sigterm_outside_training(signum, frame):
+    del signum, frame
+    print("dq_jax: SIGTERM while no training step was running: exiting with nothing unsaved. "
+          "Rerun the same command to resume.", file=sys.stderr, flush=True)
+    sys.exit(0)
+
+
+def install_sigterm_exit() -> None:
+    """Until training installs its own handler (which checkpoints the current step), a
+    SIGTERM (preemption notice) exits 0 with a message: nothing is lost before a run starts."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_outside_training)
+
+
+def _report_preempted(result: dict) -> bool:
+    if result.get("preempted"):
+        print(f"dq_jax: {result.get('message', 'preempted')}", file=sys.stderr, flush=True)
+        return True
+    return False
+
+
 def main(argv):
+    install_sigterm_exit()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -74,13 +99,16 @@ def main(argv):
         logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(),
                      jax.process_count(), jax.local_device_count(), jax.device_count())
         if not FLAGS.variants:
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            _report_preempted(train.train_and_evaluate(FLAGS.config, FLAGS.workdir))
             return
         configs = [(v, apply_variant(FLAGS.config, v)) for v in FLAGS.variants]
         rows = []
         for name, cfg in configs:
             logging.info("=== variant %s ===", name)
-            rows.append((name, train.train_and_evaluate(cfg, os.path.join(FLAGS.workdir, name))))
+            result = train.train_and_evaluate(cfg, os.path.join(FLAGS.workdir, name))
+            if _report_preempted(result):
+                return  # the remaining variants run when the command is rerun
+            rows.append((name, result))
         print(format_table(rows), flush=True)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         # Config/data/numerics problems: one clear line, no traceback.
@@ -112,4 +140,5 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    install_sigterm_exit()
     app.run(main, flags_parser=parse_flags)

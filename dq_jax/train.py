@@ -298,9 +298,14 @@ class Steps:
         return jax.device_put(state, self.replicated)
 
 
-def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict]) -> dict:
+def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict],
+             should_stop=None) -> dict:
+    """Eval metrics over all batches; raises `Interrupted` between batches once
+    `should_stop()` says so (a preemption notice during a long eval)."""
     totals = None
     for batch in batches:
+        if should_stop is not None and should_stop():
+            raise Interrupted("evaluation")
         out = steps.eval(state, to_global(batch, steps.batch))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
@@ -359,10 +364,22 @@ class PreemptionWatcher:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
+    @property
+    def requested(self) -> bool:
+        return self._requested
+
     def should_stop(self, manager, step: int) -> bool:
         if jax.process_count() > 1 and manager.reached_preemption(step):
             return True
         return self._requested
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived outside the training loop (start-up, compilation, final eval)."""
+
+    def __init__(self, phase: str):
+        super().__init__(phase)
+        self.phase = phase
 
 
 def _write_nonfinite_report(workdir: epath.Path, step: int, got: list[dict]) -> str:
@@ -407,47 +424,111 @@ def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> Train
     return state
 
 
+def _training_record(workdir: epath.Path, end_step: int) -> dict | None:
+    """How the finished training of this workdir went (timings, pre-recalibration eval): the
+    last 'trained' event of run_history.jsonl since its last fresh start; for a workdir from
+    before the history existed, its results.json."""
+    events = checkpoints.read_history(workdir)
+    starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
+    for e in reversed(events[starts[-1] if starts else 0:]):
+        if e.get("event") == "trained" and e.get("step") == end_step:
+            return e
+    if starts:
+        return None
+    try:
+        old = json.loads((workdir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(old, dict) or old.get("steps") != end_step or not old.get("train_seconds"):
+        return None
+    return {k: v for k, v in old.items()
+            if k in ("train_seconds", "steps_per_sec", "resumed_from_step")
+            or k.endswith("_before_bn_recalibration")}
+
+
+def _preempted(workdir: epath.Path, phase: str, step: int | None, state, message: str) -> dict:
+    logging.warning(message)
+    checkpoints.append_history(workdir, "preempted", step=step, during=phase)
+    return {"steps": step if step is not None else 0, "state": state, "preempted": True,
+            "preempted_during": phase, "message": message}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, stop_after: int | None = None) -> dict:
     """Trains, evaluates, checkpoints and resumes; returns (and writes) results.json's dict.
 
     `stop_after` ends the run after that many total steps (checkpointed, no
     final eval), as a preemption would; used to test resume == uninterrupted.
-    A SIGTERM does the same at the current step and returns `preempted=True`.
+    A SIGTERM does the same at the current step and returns `preempted=True`; during start-up
+    (before the first step) it exits without training, and during the final evaluation after
+    the final checkpoint, skipping the evaluation (rerunning evaluates). One run per workdir:
+    a second one is refused while the first holds `workdir/workdir.lock`.
     """
+    with PreemptionWatcher() as watcher:  # from the very start: start-up/compile too
+        quant = configlib.validate(config, device_count=jax.device_count())
+        workdir = epath.Path(workdir)
+        checkpoints.prepare_workdir(workdir)
+        with checkpoints.lock_workdir(workdir):
+            return _train_and_evaluate(config, quant, workdir, watcher, stop_after)
+
+
+def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionWatcher,
+                        stop_after: int | None) -> dict:
     from clu import metric_writers
 
-    quant = configlib.validate(config, device_count=jax.device_count())
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ds = data.create_dataset(config, process_index=jax.process_index(),
-                             process_count=jax.process_count())
-    num_classes = ds.num_classes if config.num_classes <= 0 else config.num_classes
-    if num_classes < ds.num_classes:
-        raise ValueError(
-            f"config.num_classes={config.num_classes} is below the {ds.num_classes} classes of "
-            f"dataset {config.dataset!r} (labels would fall outside the logits); use "
-            "--config.num_classes=-1 for the dataset's own count.")
-    total_steps = total_train_steps(config, ds.steps_per_epoch)
-    model = create_model(config, quant, num_classes)
-    optimizer = create_optimizer(config, total_steps, ds.steps_per_epoch)
-    steps = Steps(model, optimizer, create_mesh(config), config.label_smoothing)
-    checkpoints.check_compatible(workdir, config)  # before the manager lists the steps
-    manager = checkpoints.create_manager(workdir, config)
-    state = _initial_state(config, manager, model, optimizer, quant, steps, ds)  # placed
-    start_step = int(jax.device_get(state.step))
+    start_step, state = None, None
+
+    def check_startup():
+        if watcher.requested:
+            raise Interrupted("start-up")
+
+    try:
+        check_startup()
+        ds = data.create_dataset(config, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+        num_classes = ds.num_classes if config.num_classes <= 0 else config.num_classes
+        if num_classes < ds.num_classes:
+            raise ValueError(
+                f"config.num_classes={config.num_classes} is below the {ds.num_classes} classes "
+                f"of dataset {config.dataset!r} (labels would fall outside the logits); use "
+                "--config.num_classes=-1 for the dataset's own count.")
+        total_steps = total_train_steps(config, ds.steps_per_epoch)
+        model = create_model(config, quant, num_classes)
+        optimizer = create_optimizer(config, total_steps, ds.steps_per_epoch)
+        steps = Steps(model, optimizer, create_mesh(config), config.label_smoothing)
+        changes = checkpoints.check_compatible(workdir, config)  # before the manager lists steps
+        manager = checkpoints.create_manager(workdir, config)
+        check_startup()
+        state = _initial_state(config, manager, model, optimizer, quant, steps, ds)  # placed
+        start_step = int(jax.device_get(state.step))
+        if start_step > total_steps:
+            raise ValueError(
+                f"The latest checkpoint in {workdir} is at step {start_step}, beyond this "
+                f"config's {total_steps} training steps; raise config.num_train_steps / "
+                "config.num_epochs, or use a new --workdir.")
+        checkpoints.record_start(workdir, config, start_step, changes)
+        check_startup()
+    except Interrupted:
+        where = (f"the latest checkpoint (step {start_step})" if start_step
+                 else "the latest checkpoint, if any")
+        return _preempted(workdir, "start-up", start_step, state,
+                          "Preemption requested during start-up: exiting before training, "
+                          f"nothing new to save. Rerun the same command to resume from {where}.")
 
     writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else ds.steps_per_epoch
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
+    # A long eval is cut short by a preemption notice (single process: on several, every
+    # process must run the same eval steps).
+    eval_stop = (lambda: watcher.requested) if jax.process_count() == 1 else None
     bar = _progress(total_steps, start_step)
     pending, t_start, t_log = [], time.time(), time.time()
     # Host batches become sharded device arrays in the prefetch thread, off the step's path.
     train_iter = data.prefetch(to_global(b, steps.batch) for b in ds.train_batches(start_step))
     step, preempted = start_step, False
     before_recalibration: dict = {}
-    with PreemptionWatcher() as watcher, contextlib.closing(train_iter):
+    with contextlib.closing(train_iter):
         while step < end_step:
             state, metrics = steps.train(state, next(train_iter))
             step += 1
@@ -463,13 +544,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     checkpoints.save(manager, step, state, force=True)
                     manager.wait_until_finished()
                     writer.flush()
+                    checkpoints.append_history(workdir, "stopped_nonfinite", step=step)
                     raise FloatingPointError(
                         f"Non-finite loss/gradients at {summary}. Those updates were skipped; the "
                         f"last finite state is checkpointed in {workdir} (report: "
                         "nonfinite_report.json). Lower config.learning_rate or "
                         "config.levels_learning_rate, or set config.nonfinite_policy='skip'.")
             if step % eval_every == 0 and step != end_step:
-                writer.write_scalars(step, evaluate(steps, state, ds.eval_batches()))
+                try:
+                    writer.write_scalars(step, evaluate(steps, state, ds.eval_batches(),
+                                                        should_stop=eval_stop))
+                except Interrupted:
+                    pass  # the preemption check below checkpoints this step
             if watcher.should_stop(manager, step) and step != end_step:
                 logging.warning("Preemption requested: checkpointing step %d and exiting.", step)
                 checkpoints.save(manager, step, state, force=True)
@@ -489,11 +575,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         bar.close()
     manager.wait_until_finished()
     train_seconds = time.time() - t_start
-    if preempted or end_step < total_steps:
+    if preempted:
         writer.flush()
-        return {"steps": step, "state": state, "preempted": preempted}
-    eval_metrics = evaluate(steps, state, ds.eval_batches())
-    eval_metrics.update(before_recalibration)
+        return _preempted(workdir, "training", step, state,
+                          f"Preemption requested: step {step} is checkpointed in {workdir}. "
+                          "Rerun the same command to resume.")
+    if end_step < total_steps:
+        writer.flush()
+        checkpoints.append_history(workdir, "stopped", step=step)
+        return {"steps": step, "state": state, "preempted": False}
+
+    trained_here = end_step > start_step
+    if trained_here:
+        record = {"train_seconds": train_seconds,
+                  "steps_per_sec": (end_step - start_step) / max(train_seconds, 1e-9),
+                  "resumed_from_step": start_step, **before_recalibration}
+        checkpoints.append_history(workdir, "trained", step=end_step, **record)
+    else:  # a finished workdir run again: evaluate; the timings are those of its training
+        record = _training_record(workdir, end_step)
+    try:
+        eval_metrics = evaluate(steps, state, ds.eval_batches(), should_stop=eval_stop)
+    except Interrupted:
+        writer.flush()
+        return _preempted(workdir, "final evaluation", end_step, state,
+                          "Preemption requested during the final evaluation: training is "
+                          f"finished and step {end_step} is checkpointed in {workdir}; rerun "
+                          "the same command to evaluate it (results.json).")
+    if record:
+        eval_metrics.update({k: v for k, v in record.items()
+                             if k.endswith("_before_bn_recalibration")})
     skipped = end_step - int(jax.device_get(optimizer.applied_updates(state.opt_state)))
     writer.write_scalars(end_step, eval_metrics)
     writer.flush()
@@ -501,17 +611,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "config": config.to_dict(),
         **eval_metrics,
         "steps": end_step,
-        "train_seconds": train_seconds,
-        "steps_per_sec": (end_step - start_step) / max(train_seconds, 1e-9),
+        # Of the training (for a finished workdir run again: of the run that trained it).
+        "train_seconds": record.get("train_seconds") if record else None,
+        "steps_per_sec": record.get("steps_per_sec") if record else None,
         "resumed_from_step": start_step,
         "devices": jax.device_count(),
         # Steps whose update was skipped as non-finite (nonfinite_policy='skip'), whole run.
         "skipped_steps": skipped,
     }
+    if not trained_here:
+        results["reevaluated_at"] = checkpoints._now()
+        results["trained_from_step"] = record.get("resumed_from_step") if record else None
+        if record is None:
+            results["timings_note"] = ("training finished in an earlier run whose timings "
+                                       "were not recorded")
     if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    logging.info("Final eval: top-1 %.4f, top-5 %.4f after %d steps (%.1fs).",
-                 results["eval_top1"], results["eval_top5"], end_step, train_seconds)
+        checkpoints.write_text_atomic(workdir / "results.json",
+                                      json.dumps(results, indent=2, default=str))
+    checkpoints.append_history(workdir, "evaluated" if trained_here else "re-evaluated",
+                               step=end_step, eval_top1=results["eval_top1"],
+                               eval_top5=results["eval_top5"])
+    logging.info("Final eval: top-1 %.4f, top-5 %.4f after %d steps (%s).",
+                 results["eval_top1"], results["eval_top5"], end_step,
+                 f"{train_seconds:.1f}s" if trained_here else "re-evaluated")
     if skipped:
         message = (f"{skipped} of {end_step} steps ({100 * skipped / end_step:.1f}%) were "
                    "skipped as non-finite (config.nonfinite_policy='skip'); see "

@@ -56,8 +56,17 @@ def test_sigterm_checkpoints_current_step_and_resume_matches(tmp_path):
                    if p.name.isdigit())
     assert saved == [step], saved
 
-    resumed = train.train_and_evaluate(constant_lr_digits(step + 6), str(tmp_path / "pre"))
+    # The planned length changes (100000 -> step+6): refused unless allowed, then recorded.
+    with pytest.raises(ValueError, match=r"changed config \(num_train_steps: 100000 -> "):
+        train.train_and_evaluate(constant_lr_digits(step + 6), str(tmp_path / "pre"))
+    resumed = train.train_and_evaluate(constant_lr_digits(step + 6, allow_config_change=True),
+                                       str(tmp_path / "pre"))
     assert resumed["resumed_from_step"] == step
+    history = [json.loads(l) for l in (tmp_path / "pre" / "run_history.jsonl").open()]
+    assert [e["event"] for e in history] == ["start", "preempted", "resume", "trained",
+                                             "evaluated"]
+    assert history[2]["step"] == step
+    assert history[2]["changes"]["num_train_steps"] == [100000, step + 6]
     reference = train.train_and_evaluate(constant_lr_digits(step + 6), str(tmp_path / "ref"))
     assert_states_equal(resumed["state"], reference["state"])
 
@@ -230,3 +239,207 @@ def test_soak_random_interruptions_equal_uninterrupted(tmp_path):
     assert final["resumed_from_step"] == stops[-1]
     assert_states_equal(final["state"], reference["state"])
     assert final["eval_top1"] == reference["eval_top1"]
+
+
+# --------------------------------------------------------------------------- one run per workdir
+
+HOLD_LOCK = """
+import sys, time
+from etils import epath
+from dq_jax import checkpoints
+checkpoints.WorkdirLock(epath.Path(sys.argv[1])).acquire()
+print('held', flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_run_on_a_workdir_is_refused_naming_the_holder(tmp_path, capfd):
+    """A live holder: refused in one line naming its pid and host (API and CLI). Killed
+    (SIGKILL leaves its lock file behind): the stale lock is taken over with a warning."""
+    import socket
+    from etils import epath
+    from dq_jax import checkpoints
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        who = rf"in use by another run \(pid {holder.pid} on host {socket.gethostname()}"
+        with pytest.raises(ValueError, match=who + r".*use another --workdir"):
+            train.train_and_evaluate(small_digits(), str(tmp_path))
+        proc = run_python(["-m", "dq_jax.main", "--config=configs/digits.py",
+                           f"--workdir={tmp_path}"])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [l for l in proc.stderr.splitlines() if l.startswith("dq_jax: error:")]
+        assert len(errors) == 1 and f"pid {holder.pid} on host" in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "config.json").exists()  # the refused runs wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_file = tmp_path / checkpoints.LOCK_FILE
+    assert json.loads(lock_file.read_text())["pid"] == holder.pid  # left behind by SIGKILL
+    capfd.readouterr()
+    with checkpoints.WorkdirLock(epath.Path(tmp_path)):
+        assert f"stale lock {lock_file} of pid {holder.pid}" in capfd.readouterr().err
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+        with pytest.raises(ValueError, match="in use by another run .*this same process"):
+            checkpoints.WorkdirLock(epath.Path(tmp_path)).acquire()
+    assert not lock_file.exists()
+
+
+def test_changed_hyperparameters_on_resume_are_refused_then_allowed_and_recorded(tmp_path):
+    """Learning rate / batch size / rounding changes are listed and refused; allowed, they are
+    recorded (run_history.jsonl, config.json) and the run continues. Log/checkpoint frequency
+    may change freely. A finished workdir run again keeps its training timings."""
+    wd = tmp_path / "wd"
+    train.train_and_evaluate(small_digits(), str(wd), stop_after=8)
+    recorded = (wd / "config.json").read_text()
+    changed = small_digits(learning_rate=0.01, batch_size=32, rounding="nearest")
+    with pytest.raises(ValueError, match=r"changed config \(batch_size: 64 -> 32; "
+                                         r"learning_rate: 0.05 -> 0.01; rounding: 'stochastic' "
+                                         r"-> 'nearest'\).*allow_config_change=True"):
+        train.train_and_evaluate(changed, str(wd))
+    assert (wd / "config.json").read_text() == recorded
+    assert not (wd / "workdir.lock").exists()  # released on error too
+    allowed = small_digits(learning_rate=0.01, log_every_steps=4, allow_config_change=True)
+    out = train.train_and_evaluate(allowed, str(wd))
+    assert out["resumed_from_step"] == 8 and out["steps"] == 24
+    assert json.loads((wd / "config.json").read_text())["config"]["learning_rate"] == 0.01
+    history = [json.loads(l) for l in (wd / "run_history.jsonl").open()]
+    resume = [e for e in history if e["event"] == "resume"]
+    assert resume and resume[-1]["step"] == 8
+    assert resume[-1]["changes"] == {"learning_rate": [0.05, 0.01], "log_every_steps": [8, 4],
+                                     "allow_config_change": [False, True]}
+    # Only frequencies differ now: no permission needed.
+    first = json.loads((wd / "results.json").read_text())
+    assert first["train_seconds"] > 0 and first["resumed_from_step"] == 8
+    again = train.train_and_evaluate(small_digits(learning_rate=0.01, log_every_steps=2),
+                                     str(wd))
+    assert again["resumed_from_step"] == 24 and again["eval_top1"] == out["eval_top1"]
+    results = json.loads((wd / "results.json").read_text())
+    assert results["train_seconds"] == first["train_seconds"]
+    assert results["steps_per_sec"] == first["steps_per_sec"]
+    assert results["trained_from_step"] == 8 and "reevaluated_at" in results
+    events = [json.loads(l)["event"] for l in (wd / "run_history.jsonl").open()]
+    assert events[-2:] == ["resume", "re-evaluated"]
+
+
+@pytest.mark.parametrize("content", ['{"identity": {"model": "digits_cnn", "data', "", "[]"])
+def test_damaged_config_json_is_named_with_the_fix(tmp_path, content):
+    (tmp_path / "config.json").write_text(content)
+    import re
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/config.json is damaged (")
+                       + r".*delete it to resume under this config"):
+        train.train_and_evaluate(small_digits(), str(tmp_path))
+
+
+def test_config_json_is_replaced_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way (full disk) leaves the previous config.json intact."""
+    from etils import epath
+    from dq_jax import checkpoints
+    wd = epath.Path(tmp_path)
+    checkpoints.record_start(wd, small_digits(), 0, {})
+    before = (tmp_path / "config.json").read_text()
+    real = type(wd).write_text
+
+    def full_disk(self, text, *a, **k):
+        real(self, text[: len(text) // 2], *a, **k)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(type(wd), "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.record_start(wd, small_digits(learning_rate=0.01), 0, {})
+    assert (tmp_path / "config.json").read_text() == before
+    json.loads(before)
+
+
+# --------------------------------------------------------------------------- exits
+
+SIGTERM_AT = """
+import os, signal, sys
+from absl import app
+from dq_jax import main as m, train
+phase, workdir = sys.argv[1], sys.argv[2]
+patched = {"start-up": "init_state", "final evaluation": "evaluate"}[phase]
+real = getattr(train, patched)
+def with_sigterm(*a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)  # the preemption notice, while this phase runs
+    return real(*a, **k)
+setattr(train, patched, with_sigterm)
+sys.argv = ["dq_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
+            "--config.num_train_steps=24", "--config.log_every_steps=8",
+            "--config.checkpoint_every_steps=8", "--config.eval_every_steps=1000"]
+app.run(m.main, flags_parser=m.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("phase", ["start-up", "final evaluation"])
+def test_sigterm_outside_the_training_loop_exits_cleanly(tmp_path, phase):
+    """SIGTERM while the initial state compiles, or during the final eval: exit 0 with a
+    message (not -15). After the final eval's, rerunning evaluates the checkpointed run and
+    reports its training timings."""
+    proc = run_python(["-c", SIGTERM_AT, phase, str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"dq_jax: Preemption requested during {'the ' if 'eval' in phase else ''}{phase}" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    if phase == "start-up":
+        assert saved == []
+        return
+    assert saved[-1] == 24
+    history = [json.loads(l) for l in (tmp_path / "run_history.jsonl").open()]
+    trained = [e for e in history if e["event"] == "trained"][-1]
+    out = train.train_and_evaluate(small_digits(), str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert out["resumed_from_step"] == 24 and results["steps"] == 24
+    assert results["train_seconds"] == trained["train_seconds"] > 0
+
+
+def _run_with_read_only(paths, args):
+    """The CLI with `paths` read-only: chmod for a normal user; for root (whom permissions do
+    not stop), a read-only bind mount in a private mount namespace."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if os.geteuid() != 0:
+        for p in paths:
+            p.chmod(0o555)
+        try:
+            return subprocess.run([sys.executable, *args], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=150)
+        finally:
+            for p in paths:
+                p.chmod(0o755)
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("root without mount namespaces: cannot make a directory read-only")
+    mounts = " && ".join(f"mount --bind {p} {p} && mount -o remount,bind,ro {p}" for p in paths)
+    return subprocess.run(["unshare", "-m", "sh", "-c", f'{mounts} && exec "$0" "$@"',
+                           sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=150)
+
+
+@pytest.mark.parametrize("case", ["workdir_is_a_file", "read_only_workdir",
+                                  "read_only_checkpoints"])
+def test_unusable_workdir_fails_fast_in_one_line(tmp_path, case):
+    wd = tmp_path / "wd"
+    args = ["-m", "dq_jax.main", "--config=configs/digits.py", f"--workdir={wd}",
+            "--config.num_train_steps=16", "--config.checkpoint_every_steps=8"]
+    start = time.time()
+    if case == "workdir_is_a_file":
+        wd.write_text("not a directory")
+        proc = run_python(args, timeout=150)
+        expected = f"workdir {wd} is an existing file, not a directory"
+    elif case == "read_only_workdir":
+        wd.mkdir()
+        proc = _run_with_read_only([wd], args)
+        expected = f"workdir {wd} is not writable"
+    else:
+        (wd / "checkpoints").mkdir(parents=True)
+        proc = _run_with_read_only([wd / "checkpoints"], args)
+        expected = f"directory {wd / 'checkpoints'} is not writable"
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("dq_jax: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert time.time() - start < 120
