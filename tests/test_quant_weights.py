@@ -139,12 +139,14 @@ def _primitives(fn, *args):
     return names
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("num_levels", [2, 4, 16, 32])
 def test_lookup_and_level_gradient_are_selects_up_to_16_levels_gather_scatter_above(
-        np_rng, num_levels):
+        np_rng, num_levels, granularity):
     """<= 16 levels: no gather, no scatter, no one-hot matmul; > 16: the gather/scatter path."""
     shape = (3, 3, 2, 4)
-    levels = jnp.asarray(sorted_random_levels(np_rng, 4, num_levels))
+    levels = jnp.asarray(sorted_random_levels(np_rng, wq.num_groups(shape, granularity),
+                                              num_levels))
     codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
     r = jnp.asarray(np_rng.normal(size=shape).astype(np.float32))
     prims = _primitives(jax.value_and_grad(lambda l: jnp.sum(wq.gather_levels(l, codes) * r)),
