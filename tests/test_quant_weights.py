@@ -506,6 +506,8 @@ def test_sort_levels_bitwise_equal_to_argsort_and_gather(np_rng, granularity, nu
     np.testing.assert_array_equal(_bits(nl), _bits(ol))
     assert nc.dtype == oc.dtype == np.uint8
     np.testing.assert_array_equal(nc, oc)
+    _, _, perm = wq.sort_levels(jnp.asarray(levels), codes, return_perm=True)
+    np.testing.assert_array_equal(perm, jnp.argsort(jnp.asarray(levels), axis=-1))
 
 
 @pytest.mark.parametrize("num_levels", [4, 16, 32])

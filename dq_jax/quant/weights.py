@@ -207,21 +207,25 @@ def reassign_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
         f"rounding={rounding!r} is not supported; allowed values: 'stochastic', 'nearest'.")
 
 
-def sort_levels(levels: jax.Array, codes: jax.Array | None = None):
+def sort_levels(levels: jax.Array, codes: jax.Array | None = None, *,
+                return_perm: bool = False):
     """Sorts each group's levels; remaps codes so `gather_levels` is unchanged.
 
-    Returns `(sorted_levels, remapped_codes)` (codes None if not given). The levels are
-    sorted together with their positions in one `lax.sort` (the sort `jnp.argsort` runs),
-    so no gather is needed to apply the permutation; the code remap is a `_lookup` (selects
-    up to `SELECT_MAX_LEVELS` levels).
+    Returns `(sorted_levels, remapped_codes)` (codes None if not given), and with
+    `return_perm=True` also `perm` ([G, L] int32, `sorted = take_along_axis(levels, perm)`:
+    what per-level statistics need, see `permute_levels`). The levels are sorted together
+    with their positions in one `lax.sort` (the sort `jnp.argsort` runs), so no gather is
+    needed to apply the permutation; the code remap is a `_lookup` (selects up to
+    `SELECT_MAX_LEVELS` levels).
     """
     iota = jax.lax.broadcasted_iota(jnp.int32, levels.shape, levels.ndim - 1)
     sorted_levels, perm = jax.lax.sort_key_val(levels, iota, dimension=levels.ndim - 1)
-    if codes is None:
-        return sorted_levels, None
-    # old code -> new code: the inverse permutation, by a second (integer) sort
-    _, inverse = jax.lax.sort_key_val(perm, iota, dimension=levels.ndim - 1)
-    return sorted_levels, _lookup(inverse, codes).astype(codes.dtype)
+    new_codes = None
+    if codes is not None:
+        # old code -> new code: the inverse permutation, by a second (integer) sort
+        _, inverse = jax.lax.sort_key_val(perm, iota, dimension=levels.ndim - 1)
+        new_codes = _lookup(inverse, codes).astype(codes.dtype)
+    return (sorted_levels, new_codes, perm) if return_perm else (sorted_levels, new_codes)
 
 
 def permute_levels(x: jax.Array, perm: jax.Array) -> jax.Array:
