@@ -70,8 +70,15 @@ tensor of n codes takes ceil(n*b/8) bytes.
 
 Integrity: `load` checks, in this order, the prefix length, magic, format
 version, header length, header sha256, header JSON, payload length, payload
-sha256, the tensor table, and (if asked) the model name; each failure is a
-`ValueError` naming the file, what is wrong and what to do.
+sha256, (if asked) the model name, the header fields the tensors cannot vouch
+for (`quant` equal to `config.quant`, `model` to `config.model`, a positive
+class count, [H, W, C], and a plausible `normalization`: per-channel mean in
+[0, pixel_max], std in (0, pixel_max]), and the tensor table (ascending names,
+back to back from offset 0, covering the payload). `check_model` (run by
+`dq_jax.predict` before any prediction) then rebuilds the model the header
+describes and requires the table to be exactly its variables: names, shapes,
+encodings/dtypes, code bit widths, and the `layers` records. Each failure is a
+one-line `ValueError` naming the file, the first thing wrong and what to do.
 """
 from __future__ import annotations
 
@@ -517,7 +524,9 @@ def _parse(blob: bytes, path: str, expected_model: str | None = None) -> Export:
         _fail(path, f"holds model {header.get('model')!r}, not the requested "
               f"{expected_model!r}", f"Pass the export of {expected_model!r}, or do not "
               "ask for a specific model.")
+    _check_header_fields(header, path)
     tensors, packed = {}, {}
+    names, next_offset = [], 0
     for rec in table:
         try:
             name, enc, shape = rec["name"], rec["encoding"], tuple(int(s) for s in rec["shape"])
@@ -528,6 +537,15 @@ def _parse(blob: bytes, path: str, expected_model: str | None = None) -> Export:
         if nbytes != expect or off < 0 or off + nbytes > payload_size:
             _fail(path, f"tensor {name} record is inconsistent (offset {off}, {nbytes} bytes, "
                   f"expected {expect} within a {payload_size}-byte payload)", _REEXPORT)
+        # The documented layout: ascending names, tensors back to back from offset 0.
+        if names and name <= names[-1]:
+            _fail(path, f"tensor table is not in ascending name order ({names[-1]!r} before "
+                  f"{name!r}) or names a tensor twice", _REEXPORT)
+        if off != next_offset:
+            _fail(path, f"tensor {name} starts at payload offset {off}, but the tensors are "
+                  f"stored back to back and it must start at {next_offset}", _REEXPORT)
+        names.append(name)
+        next_offset = off + nbytes
         data = np.frombuffer(payload[off:off + nbytes], np.uint8)
         if enc == "bitpack":
             packed[name] = (data.copy(), int(rec["bits"]), shape)
@@ -537,7 +555,106 @@ def _parse(blob: bytes, path: str, expected_model: str | None = None) -> Export:
             tensors[name] = data.view(np.dtype(rec["dtype"])).copy().reshape(shape)
         else:
             _fail(path, f"tensor {name} has unknown encoding {enc!r}", _REEXPORT)
+    if next_offset != payload_size:
+        _fail(path, f"the tensors cover {next_offset} of the {payload_size} payload bytes",
+              _REEXPORT)
     return Export(path=path, header=header, tensors=tensors, packed=packed, file_size=size)
+
+
+def _check_header_fields(header: dict, path: str) -> None:
+    """Header fields the tensors cannot vouch for: consistent with each other and plausible."""
+    try:
+        config_quant = dataclasses.asdict(quant_of(header["config"]))
+        recorded = dict(header["quant"])
+        num_classes, image_shape = header["num_classes"], header["image_shape"]
+    except (KeyError, TypeError, ValueError) as e:
+        _fail(path, f"header lacks a valid config/quant/num_classes/image_shape "
+              f"({type(e).__name__}: {e})", _REEXPORT)
+    for key in sorted(set(config_quant) | set(recorded)):
+        if config_quant.get(key) != recorded.get(key):
+            _fail(path, f"header quant.{key}={recorded.get(key)!r} but config.quant.{key}="
+                  f"{config_quant.get(key)!r}: the header was edited", _REEXPORT)
+    if header.get("model") != header["config"].get("model", header.get("model")):
+        _fail(path, f"header model {header.get('model')!r} but config.model="
+              f"{header['config'].get('model')!r}: the header was edited", _REEXPORT)
+    if (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+            or not isinstance(image_shape, list) or len(image_shape) != 3
+            or not all(isinstance(v, int) and v > 0 for v in image_shape)):
+        _fail(path, f"header num_classes={num_classes!r} / image_shape={image_shape!r} are not "
+              "a positive class count and [H, W, C]", _REEXPORT)
+    norm = header.get("normalization")
+    if norm is not None:
+        channels = image_shape[-1]
+        try:
+            mean = np.asarray(norm["mean"], np.float64)
+            std = np.asarray(norm["std"], np.float64)
+            pixel_max = float(norm["pixel_max"])
+        except (KeyError, TypeError, ValueError) as e:
+            _fail(path, f"header normalization {norm!r} is malformed ({e})", _REEXPORT)
+        ok = (mean.ndim == 1 and std.ndim == 1 and mean.size in (1, channels)
+              and std.size in (1, channels) and math.isfinite(pixel_max) and pixel_max > 0
+              and np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)
+              and np.all(mean >= 0) and np.all(mean <= pixel_max) and np.all(std <= pixel_max))
+        if not ok:
+            _fail(path, f"header normalization {norm} is not a per-channel mean in "
+                  "[0, pixel_max] and std in (0, pixel_max] for "
+                  f"{channels} channel(s)", _REEXPORT)
+
+
+def check_model(exported: "Export", module=None) -> None:
+    """The tensor table must be exactly the variables of the model its header describes.
+
+    Rebuilds the runtime model (`Export.create_model`, or `module`) abstractly and compares
+    every variable's name, shape and dtype, the bit width of every code tensor (log2 of its
+    levels), and the `layers` records; raises a one-line ValueError naming the first mismatch.
+    """
+    path = exported.path
+    module = exported.create_model() if module is None else module
+    where = (f"the {exported.model_name} model rebuilt from its header (num_classes="
+             f"{exported.num_classes}, image_shape {list(exported.image_shape)}, "
+             f"{exported.runtime_quant.weight_bits}-bit weights)")
+    try:
+        shapes = jax.eval_shape(lambda: module.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *exported.image_shape), jnp.float32),
+            train=False))
+    except Exception as e:  # noqa: BLE001  (a model that cannot be built from this header)
+        _fail(path, f"cannot rebuild {where} ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:200]})", _REEXPORT)
+    shapes = {c: flax.core.unfreeze(shapes.get(c, {})) for c in COLLECTIONS}
+    layers = _quantized_layers(_flat(shapes["params"]), _flat(shapes[CODES]),
+                               exported.runtime_quant)
+    expected = {rec["name"]: rec for rec in _layout(
+        {n: v for n, v in _runtime_flat(shapes, layers).items()}, layers)}
+    table = {rec["name"]: rec for rec in exported.header["tensors"]}
+    for name in sorted(set(expected) | set(table)):
+        want, have = expected.get(name), table.get(name)
+        if have is None:
+            _fail(path, f"tensor {name} of {where} is missing from the file", _REEXPORT)
+        if want is None:
+            _fail(path, f"tensor {name} in the file is not a variable of {where}", _REEXPORT)
+        for field in ("shape", "encoding", "dtype", "bits"):
+            if want.get(field) != have.get(field):
+                _fail(path, f"tensor {name} has {field} {have.get(field)!r}, {where} expects "
+                      f"{want.get(field)!r}", _REEXPORT)
+    training = exported.training_quant
+    want_layers = {}
+    for layer in layers:
+        rec = layer.record()
+        if training.weights in ("latent_ste", "lsq"):
+            rec["method"] = training.weights
+        if training.weights == "lsq":
+            rec["grid_offset"] = int(wq.lsq_bounds(layer.bits)[0])
+        want_layers[rec["module"]] = rec
+    have_layers = {rec.get("module"): rec for rec in exported.layers}
+    for module_name in sorted(set(want_layers) | set(have_layers)):
+        want, have = want_layers.get(module_name), have_layers.get(module_name)
+        if want is None or have is None:
+            _fail(path, f"layer record {module_name} is {'missing' if have is None else 'extra'}"
+                  f" for {where}", _REEXPORT)
+        for field in ("method", "bits", "groups", "shape", "num_weights", "grid_offset"):
+            if want.get(field) != have.get(field):
+                _fail(path, f"layer {module_name} records {field} {have.get(field)!r}, "
+                      f"{where} has {want.get(field)!r}", _REEXPORT)
 
 
 def load(path: str, expected_model: str | None = None) -> Export:

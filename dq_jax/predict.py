@@ -35,6 +35,13 @@ arrays are taken to be on the dataset's raw scale (as its `x_test`: 0..255,
 or 0..16 for digits); image files (0..255) are first rescaled to the
 dataset's `pixel_max` and resized (bilinear) to the model's input size when
 they differ (no center crop). `--prenormalized` skips normalisation.
+
+Checks: loading verifies the file's tensor table against the model its
+header describes (`export.check_model`: names, shapes, dtypes, bit widths,
+class count). Inputs with NaN/inf, or far outside the range of the training
+pixels (more than twice that range beyond either end, known from the
+normalisation the export records), get an `InputWarning` (CLI: a
+`dq_jax.predict: warning:` line); the prediction still runs.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ import functools
 import math
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -54,8 +62,44 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
                   ".pgm")
 
 
+class InputWarning(UserWarning):
+    """Inputs the model cannot answer meaningfully: NaN/inf, or far outside the trained range."""
+
+
+# Inputs more than this many times the trained range past either end are "far outside" it.
+RANGE_MARGIN = 2.0
+
+
+def _check_finite(x: np.ndarray) -> None:
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        warnings.warn(f"{int(bad.sum())} of {len(x)} images contain NaN or inf values (first: "
+                      f"image {int(np.argmax(bad))}); their predictions are meaningless.",
+                      InputWarning, stacklevel=3)
+
+
+def _check_range(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, what: str, hint: str) -> None:
+    """Warns when finite values lie more than RANGE_MARGIN x (hi - lo) outside [lo, hi]."""
+    finite = np.where(np.isfinite(x), x, np.nan)
+    if not np.isfinite(finite).any():
+        return
+    span = hi - lo
+    axes = tuple(range(x.ndim - 1))
+    xmin, xmax = np.nanmin(finite, axis=axes), np.nanmax(finite, axis=axes)
+    if np.any(xmin < lo - RANGE_MARGIN * span) or np.any(xmax > hi + RANGE_MARGIN * span):
+        warnings.warn(
+            f"inputs span [{float(np.min(xmin)):.4g}, {float(np.max(xmax)):.4g}], far outside "
+            f"the {what} the model was trained on ([{float(np.min(lo)):.4g}, "
+            f"{float(np.max(hi)):.4g}]); {hint}", InputWarning, stacklevel=3)
+
+
 class Model:
-    """A loaded export; `.predict(images) -> logits` (numpy float32 [N, num_classes])."""
+    """A loaded export; `.predict(images) -> logits` (numpy float32 [N, num_classes]).
+
+    Loading checks the file's tensor table against the model its header describes
+    (`export.check_model`). Inputs with NaN/inf, or far outside the range the training data
+    had (known from the normalisation the export records), get an `InputWarning`.
+    """
 
     def __init__(self, exported: export.Export, *, integer: bool = False,
                  batch_size: int = 256):
@@ -67,6 +111,7 @@ class Model:
         self.integer = bool(integer)
         self.batch_size = int(batch_size)
         self.module = exported.create_model()
+        export.check_model(exported, self.module)
         self._floats = {k: jnp.asarray(v) for k, v in exported.tensors.items()}
         self._packed = {k: jnp.asarray(data) for k, (data, _, _) in exported.packed.items()}
         self._packed_meta = {k: (bits, tuple(shape))
@@ -82,8 +127,13 @@ class Model:
         return jax.jit(functools.partial(_unpack_all, self._packed_meta))(
             self._floats, self._packed)
 
-    def predict(self, images: Any) -> np.ndarray:
-        """Logits of normalised images [N, H, W, C] (C may be omitted for 1 channel)."""
+    def _raw_range(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if not self.normalization:
+            return None
+        return (np.zeros(1, np.float32),
+                np.full(1, float(self.normalization["pixel_max"]), np.float32))
+
+    def _shaped(self, images: Any) -> np.ndarray:
         x = np.asarray(images, np.float32)
         if x.ndim == len(self.image_shape) and self.image_shape[-1] == 1:
             x = x[..., None]
@@ -91,6 +141,24 @@ class Model:
             raise ValueError(
                 f"{self.model_name} expects images of shape (N, "
                 f"{', '.join(map(str, self.image_shape))}), got {x.shape}.")
+        return x
+
+    def predict(self, images: Any, *, check_inputs: bool = True) -> np.ndarray:
+        """Logits of normalised images [N, H, W, C] (C may be omitted for 1 channel).
+
+        Warns (`InputWarning`) on NaN/inf and on values far outside the normalised range of
+        the training pixels, when the export records its normalisation.
+        """
+        x = self._shaped(images)
+        if check_inputs and len(x):
+            _check_finite(x)
+            raw = self._raw_range()
+            if raw is not None:
+                mean = np.asarray(self.normalization["mean"], np.float32)
+                std = np.asarray(self.normalization["std"], np.float32)
+                _check_range(x, (raw[0] - mean) / std, (raw[1] - mean) / std,
+                             "normalised pixel range",
+                             "are they raw pixels? Use predict_raw (CLI: drop --prenormalized).")
         n = x.shape[0]
         if n == 0:
             return np.zeros((0, self.num_classes), np.float32)
@@ -121,8 +189,18 @@ class Model:
         return ((x - mean) / std).astype(np.float32)
 
     def predict_raw(self, pixels: Any) -> np.ndarray:
-        """Logits of raw pixels on the dataset's scale (normalised here)."""
-        return self.predict(self.normalize(pixels))
+        """Logits of raw pixels on the dataset's scale (normalised here); warns like
+        `predict` on NaN/inf and on pixels far outside 0..pixel_max."""
+        x = self._shaped(pixels)
+        normalized = self.normalize(x)  # (raises without normalisation constants)
+        if len(x):
+            _check_finite(x)
+            lo, hi = self._raw_range()
+            _check_range(x, lo, hi, "raw pixel range",
+                         f"give pixels on the dataset's scale (0..{float(hi[0]):g}; image "
+                         "files are rescaled to it), or normalised inputs to predict "
+                         "(CLI: --prenormalized).")
+        return self.predict(normalized, check_inputs=False)
 
 
 def _unpack_all(meta, floats, packed):
@@ -191,6 +269,11 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     if len(argv) > 1:
         raise SystemExit(f"Unexpected arguments: {argv[1:]}")
+    def show(message, category, filename, lineno, file=None, line=None):
+        del filename, lineno, file, line
+        kind = "warning" if issubclass(category, InputWarning) else category.__name__
+        print(f"dq_jax.predict: {kind}: {message}", file=sys.stderr, flush=True)
+    warnings.showwarning = show
     try:
         model = load_model(f.model, expected_model=f.expected_model, integer=f.integer,
                            batch_size=f.batch_size)

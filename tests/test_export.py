@@ -438,3 +438,169 @@ def test_wrong_model_name_is_rejected(good_file):
 def test_missing_workdir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json does not exist"):
         export.export_workdir(str(tmp_path), str(tmp_path / "x.dqz"))
+
+
+# --------------------------------------------------------------------------- table vs model
+
+def _edited(good_file, tmp_path, edit):
+    """The good export with its header (and payload) edited by `edit(header, tensors)`, and
+    every checksum recomputed: only the model check can tell."""
+    import hashlib
+    import json
+    blob = good_file.read_bytes()
+    _, _, hlen, _ = struct.unpack_from("<8sIQ32s", blob, 0)
+    header = json.loads(blob[export.PREFIX_SIZE:export.PREFIX_SIZE + hlen])
+    payload = blob[export.PREFIX_SIZE + hlen:]
+    tensors = {r["name"]: payload[r["offset"]:r["offset"] + r["nbytes"]]
+               for r in header["tensors"]}
+    edit(header, tensors)
+    table, offset = [], 0
+    for rec in header["tensors"]:
+        if rec.pop("keep_offset", False):
+            table.append(rec)
+            offset += rec["nbytes"]
+            continue
+        table.append(dict(rec, offset=offset))
+        offset += rec["nbytes"]
+    header["tensors"] = table
+    new_payload = b"".join(tensors[r["name"]] for r in sorted(
+        table, key=lambda r: r["offset"]))
+    header["payload"] = {"size": len(new_payload),
+                         "sha256": hashlib.sha256(new_payload).hexdigest()}
+    hjson = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    prefix = struct.pack("<8sIQ32s", export.MAGIC, 1, len(hjson), hashlib.sha256(hjson).digest())
+    return _write(tmp_path, prefix + hjson + new_payload)
+
+
+def _drop(name):
+    def edit(header, tensors):
+        header["tensors"] = [r for r in header["tensors"] if r["name"] != name]
+        tensors.pop(name)
+    return edit
+
+
+def _rename(old, new):
+    def edit(header, tensors):
+        for r in header["tensors"]:
+            if r["name"] == old:
+                r["name"] = new
+        header["tensors"].sort(key=lambda r: r["name"])
+        tensors[new] = tensors.pop(old)
+    return edit
+
+
+def _set(*keys, value):
+    def edit(header, tensors):
+        target = header
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+    return edit
+
+
+def _set_both_quant(key, value):
+    def edit(header, tensors):
+        header["quant"][key] = value
+        header["config"]["quant"][key] = value
+    return edit
+
+
+def _swap_offsets(header, tensors):
+    # Two tensors' bytes exchanged: same sizes, back to back, but each reads the other's data.
+    recs = [r for r in header["tensors"] if r["name"].startswith("batch_stats/")][:2]
+    assert recs[0]["nbytes"] == recs[1]["nbytes"]
+    tensors[recs[0]["name"]], tensors[recs[1]["name"]] = (tensors[recs[1]["name"]],
+                                                          tensors[recs[0]["name"]])
+    a, b = recs
+    a["offset"], b["offset"] = b["offset"], a["offset"]
+    a["keep_offset"] = b["keep_offset"] = True
+
+
+def _layer_bits(header, tensors):
+    header["layers"][0]["bits"] = 3
+
+
+def _codes_bits(header, tensors):
+    rec = next(r for r in header["tensors"] if r["encoding"] == "bitpack")
+    rec["bits"] = 1
+    rec["nbytes"] = export.packed_nbytes(math.prod(rec["shape"]), 1)
+    tensors[rec["name"]] = tensors[rec["name"]][:rec["nbytes"]]
+
+
+def _raw_dtype(header, tensors):
+    rec = next(r for r in header["tensors"] if r["encoding"] == "raw")
+    rec["dtype"] = "|i1"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_drop("params/head/bias"), r"tensor params/head/bias of the digits_cnn model rebuilt "
+                                r"from its header .* is missing from the file"),
+    (_rename("params/bn2/scale", "params/bn9/scale"),
+     r"tensor params/bn2/scale of the digits_cnn model .* is missing"),
+    (_set("num_classes", value=5), r"tensor params/head/bias has shape \[10\], the "
+                                   r"digits_cnn model rebuilt from its header \(num_classes=5"),
+    (_set("config", "quant", "act_bits", value=4), r"header quant.act_bits=2 but "
+                                                   r"config.quant.act_bits=4"),
+    (_set_both_quant("act_levels", "learned"), r"tensor quant_stats/conv2/act_quant/alpha in "
+                                               r"the file is not a variable of the digits_cnn"),
+    (_set_both_quant("weight_bits", 3), r"tensor codes/conv2/kernel has bits 2, .* expects 3"),
+    (_codes_bits, r"tensor codes/.*/kernel has bits 1, .* expects 2"),
+    (_layer_bits, r"layer conv2 records bits 3, .* has 2"),
+    (_raw_dtype, r"tensor quant_stats/.*initialized has dtype '\|i1', .* expects '\|b1'"),
+    (_swap_offsets, r"tensor batch_stats/.* starts at payload offset \d+, but the tensors are "
+                    r"stored back to back"),
+    (_set("normalization", "std", value=[0.0]), r"header normalization .* std in \(0, "
+                                                 r"pixel_max\]"),
+    (_set("normalization", "mean", value=[400.0]), r"header normalization .* mean in "
+                                                    r"\[0, pixel_max\]"),
+], ids=["dropped_tensor", "renamed_tensor", "num_classes", "act_bits_config_only",
+        "act_levels", "weight_bits", "codes_bits", "layer_bits", "raw_dtype", "swapped_offsets",
+        "zero_std", "mean_off_scale"])
+def test_tensor_table_is_checked_against_the_rebuilt_model(good_file, tmp_path, edit, match):
+    """An edited export with consistent checksums never reaches predict: one ValueError line
+    naming the first mismatch (names, shapes, dtypes, bits, class count, quant, layout)."""
+    path = _edited(good_file, tmp_path, edit)
+    with pytest.raises(ValueError, match=r"bad\.dqz: " + match) as info:
+        predict.load_model(path)
+    assert "\n" not in str(info.value) and "Re-export" in str(info.value)
+
+
+def test_unedited_round_trip_passes_the_model_check(good_file, tmp_path):
+    path = _edited(good_file, tmp_path, lambda header, tensors: None)
+    m = predict.load_model(path)
+    assert m.num_classes == 10
+
+
+def test_predict_warns_on_nonfinite_and_out_of_range_inputs(good_file):
+    import warnings
+    m = predict.load_model(str(good_file), batch_size=8)
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 16, (4, 8, 8)).astype(np.float32)  # digits' raw scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in-range inputs: no warning at all
+        m.predict_raw(pixels)
+        m.predict(m.normalize(pixels))
+    bad = pixels.copy()
+    bad[2, 3, 3] = np.nan
+    with pytest.warns(predict.InputWarning, match=r"1 of 4 images contain NaN or inf values "
+                                                  r"\(first: image 2\)"):
+        m.predict_raw(bad)
+    with pytest.warns(predict.InputWarning, match=r"far outside the raw pixel range .*0..16"):
+        m.predict_raw(pixels * 1e5)
+    with pytest.warns(predict.InputWarning, match=r"far outside the normalised pixel range .*"
+                                                  r"are they raw pixels"):
+        m.predict(pixels * 255 / 16)
+    with pytest.warns(predict.InputWarning, match="contain NaN or inf"):
+        m.predict(np.full((1, 8, 8, 1), np.inf, np.float32))
+
+
+def test_predict_cli_warns_on_bad_inputs(good_file, tmp_path):
+    x = np.full((3, 8, 8), 1e6, np.float32)
+    x[0, 0, 0] = np.nan
+    np.savez(tmp_path / "x.npz", x_test=x)
+    proc = run_python(["-m", "dq_jax.predict", f"--model={good_file}",
+                       f"--images={tmp_path / 'x.npz'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warned = [l for l in proc.stderr.splitlines() if l.startswith("dq_jax.predict: warning:")]
+    assert len(warned) == 2, proc.stderr[-2000:]
+    assert "1 of 3 images contain NaN" in warned[0] and "far outside" in warned[1]
