@@ -12,8 +12,28 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+
+def _sigterm_outside_training(signum, frame):
+    del signum, frame
+    print("dq_jax: SIGTERM while no training step was running: exiting with nothing unsaved. "
+          "Rerun the same command to resume.", file=sys.stderr, flush=True)
+    sys.exit(0)
+
+
+def install_sigterm_exit() -> None:
+    """Until training installs its own handler (which checkpoints the current step), a
+    SIGTERM (preemption notice) exits 0 with a message: nothing is lost before a run starts."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_outside_training)
+
+
+if __name__ == "__main__":  # before the heavier imports below
+    install_sigterm_exit()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -59,22 +79,6 @@ class _QuietLibraries(logging_lib.Filter):
     def filter(self, record: logging_lib.LogRecord) -> bool:
         return record.levelno > logging_lib.INFO or not any(
             f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "etils"))
-
-
-def _sigterm_outside_training(signum, frame):
-    del signum, frame
-    print("dq_jax: SIGTERM while no training step was running: exiting with nothing unsaved. "
-          "Rerun the same command to resume.", file=sys.stderr, flush=True)
-    sys.exit(0)
-
-
-def install_sigterm_exit() -> None:
-    """Until training installs its own handler (which checkpoints the current step), a
-    SIGTERM (preemption notice) exits 0 with a message: nothing is lost before a run starts."""
-    import signal
-    import threading
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm_outside_training)
 
 
 def _report_preempted(result: dict) -> bool:
@@ -140,5 +144,4 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    install_sigterm_exit()
     app.run(main, flags_parser=parse_flags)
