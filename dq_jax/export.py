@@ -849,7 +849,12 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> dict:
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} does not exist; --workdir must be a directory "
                                 "written by dq_jax training (python -m dq_jax.main).")
-    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text())["config"])
+    try:
+        config = ml_collections.ConfigDict(json.loads(cfg_path.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is damaged ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); the export needs the training "
+                         "config it records: restore it from a backup.") from e
     configlib.validate(config, device_count=1)
     root = wd / checkpoints.CHECKPOINT_DIR
     steps = sorted(int(c.name) for c in root.iterdir() if c.name.isdigit()) \

@@ -438,6 +438,9 @@ def test_wrong_model_name_is_rejected(good_file):
 def test_missing_workdir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json does not exist"):
         export.export_workdir(str(tmp_path), str(tmp_path / "x.dqz"))
+    (tmp_path / "config.json").write_text('{"identity": {"model": "dig')
+    with pytest.raises(ValueError, match=r"config.json is damaged \(JSONDecodeError.*restore it"):
+        export.export_workdir(str(tmp_path), str(tmp_path / "x.dqz"))
 
 
 # --------------------------------------------------------------------------- table vs model
