@@ -95,6 +95,8 @@ def _os_reason(e: OSError) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,7 +126,9 @@ class WorkdirLock:
 
     def _holder(self) -> dict:
         try:
-            return json.loads(open(self.path).read() or "{}")
+            with open(self.path) as f:
+                holder = json.loads(f.read() or "{}")
+            return holder if isinstance(holder, dict) else {}
         except (OSError, ValueError):
             return {}
 
@@ -164,7 +168,8 @@ class WorkdirLock:
             holder = self._holder()
             if holder:
                 here = holder.get("host") == socket.gethostname()
-                pid = int(holder.get("pid", -1))
+                pid = holder.get("pid")
+                pid = pid if isinstance(pid, int) and pid > 0 else -1
                 if not here:
                     os.close(fd)
                     self._refuse(holder, "; a process on another host cannot be checked "
