@@ -60,9 +60,13 @@ def _train_step_and_args(weight_bits: int, act_bits: int = 2, act_levels: str = 
     optimizer = train.create_optimizer(c, 1000, 100)
     steps = train.Steps(model, optimizer, train.create_mesh(c))
     shape = (HW, HW, models.INPUT_SHAPES[MODEL][-1])
-    state = jax.eval_shape(lambda: train.init_state(model, optimizer, shape, 0))
-    batch = {"image": jax.ShapeDtypeStruct((BATCH, *shape), jnp.float32),
-             "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
+    # Abstract values placed as the program places them (replicated state, batch split over
+    # the mesh's data axis): under an Explicit-typed mesh some ops only trace when told how.
+    state = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=steps.replicated),
+        jax.eval_shape(lambda: train.init_state(model, optimizer, shape, 0)))
+    batch = {"image": jax.ShapeDtypeStruct((BATCH, *shape), jnp.float32, sharding=steps.batch),
+             "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32, sharding=steps.batch)}
     return steps.train, state, batch
 
 
@@ -174,6 +178,17 @@ def test_more_than_16_levels_keep_the_gather_and_segment_sum():
     float_scatters = [s for op, s in ops if op == "scatter" and _types(s)[-1][1] == "f32"]
     kernel_gathers = [s for op, s in ops if op == "gather" and _types(s)[-1][0] in kernels]
     assert float_scatters and kernel_gathers
+
+
+def test_learned_activations_above_16_levels_trace_in_the_program():
+    """A5 learned levels (32): the general path (gather, segment sum) of the activation
+    quantizer traces with a batch-sharded input on the program's mesh (a plain
+    `levels[idx]` does not: its output sharding is ambiguous under an Explicit mesh)."""
+    step, state, batch = _train_step_and_args(2, 5, "learned")
+    sites = set(jaxpr_gather_scatter_sites(step, state, batch))
+    assert {("gather", "activations.py", "_level_of_index"),
+            ("scatter-add", "activations.py", "fit_learned_levels")} <= sites, sites
+    assert hlo_gathers_scatters(step.lower(state, batch).as_text())
 
 
 @pytest.mark.parametrize("granularity", ["per_layer", "per_channel"])

@@ -108,7 +108,9 @@ def nearest_level_index(x: jax.Array, levels: jax.Array) -> jax.Array:
 def _level_of_index(levels: jax.Array, idx: jax.Array) -> jax.Array:
     """`levels[idx]` for 1-D `levels`: selects (the same float, bit for bit) up to 16 levels."""
     if levels.shape[0] > _SELECT_MAX_LEVELS:
-        return levels[idx]
+        # The result is sharded like the (batch-sharded) indices: under an Explicit mesh a
+        # plain `levels[idx]` cannot infer that and fails to trace.
+        return levels.at[idx].get(out_sharding=jax.typeof(idx).sharding)
     out = jnp.broadcast_to(levels[0], idx.shape)
     for k in range(1, levels.shape[0]):
         out = jnp.where(idx == k, levels[k], out)
@@ -136,10 +138,11 @@ def fit_learned_levels(x: jax.Array, levels: jax.Array, w_c: jax.Array,
         zero = jnp.zeros((), x.dtype)
         sums = jnp.stack([jnp.sum(jnp.where(idx == k, wx, zero)) for k in range(num_levels)])
         mass = jnp.stack([jnp.sum(jnp.where(idx == k, w, zero)) for k in range(num_levels)])
-    else:
-        flat = idx.reshape(-1)
-        sums = jax.ops.segment_sum(wx.reshape(-1), flat, num_segments=num_levels)
-        mass = jax.ops.segment_sum(w.reshape(-1), flat, num_segments=num_levels)
+    else:  # segment sums; the [L] result is replicated like the levels (Explicit meshes)
+        into = jnp.zeros_like(levels, dtype=x.dtype)
+        out_sharding = jax.typeof(levels).sharding
+        sums = into.at[idx].add(wx, out_sharding=out_sharding)
+        mass = into.at[idx].add(w, out_sharding=out_sharding)
     new = jnp.where(mass > 0, sums / jnp.where(mass > 0, mass, 1.0), levels)
     if nonnegative:
         new = jnp.concatenate([jnp.zeros((1,), new.dtype), jnp.maximum(new[1:], 0.0)])
