@@ -12,7 +12,10 @@ bench/step_time.py builds it) on the same random batch:
                  (weights.SELECT_MAX_LEVELS = activations._SELECT_MAX_LEVELS = 0: gather for
                  the lookups, segment-sum scatter for the level gradient) and, for learned
                  activation levels, the former dense one-hot fit; i.e. the code before the
-                 select path (up to the exact-zero pin of unsigned learned levels)
+                 select path (up to the exact-zero pin of unsigned learned levels; and the
+                 former `levels[idx]` of learned levels did not lower under the program's
+                 Explicit mesh at all, so that lookup is the sharding-aware gather of > 16
+                 levels)
 The switch is a trace-time monkeypatch inside this process only. Compile time is
 `lower(...).compile()`; step time is the median of --repeats steps, the variants interleaved
 step by step so that load from other processes hits them alike (compiles too, over
