@@ -244,6 +244,24 @@ def initial_state(config):
     return jax.device_get(state.params), jax.device_get(state.codes)
 
 
+def same_run_config(saved: dict, mine: dict) -> bool:
+    """Whether a workdir's recorded run config is this run's: keys that cannot change results
+    (force_new, allow_config_change) are ignored, and a key the saved config lacks (added to
+    the schema since) matches when this run leaves it at its default."""
+    from dq_jax.configlib import base_config
+    defaults = json.loads(base_config().to_json_best_effort())
+    ignore = {"force_new", "allow_config_change"}
+    for key in set(saved) | set(mine):
+        if key in ignore:
+            continue
+        if key not in saved:
+            if mine[key] != defaults.get(key, object()):
+                return False
+        elif key not in mine or saved[key] != mine[key]:
+            return False
+    return True
+
+
 def run_one(config, workdir: str) -> dict:
     import flax
     import jax
@@ -254,7 +272,8 @@ def run_one(config, workdir: str) -> dict:
     import shutil
     marker = pathlib.Path(workdir) / "bench_run_config.json"
     mine = config.to_json_best_effort(sort_keys=True)
-    if marker.exists() and marker.read_text() != mine:
+    if marker.exists() and not same_run_config(json.loads(marker.read_text()),
+                                               json.loads(mine)):
         shutil.rmtree(workdir)
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     marker.write_text(mine)
@@ -263,6 +282,9 @@ def run_one(config, workdir: str) -> dict:
     t0 = time.time()
     out = train.train_and_evaluate(config, workdir)
     wall = time.time() - t0
+    if out.get("preempted") or "eval_top1" not in out:
+        sys.exit(f"run in {workdir} was interrupted at step {out.get('steps')} (checkpointed); "
+                 "run the same command again to continue it")
     row = {"top1": out["eval_top1"], "top5": out["eval_top5"], "steps": out["steps"],
            "train_seconds": out["train_seconds"], "wall_seconds": wall,
            "steps_per_sec": out["steps_per_sec"]}

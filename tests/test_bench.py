@@ -110,3 +110,16 @@ def test_accuracy_overrides_and_diagnostics():
     assert w["weight_rel_error_start"] == 0.0
     assert w["weight_rel_error_end"] == 1.0 / 6.0  # (2-1)^2 / (1 + 0 + 1 + 4)
     assert w["codes_changed_by_end"] == 0.25
+
+
+def test_accuracy_run_config_marker_tolerates_new_default_keys():
+    sys.path.insert(0, str(ROOT))
+    from bench import accuracy
+    saved = {"learning_rate": 0.01, "seed": 0, "force_new": True}
+    assert accuracy.same_run_config(saved, {"learning_rate": 0.01, "seed": 0,
+                                            "allow_config_change": False, "force_new": False})
+    # a schema key added since, left at its default, matches; set to another value it does not
+    assert accuracy.same_run_config(saved, {**saved, "bn_recalibration_batches": 0})
+    assert not accuracy.same_run_config(saved, {**saved, "bn_recalibration_batches": 50})
+    assert not accuracy.same_run_config(saved, {**saved, "learning_rate": 0.1})
+    assert not accuracy.same_run_config(saved, {"learning_rate": 0.01})
