@@ -1,6 +1,27 @@
-"""dq_jax: direct quantization for low bit-width QAT of CNNs in JAX/Flax."""
-from dq_jax.layers import QuantConv, QuantDense
-from dq_jax.quant.config import QuantConfig
+"""dq_jax: direct quantization for low bit-width QAT of CNNs in JAX/Flax.
+
+`QuantConfig`, `QuantConv` and `QuantDense` are imported on first use (PEP 562), so
+`python -m dq_jax.main` installs its SIGTERM handling before JAX and Flax load.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["QuantConfig", "QuantConv", "QuantDense", "__version__"]
+
+_LAZY = {"QuantConfig": "dq_jax.quant.config", "QuantConv": "dq_jax.layers",
+         "QuantDense": "dq_jax.layers"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dq_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
