@@ -61,7 +61,7 @@ def effective_kernels(params: PyTree, codes: PyTree) -> dict[tuple[str, ...], ja
 
 def code_histogram_entropy(codes: jax.Array, num_levels: int) -> jax.Array:
     """Entropy (bits) of a layer's code histogram: log2(L) when all levels are used evenly."""
-    counts = jnp.bincount(codes.reshape(-1).astype(jnp.int32), length=num_levels)
+    counts = wq.code_counts(codes, num_levels)  # no scatter (a bincount is one)
     p = counts / codes.size
     return -jnp.sum(jnp.where(p > 0, p * jnp.log2(jnp.where(p > 0, p, 1.0)), 0.0))
 
@@ -87,7 +87,7 @@ def permute_level_statistics(opt_state: PyTree,
         for levels_path, perm in perms.items():
             n = len(levels_path)
             if path[-n:] == levels_path and getattr(leaf, "shape", None) == perm.shape:
-                return jnp.take_along_axis(leaf, perm, axis=-1)
+                return wq.permute_levels(leaf, perm)
         return leaf
 
     return jax.tree_util.tree_map_with_path(visit, opt_state)
@@ -190,8 +190,8 @@ class QuantOptimizer:
         perms = {}
         for path in [p for p in new_params if p[-1] == LEVELS]:
             module = path[:-1]
-            perms[path] = jnp.argsort(new_params[path], axis=-1)
-            levels, remapped = wq.sort_levels(new_params[path], new_codes.get(module))
+            levels, remapped, perms[path] = wq.sort_levels(
+                new_params[path], new_codes.get(module), return_perm=True)
             new_params[path] = levels
             if remapped is not None:
                 new_codes[module] = remapped

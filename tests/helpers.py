@@ -22,7 +22,11 @@ def run_python(args: list[str], *, devices: int | None = None, timeout: int = 60
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     if devices:
-        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        # Keep the caller's XLA flags (e.g. --xla_cpu_enable_fast_math=false); replace only the
+        # device count.
+        kept = [f for f in full_env.get("XLA_FLAGS", "").split()
+                if not f.startswith("--xla_force_host_platform_device_count")]
+        full_env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
     return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 

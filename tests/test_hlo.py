@@ -28,18 +28,9 @@ from dq_jax.quant import weights as wq
 
 MODEL, HW, BATCH = "resnet20", 8, 4
 
-# Gather/scatter sites outside the quantizers that the whole-step test still finds, with why.
-# Both are in dq_jax/optim.py (being rewritten for issue 12 items 1-2); each has a drop-in
-# replacement without gather/scatter in dq_jax.quant.weights. Delete an entry once optim.py
-# uses it (then `test_whole_dq_train_step_has_no_gather_or_scatter` passes: drop its xfail).
-OPTIM_LEFTOVERS = {
-    ("scatter-add", "optim.py", "code_histogram_entropy"):
-        "jnp.bincount of each layer's codes for the logged code entropy (an int32 scatter-add "
-        "over every weight); wq.code_counts is the masked-reduction drop-in",
-    ("gather", "optim.py", "permute_level_statistics"):
-        "take_along_axis of the levels' Adam moments [G, L] after the level sort (tiny); "
-        "wq.permute_levels is the select drop-in",
-}
+# Gather/scatter sites outside the quantizers that the whole-step test may accept (none: the
+# optimizer uses wq.code_counts / wq.sort_levels(return_perm=True) / wq.permute_levels).
+OPTIM_LEFTOVERS: dict = {}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -158,9 +149,6 @@ def test_dq_w2a2_train_step_weight_path_has_no_gather_or_scatter(w2a2_step):
     assert sum(op == "scatter" for op, _ in ops) <= len(kernels)
 
 
-@pytest.mark.xfail(strict=True, reason="dq_jax/optim.py still has OPTIM_LEFTOVERS (bincount "
-                   "and take_along_axis); when it uses wq.code_counts / wq.permute_levels this "
-                   "passes: remove this marker and the entries")
 def test_whole_dq_train_step_has_no_gather_or_scatter(w2a2_step):
     _, _, _, text = w2a2_step
     assert hlo_gathers_scatters(text) == []

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from tests.helpers import REPO
-from tests.test_train import SHARDED_SCRIPT
+from tests.test_train import SHARDED_SCRIPT, compare_step_states
 
 
 def _free_port() -> int:
@@ -21,8 +21,11 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra: str) -> dict:
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
     env = dict(os.environ, PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+               XLA_FLAGS=" ".join(kept + [f"--xla_force_host_platform_device_count={devices}"]),
+               **extra)
     for key in ("DQ_JAX_COORDINATOR", "DQ_JAX_NUM_PROCESSES", "DQ_JAX_PROCESS_ID"):
         if key not in extra:
             env.pop(key, None)
@@ -56,13 +59,7 @@ def test_two_processes_equal_one_process_eight_devices(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         assert '"devices": 8' in out
-    a, b = dict(np.load(one / "state.npz")), dict(np.load(two / "state.npz"))
-    assert a.keys() == b.keys()
-    for key in a:
-        if key.startswith(".codes"):
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-        elif a[key].dtype.kind == "f":
-            # Same global batch; only the cross-process reduction order may differ.
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
-        else:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # Same global batch; only the cross-process reduction order differs: compared step by
+    # step up to the first code divergence, as the single-process sharding test does.
+    compare_step_states(dict(np.load(one / "states.npz")), dict(np.load(two / "states.npz")),
+                        steps=6, atol=1e-4)
