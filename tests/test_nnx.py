@@ -39,6 +39,23 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    """Same structure and dtypes; floats within round-off; integers (codes) equal except at
+    most 0.1% of the entries (values within round-off of a rounding threshold)."""
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        name = jax.tree_util.keystr(path)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        if np.issubdtype(x.dtype, np.inexact):
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=name)
+        elif x.dtype == np.uint8:  # codes
+            assert np.sum(x != y) <= max(1, 1e-3 * x.size), name
+        else:  # counts, PRNG keys, steps: exact
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
 def pure(model_or_state):
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
     return nnx.to_pure_dict(nnx.as_pure(state))
@@ -191,7 +208,7 @@ def test_optimizer_rejects_plain_nnx_grads(np_rng):
 
 # ---------------------------------------------------------------- digits W2A2: Linen vs NNX
 
-DIGITS_STEPS = 60
+DIGITS_STEPS = 200
 SEEDS = (0, 1, 2)
 
 
@@ -279,12 +296,15 @@ def test_linen_and_nnx_same_first_step(digits_runs):
     for first in digits_runs["first_steps"]:
         state, l_diag = first["linen"]
         n_vars, n_diag, n_opt_state = first["nnx"]
-        assert_trees_equal(n_vars["codes"], state.codes)  # the code update (same key)
-        assert_trees_equal(n_vars["params"], state.params)
-        assert_trees_equal(n_vars["batch_stats"], state.batch_stats)
-        assert_trees_equal(n_vars["quant_stats"], state.quant_stats)
-        assert_trees_equal(n_diag, l_diag)
-        assert_trees_equal(n_opt_state, state.opt_state)
+        # Two different XLA programs compute the same maths: floats agree to round-off, and
+        # codes (the same key, the same random bits) except where a target lies within
+        # round-off of a rounding threshold (at most 0.1%; on this machine none).
+        assert_trees_close(n_vars["codes"], state.codes)  # the code update (same key)
+        assert_trees_close(n_vars["params"], state.params)
+        assert_trees_close(n_vars["batch_stats"], state.batch_stats)
+        assert_trees_close(n_vars["quant_stats"], state.quant_stats)
+        assert_trees_close(n_diag, l_diag, atol=2e-3)  # flip rates: a code or two of 1e3+
+        assert_trees_close(n_opt_state, state.opt_state)
         changed = sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in zip(
             jax.tree.leaves(first["start_codes"]), jax.tree.leaves(state.codes)))
         assert changed > 0  # the comparison saw real code flips
@@ -294,14 +314,17 @@ def test_nnx_digits_w2a2_trains_to_linen_accuracy(digits_runs):
     """Issue 14: NNX W2A2 on digits reaches the Linen model's accuracy (3 seeds, mean within
     0.5 points). Both start from the same numbers, so the comparison measures the NNX front
     end (gradients, statistics, optimizer, train/eval) rather than init noise; 60 steps
-    (~3 epochs, ~0.9 top-1) keep it at a few seconds per seed."""
+    (200 steps, ~10 epochs, ~0.95 top-1: past the steep part, so the seed-to-seed spread of a
+    diverged pair is small) keep it at a few seconds per seed."""
     results = digits_runs["results"]
     linen = np.array([r[0] for r in results])
     nnx_ = np.array([r[1] for r in results])
     assert abs(nnx_.mean() - linen.mean()) <= 0.005, results
-    assert linen.min() > 0.5, results  # both really learned (chance is 0.1)
-    # Same operations on the same numbers: in practice the runs are identical.
-    assert all(r[2] for r in results), results
+    assert linen.min() > 0.8, results  # both really learned (chance is 0.1)
+    # The runs are often identical, but Linen's and NNX's steps are two different XLA
+    # programs: a value within round-off of a rounding threshold can take another code on
+    # another CPU or with other XLA flags, and every later step then differs. So identity is
+    # not asserted; the accuracy criterion above is the issue's.
 
 
 # ---------------------------------------------------------------- export, checkpoint
