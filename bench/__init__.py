@@ -1,6 +1,8 @@
 """Benchmarks (step time, input pipeline, accuracy); see RESULTS.md."""
 from __future__ import annotations
 
+import os
+import pathlib
 import sys
 from typing import Sequence
 
@@ -12,3 +14,13 @@ def parse_methods(text: str, known: Sequence[str]) -> list[str]:
     if bad:
         sys.exit(f"unknown method(s) {bad}; known: {', '.join(known)}")
     return methods
+
+
+def use_cifar10_npz(config):
+    """Points `config` at the benchmark's CIFAR-10 `.npz` copy: `$DQ_JAX_SHARED_DATA` when set
+    (the data reader looks there), else `shared/data/cifar10.npz` beside the checkout."""
+    config.dataset = "cifar10_npz"
+    beside = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10.npz"
+    if not os.environ.get("DQ_JAX_SHARED_DATA") and not config.data_dir and beside.exists():
+        config.data_dir = str(beside)
+    return config

@@ -40,7 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import parse_methods  # noqa: E402  (after the path set-up)
+from bench import parse_methods, use_cifar10_npz  # noqa: E402  (after the path set-up)
 
 METHODS = ("float", "w2a2", "w3a3", "w4a4", "nearest_w2a2", "global_w2a2",
            "latent_ste_w2a2", "lsq_w2a2", "lsq_w3a3", "lsq_w4a4")
@@ -457,12 +457,7 @@ def main(argv=None):
         note = f"{base.num_train_steps} steps from scratch"
     else:
         base = load("cifar10_resnet20")
-        base.dataset = "cifar10_npz"  # the benchmark copy, not TFDS
-        # The benchmark copy: $DQ_JAX_SHARED_DATA, else a data/ folder beside the checkout.
-        if not os.environ.get("DQ_JAX_SHARED_DATA") and not base.data_dir:
-            beside = ROOT.parent / "shared" / "data" / "cifar10.npz"
-            if beside.exists():
-                base.data_dir = str(beside)
+        use_cifar10_npz(base)  # the benchmark copy, not TFDS
         base.log_every_steps = 50
         apply_overrides(base, overrides)
         fl = method_config(base, "float")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -102,10 +101,8 @@ def main(argv=None):
     from dq_jax.configlib import load_config_file
     config = load_config_file(args.config)
     config.augment = False
-    config.dataset = "cifar10_npz"  # $DQ_JAX_SHARED_DATA, else data/ beside the checkout
-    beside = ROOT.parent / "shared" / "data" / "cifar10.npz"
-    if not os.environ.get("DQ_JAX_SHARED_DATA") and beside.exists():
-        config.data_dir = str(beside)
+    from bench import use_cifar10_npz
+    use_cifar10_npz(config)
     stats = measure(config, args.init_from, args.images)
     pathlib.Path(args.out).write_text(json.dumps(stats, indent=1))
     print(table(stats))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -31,10 +30,8 @@ def main(argv=None):
     from dq_jax.configlib import load_config_file
     from dq_jax.main import apply_variant
     base = load_config_file(ROOT / "configs" / "cifar10_resnet20.py")
-    base.dataset = "cifar10_npz"
-    beside = ROOT.parent / "shared" / "data" / "cifar10.npz"
-    if not os.environ.get("DQ_JAX_SHARED_DATA") and beside.exists():
-        base.data_dir = str(beside)
+    from bench import use_cifar10_npz
+    use_cifar10_npz(base)
     out = {"init_from": args.init_from, "bn_batches": args.bn_batches, "runs": {}}
     for method in args.methods.split(","):
         c = apply_variant(base, method)

@@ -123,3 +123,15 @@ def test_accuracy_run_config_marker_tolerates_new_default_keys():
     assert not accuracy.same_run_config(saved, {**saved, "bn_recalibration_batches": 50})
     assert not accuracy.same_run_config(saved, {**saved, "learning_rate": 0.1})
     assert not accuracy.same_run_config(saved, {"learning_rate": 0.01})
+
+
+def test_use_cifar10_npz_keeps_an_explicit_data_dir(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from bench import use_cifar10_npz
+    from dq_jax import configlib
+    c = configlib.base_config()
+    c.data_dir = "/elsewhere/cifar10.npz"
+    assert use_cifar10_npz(c).dataset == "cifar10_npz" and c.data_dir == "/elsewhere/cifar10.npz"
+    monkeypatch.setenv("DQ_JAX_SHARED_DATA", "/from/env")
+    c = use_cifar10_npz(configlib.base_config())
+    assert c.dataset == "cifar10_npz" and c.data_dir == ""  # the reader takes the variable
