@@ -124,6 +124,17 @@ class _QuantMixin:
 
     _flax_layer: type  # nnx.Conv or nnx.Linear
 
+    # One constructor and call for both layers: the Flax layer's own arguments pass through
+    # (cooperative super() reaches nnx.Conv / nnx.Linear), plus `quant` and the train flag.
+    def __init__(self, *args: Any, quant: QuantConfig = QuantConfig(),
+                 use_running_average: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._setup_quant(quant, use_running_average)
+
+    def __call__(self, inputs: jax.Array, out_sharding=None, *,
+                 use_running_average: Optional[bool] = None) -> jax.Array:
+        return self._quant_call(inputs, use_running_average, out_sharding=out_sharding)
+
     def _setup_quant(self, quant: QuantConfig, use_running_average: bool) -> None:
         if not isinstance(quant, QuantConfig):
             raise TypeError(f"{type(self).__name__}: quant must be a dq_jax QuantConfig, got "
@@ -191,29 +202,11 @@ class QuantConv(_QuantMixin, nnx.Conv):
 
     _flax_layer = nnx.Conv
 
-    def __init__(self, *args: Any, quant: QuantConfig = QuantConfig(),
-                 use_running_average: bool = False, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._setup_quant(quant, use_running_average)
-
-    def __call__(self, inputs: jax.Array, out_sharding=None, *,
-                 use_running_average: Optional[bool] = None) -> jax.Array:
-        return self._quant_call(inputs, use_running_average, out_sharding=out_sharding)
-
 
 class QuantLinear(_QuantMixin, nnx.Linear):
     """`nnx.Linear` with a quantized kernel and input (see `QuantConv`)."""
 
     _flax_layer = nnx.Linear
-
-    def __init__(self, *args: Any, quant: QuantConfig = QuantConfig(),
-                 use_running_average: bool = False, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._setup_quant(quant, use_running_average)
-
-    def __call__(self, inputs: jax.Array, out_sharding=None, *,
-                 use_running_average: Optional[bool] = None) -> jax.Array:
-        return self._quant_call(inputs, use_running_average, out_sharding=out_sharding)
 
 
 def quant_layers(model: nnx.Module) -> list[tuple[tuple, _QuantMixin]]:
