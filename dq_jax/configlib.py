@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.levels_learning_rate = 1e-3                  # peak Adam LR of weight levels
     c.code_learning_rate = -1.0                    # peak LR of the DQ code update; -1: learning_rate
     c.momentum = 0.9
+    c.code_momentum = -1.0                         # SGD momentum of the DQ code update; -1: momentum
     c.nesterov = False
     c.weight_decay = 1e-4
     c.schedule = "cosine"
@@ -133,7 +134,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
             _fail(f"config.{key}={value} must be a positive multiple of the device count "
                   f"({device_count}); e.g. --config.{key}={max(device_count, value - value % device_count or device_count)}.")
     for key in ("num_epochs", "learning_rate", "levels_learning_rate", "code_learning_rate",
-                "momentum", "weight_decay", "label_smoothing", "warmup_epochs"):
+                "momentum", "code_momentum", "weight_decay", "label_smoothing", "warmup_epochs"):
         if not math.isfinite(float(config[key])):
             _fail(f"config.{key}={config[key]!r} is not a finite number.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
@@ -145,6 +146,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
               "for config.learning_rate.")
     if not 0.0 <= config.label_smoothing < 1.0:
         _fail(f"config.label_smoothing={config.label_smoothing!r} must be in [0, 1).")
+    if not (0.0 <= config.code_momentum < 1.0 or config.code_momentum == -1):
+        _fail(f"config.code_momentum={config.code_momentum!r} must be in [0, 1), or -1 "
+              "for config.momentum.")
     if not 0.0 <= config.momentum < 1.0 or config.weight_decay < 0:
         _fail("config.momentum must be in [0, 1) and config.weight_decay >= 0.")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):

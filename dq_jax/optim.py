@@ -102,6 +102,9 @@ class QuantOptimizer:
       code_learning_rate: peak LR of the direct code update (SGD-momentum on
         W_q). A 2-bit level gap is large next to a float-LR step, so the codes
         may need a larger step than the float params; None = `learning_rate`.
+      code_momentum: SGD momentum of the code update; None = `momentum`. A larger one
+        (e.g. 0.99) averages the per-weight gradient over more steps before stochastic
+        re-assignment acts on it, so fewer flips are driven by gradient noise.
       levels_learning_rate: peak LR of the levels' Adam.
       schedule_shape: step -> multiplier (peak 1.0), shared by every group.
       momentum, nesterov: SGD momentum (float params and W_q).
@@ -115,7 +118,7 @@ class QuantOptimizer:
                  schedule_shape: Schedule = lambda step: 1.0, momentum: float = 0.9,
                  nesterov: bool = False, weight_decay: float = 0.0,
                  rounding: str = "stochastic", code_momentum_dtype: str = "float32",
-                 code_learning_rate: float | None = None):
+                 code_learning_rate: float | None = None, code_momentum: float | None = None):
         if code_momentum_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"code_momentum_dtype={code_momentum_dtype!r} is not supported; "
                              "allowed values: 'float32', 'bfloat16'.")
@@ -128,7 +131,8 @@ class QuantOptimizer:
         self.code_lr = self.lr if code_learning_rate is None else (
             lambda step: code_learning_rate * schedule_shape(step))
 
-        def sgd(wd: float, accumulator_dtype=None, lr=self.lr) -> optax.GradientTransformation:
+        def sgd(wd: float, accumulator_dtype=None, lr=self.lr,
+                momentum=momentum) -> optax.GradientTransformation:
             parts = [optax.add_decayed_weights(wd)] if wd else []
             return optax.chain(*parts, optax.sgd(lr, momentum=momentum or None,
                                                  nesterov=nesterov,
@@ -138,7 +142,8 @@ class QuantOptimizer:
             {"decay": sgd(weight_decay), "no_decay": sgd(0.0),
              "levels": optax.adam(self.levels_lr)},
             lambda params: flax.traverse_util.path_aware_map(_param_label, params))
-        self.codes_tx = sgd(weight_decay, jnp.dtype(code_momentum_dtype), self.code_lr)
+        self.codes_tx = sgd(weight_decay, jnp.dtype(code_momentum_dtype), self.code_lr,
+                            momentum if code_momentum is None else code_momentum)
 
     def applied_updates(self, state: QuantOptState) -> jax.Array:
         """How many updates this state has applied: the step its schedules are at.

@@ -85,7 +85,8 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
         momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay, rounding=config.rounding,
         code_momentum_dtype=config.code_momentum_dtype,
-        code_learning_rate=config.code_learning_rate if config.code_learning_rate > 0 else None)
+        code_learning_rate=config.code_learning_rate if config.code_learning_rate > 0 else None,
+        code_momentum=config.code_momentum if config.code_momentum >= 0 else None)
 
 
 def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_classes: int):

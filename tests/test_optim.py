@@ -478,3 +478,28 @@ def test_bfloat16_code_momentum_halves_the_buffer_and_still_moves_codes():
     np.testing.assert_array_equal(moved["bfloat16"], moved["float32"])
     with pytest.raises(ValueError, match="code_momentum_dtype='float16'.*'bfloat16'"):
         QuantOptimizer(learning_rate=0.1, levels_learning_rate=0.0, code_momentum_dtype="float16")
+
+
+
+def test_code_momentum_drives_only_the_code_update():
+    """`code_momentum` sets the decay of the W_q momentum buffer and nothing else."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 4, 8))
+    levels, codes = wq.lloyd_init(w, 4, "per_layer", 3)
+    params, codes = {"l": {"kernel_levels": levels, "bias": jnp.zeros(8)}}, {"l": {"kernel": codes}}
+    grads = {"l": {"kernel_levels": jnp.zeros_like(levels), "bias": jnp.full(8, 0.01)}}
+    g_w = {"l": {"kernel": jnp.full(w.shape, 0.01)}}
+    traces = {}
+    for beta in (None, 0.5, 0.99):
+        opt = QuantOptimizer(learning_rate=0.1, levels_learning_rate=0.0, momentum=0.9,
+                             code_momentum=beta, rounding="nearest")
+        st = opt.init(params, codes, key(0))
+        for _ in range(2):
+            _, _, st, _ = opt.update(grads, g_w, st, params, codes)
+        traces[beta] = ([x for x in jax.tree.leaves(st.codes) if x.ndim == 4][0], st.params)
+    # Two steps of a constant gradient 0.01 leave trace = 0.01 * (1 + beta).
+    for beta, want in ((None, 0.019), (0.5, 0.015), (0.99, 0.0199)):
+        assert traces[beta][0].shape == w.shape
+        np.testing.assert_allclose(np.asarray(traces[beta][0]), want, rtol=1e-6)
+    # The float params' momentum stays the model's (0.9) whatever code_momentum is.
+    for a, b in zip(jax.tree.leaves(traces[None][1]), jax.tree.leaves(traces[0.5][1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -304,6 +304,7 @@ def test_bn_recalibration_in_training_is_saved_and_reported(tmp_path):
     ("keep_checkpoints", 0, "keep_checkpoints=0 must be >= 1 .0 would keep nothing"),
     ("label_smoothing", 2.0, "label_smoothing=2.0 must be in"),
     ("code_learning_rate", 0.0, "code_learning_rate=0.0 must be > 0, or -1"),
+    ("code_momentum", 1.0, "code_momentum=1.0 must be in \\[0, 1\\), or -1"),
     ("eval_every_steps", 0, "eval_every_steps=0 must be >= 1, or -1"),
 ])
 def test_meaningless_values_fail_at_validation(key, value, match):
