@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from dq_jax.optim import LEVELS, QuantOptimizer
+from dq_jax.optim import CODES, LEVELS, PARAMS
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
@@ -525,13 +526,15 @@ def load_float_variables(path: str) -> dict:
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
 
 
-def init_from_float(path: str, state: Any, quant: QuantConfig, optimizer: QuantOptimizer) -> Any:
+def init_from_float(path: str, state: Any, quant: QuantConfig,
+                    optimizer: optax.GradientTransformation) -> Any:
     """Quantized state initialised from a float checkpoint (DESIGN §1.1 "Initialisation").
 
     Float kernels become: DQ-W levels by Lloyd + nearest codes; latent-STE the
     same kernel plus Lloyd levels; LSQ the same kernel plus LSQ's initial step.
     Every other leaf (biases, BN, float first/last layers) is copied; shapes
-    must match exactly.
+    must match exactly. The optimizer state is `optimizer.init` of the new values (the
+    state's `tx`; its code-update key is the optimizer's own, as at `train.init_state`).
     """
     src = load_float_variables(path)
     float_params = flax.traverse_util.flatten_dict(src["params"])
@@ -570,4 +573,4 @@ def init_from_float(path: str, state: Any, quant: QuantConfig, optimizer: QuantO
     codes_tree = flax.traverse_util.unflatten_dict(new_codes) if new_codes else state.codes
     batch_stats = jax.tree.map(jnp.asarray, src["batch_stats"]) or state.batch_stats
     return state.replace(params=params, codes=codes_tree, batch_stats=batch_stats,
-                         opt_state=optimizer.init(params, codes_tree, state.opt_state.key))
+                         opt_state=optimizer.init({PARAMS: params, CODES: codes_tree}))

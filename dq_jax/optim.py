@@ -1,37 +1,49 @@
-"""The optimizer of a direct-quantized model (DESIGN §1.1, "Update").
+"""The optimizer of a direct-quantized model (DESIGN §1.1, "Update"), as one optax transformation.
 
-One update per step, all in optax:
-  * float params (biases, BN, float/latent kernels, LSQ steps): SGD with
-    momentum; decoupled-from-loss weight decay on kernels only;
-  * quantization levels (`kernel_levels`): Adam with their own peak learning
-    rate and the same schedule shape. Adam because `dL/dlevels[k]` is a sum
-    over every weight at level k, so its scale grows with layer size; Adam's
-    per-coordinate normalisation makes the level step size-free;
-  * DQ-W codes: `u = SGD-momentum(dL/dW_q + wd * W_q)` (an optax chain whose
-    state is one momentum buffer per weight), target `W~ = W_q + u`, then
-    direct re-assignment of each code to the levels bracketing `W~`
-    (stochastic by default). The level update follows, then levels are sorted
-    and codes remapped so a sort never changes `W_q`.
+`dq_optimizer(...)` is an `optax.GradientTransformationExtraArgs` over the model's trainable
+tree `{"params": params, "codes": codes}` (the variables the model is applied with). Its
+gradient tree has the same structure: `{"params": dL/dparams, "codes": dL/dW_q}`, the float
+gradient w.r.t. each DQ-W layer's quantized kernel sitting at its code leaf
+(`dq_grads(jax.grad(...)(...))` builds it from a gradient over `{"params", "perturbations"}`).
+One update:
+  * float params (biases, BN, float/latent kernels, LSQ steps): SGD with momentum;
+    weight decay on kernels only (ndim > 1 'kernel');
+  * quantization levels (`kernel_levels`): Adam with their own learning rate. Adam because
+    `dL/dlevels[k]` is a sum over every weight at level k, so its scale grows with layer size;
+    Adam's per-coordinate normalisation makes the level step size-free;
+  * DQ-W codes: `u = SGD-momentum(dL/dW_q + wd * W_q)` (its own LR, momentum and momentum
+    dtype), target `W~ = W_q + u`, direct re-assignment of each code to the (old) levels
+    bracketing `W~` (stochastic by default). The level update follows, then levels are sorted
+    and codes remapped so a sort never changes `W_q`; per-level Adam moments follow the sort.
+
+Its updates are exact under `optax.apply_updates`, so it composes with optax wrappers placed
+*around* it (`inject_hyperparams`, `apply_if_finite`, `MultiSteps`, a `chain` with gradient
+transformations in front); it must be the last transformation of a chain (a transformation
+after it would rescale the integer code deltas).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Union
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dq_jax.quant import weights as wq
 
 LEVELS = "kernel_levels"
-Schedule = Callable[[jax.Array], jax.Array]
+PARAMS, CODES, PERTURBATIONS = "params", "codes", "perturbations"
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 PyTree = Any
 
 
-class QuantOptState(NamedTuple):
-    params: optax.OptState
-    codes: optax.OptState
+class DQState(NamedTuple):
+    """State of `dq_optimizer`. `key` is raw key data (uint32), so every optax wrapper's
+    `jnp.where` over states and every checkpointer handles it; it is split once per update."""
+    params: optax.OptState  # SGD-momentum of float params, Adam of levels (multi_transform)
+    codes: optax.OptState   # SGD-momentum of W_q: one buffer per weight, shaped like `codes`
     key: jax.Array
 
 
@@ -52,11 +64,26 @@ def dq_layer_paths(codes: PyTree) -> list[tuple[str, ...]]:
     return sorted(path[:-1] for path in _flat(codes))
 
 
+def _stack_dims(levels: jax.Array) -> int:
+    """Leading stack axes of a levels table ([*S, G, L]; S from `nn.scan`/`nn.vmap`)."""
+    return levels.ndim - 2
+
+
+def _over_stack(fn: Callable, n: int) -> Callable:
+    """`fn` mapped over `n` leading (stack) axes of all its arguments."""
+    for _ in range(n):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _lookup(levels: jax.Array, codes: jax.Array) -> jax.Array:
+    return _over_stack(wq.gather_levels, _stack_dims(levels))(levels, codes)
+
+
 def effective_kernels(params: PyTree, codes: PyTree) -> dict[tuple[str, ...], jax.Array]:
     """`W_q` of every DQ-W layer, keyed by module path."""
     p = _flat(params)
-    return {path[:-1]: wq.gather_levels(p[path[:-1] + (LEVELS,)], c)
-            for path, c in _flat(codes).items()}
+    return {path[:-1]: _lookup(p[path[:-1] + (LEVELS,)], c) for path, c in _flat(codes).items()}
 
 
 def code_histogram_entropy(codes: jax.Array, num_levels: int) -> jax.Array:
@@ -64,6 +91,51 @@ def code_histogram_entropy(codes: jax.Array, num_levels: int) -> jax.Array:
     counts = wq.code_counts(codes, num_levels)  # no scatter (a bincount is one)
     p = counts / codes.size
     return -jnp.sum(jnp.where(p > 0, p * jnp.log2(jnp.where(p > 0, p, 1.0)), 0.0))
+
+
+def code_diagnostics(old_codes: PyTree, new_codes: PyTree,
+                     params: PyTree) -> dict[str, dict[str, jax.Array]]:
+    """Per DQ-W layer ('path/to/layer'): `flip_rate` (fraction of codes that changed) and
+    `code_entropy` (bits, of the new code histogram). `params` gives each layer's L.
+
+    Pure, from the codes before and after an update: at a step where two levels crossed and
+    the sort relabelled codes, the relabelled ones count as flips too (crossings are rare).
+    """
+    flat_p, old = _flat(params), _flat(old_codes)
+    out = {}
+    for path, new in _flat(new_codes).items():
+        out["/".join(path[:-1])] = {
+            "flip_rate": jnp.mean((new != old[path]).astype(jnp.float32)),
+            "code_entropy": code_histogram_entropy(new, flat_p[path[:-1] + (LEVELS,)].shape[-1]),
+        }
+    return out
+
+
+def perturbations_like(codes: PyTree) -> PyTree:
+    """Float32 zeros shaped like the codes: the `perturbations` collection to differentiate
+    (its gradient is dL/dW_q)."""
+    return jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), codes)
+
+
+def dq_grads(grads: PyTree) -> dict:
+    """`{"params": g, "perturbations": g_w}` (jax.grad over those two collections) ->
+    `{"params": g, "codes": g_w}`, the gradient tree of `dq_optimizer`.
+
+    The layers name the perturbation of a DQ-W kernel like its code leaf (`kernel`, same
+    module path), so this is a rename. A tree already keyed `codes` is returned as is.
+    """
+    if not isinstance(grads, dict) and not hasattr(grads, "keys"):
+        raise ValueError(f"dq_grads expects a dict with 'params' and 'perturbations'; got "
+                         f"{type(grads).__name__}. Differentiate w.r.t. "
+                         "{'params': params, 'perturbations': perturbations_like(codes)}.")
+    keys = set(grads.keys())
+    if keys == {PARAMS, CODES}:
+        return dict(grads)
+    if not keys <= {PARAMS, PERTURBATIONS} or PARAMS not in keys:
+        raise ValueError(f"dq_grads expects keys 'params' and 'perturbations'; got "
+                         f"{sorted(keys)}. Differentiate w.r.t. "
+                         "{'params': params, 'perturbations': perturbations_like(codes)}.")
+    return {PARAMS: grads[PARAMS], CODES: grads.get(PERTURBATIONS, {})}
 
 
 def permute_level_statistics(opt_state: PyTree,
@@ -93,115 +165,200 @@ def permute_level_statistics(opt_state: PyTree,
     return jax.tree_util.tree_map_with_path(visit, opt_state)
 
 
-class QuantOptimizer:
-    """`init(params, codes, key)` / `update(...)` for params, levels and codes.
+def _check_tree(tree: Any, what: str) -> None:
+    if not hasattr(tree, "keys") or set(tree.keys()) != {PARAMS, CODES}:
+        got = sorted(tree.keys()) if hasattr(tree, "keys") else type(tree).__name__
+        fix = (" Convert a gradient over {'params', 'perturbations'} with "
+               "dq_jax.optim.dq_grads(grads)." if what == "updates" else "")
+        raise ValueError(f"dq_optimizer's {what} must be the trainable tree "
+                         f"{{'params': ..., 'codes': ...}}; got {got}.{fix}")
+
+
+def _key_data(key: jax.Array | int) -> tuple[jax.Array, Any]:
+    """(raw key data, impl or None) of a key; an int seeds `jax.random.PRNGKey` (raw)."""
+    if isinstance(key, (int, np.integer)):
+        return jax.random.PRNGKey(int(key)), None
+    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key), jax.random.key_impl(key)
+    if key.dtype != jnp.uint32:
+        raise ValueError(f"key must be a PRNG key or an int seed; got an array of dtype "
+                         f"{key.dtype}. Pass e.g. key=jax.random.PRNGKey(0) or key=0.")
+    return key, None
+
+
+def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOrSchedule, *,
+                 momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
+                 rounding: str = "stochastic", code_momentum_dtype: str = "float32",
+                 code_learning_rate: ScalarOrSchedule | None = None,
+                 code_momentum: float | None = None,
+                 key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
+    """The DQ update as one optax transformation over `{"params": params, "codes": codes}`.
 
     Args:
-      learning_rate: peak LR of float params (and of the code update unless
-        `code_learning_rate` is given).
-      code_learning_rate: peak LR of the direct code update (SGD-momentum on
-        W_q). A 2-bit level gap is large next to a float-LR step, so the codes
-        may need a larger step than the float params; None = `learning_rate`.
-      code_momentum: SGD momentum of the code update; None = `momentum`. A larger one
-        (e.g. 0.99) averages the per-weight gradient over more steps before stochastic
-        re-assignment acts on it, so fewer flips are driven by gradient noise.
-      levels_learning_rate: peak LR of the levels' Adam.
-      schedule_shape: step -> multiplier (peak 1.0), shared by every group.
-      momentum, nesterov: SGD momentum (float params and W_q).
+      learning_rate: LR (float or optax schedule of the update count) of float params, and
+        of the code update unless `code_learning_rate` is given.
+      levels_learning_rate: LR of the levels' Adam.
+      momentum, nesterov: SGD momentum of float params (and of W_q unless `code_momentum`).
+        A Python 0 means no momentum buffer.
       weight_decay: L2 on float kernels and on W_q (not levels, BN, biases).
       rounding: 'stochastic' (default, unbiased) or 'nearest' (ablation).
-      code_momentum_dtype: dtype of the per-weight momentum of W_q. It is most of
-        a DQ model's train state (uint8 codes are 1/4 of it); 'bfloat16' halves it.
+      code_momentum_dtype: dtype of the per-weight momentum of W_q, most of a DQ model's train
+        state (uint8 codes are 1/4 of it); 'bfloat16' halves it.
+      code_learning_rate: LR of the direct code update; None = `learning_rate`. A 2-bit level
+        gap is large next to a float-LR step, so the codes may want another step.
+      code_momentum: SGD momentum of the code update; None = `momentum`. A larger one averages
+        the per-weight gradient over more steps before stochastic re-assignment acts on it.
+      key: PRNG key (or int seed, made into `jax.random.PRNGKey(seed)` at `init`) of the
+        stochastic re-assignment. It lives in the state and is split once per update, so a
+        resumed state continues the same random stream.
+
+    Use `optax.inject_hyperparams(dq_optimizer, static_args=("momentum", "nesterov",
+    "weight_decay", "rounding", "code_momentum_dtype", "code_momentum", "key"))(...)` to
+    schedule the learning rates and read them back from `opt_state.hyperparams`.
+
+    Updates: float params get their optax update unchanged. Levels get it too, except the
+    slots a crossing moved (sorted), which get `sorted - old`: `old + (sorted - old)` is
+    `sorted` exactly when the two are within a factor 2 of each other (Sterbenz), otherwise up
+    to the rounding of that difference, at most 1 ulp of the larger magnitude (an additive
+    update cannot always reach a given float exactly). Codes get `new - old` as an integer
+    valued float in the gradient's dtype (|delta| <= 255, exact in float32/bfloat16/float16),
+    so `uint8 + delta -> uint8` is exact and wrappers that substitute zeros of the gradient's
+    dtype (`apply_if_finite`, `MultiSteps`) type-check and apply exactly.
     """
+    if code_momentum_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"code_momentum_dtype={code_momentum_dtype!r} is not supported; "
+                         "allowed values: 'float32', 'bfloat16'.")
+    if rounding not in ("stochastic", "nearest"):
+        raise ValueError(
+            f"rounding={rounding!r} is not supported; allowed values: 'stochastic', 'nearest'.")
+    # A typed key (e.g. jax.random.key(0, impl='unsafe_rbg')) is stored as its data and
+    # re-wrapped with its impl at each update; a raw key or an int seed needs no impl.
+    impl = None if isinstance(key, (int, np.integer)) else _key_data(key)[1]
+    code_lr = learning_rate if code_learning_rate is None else code_learning_rate
+    code_mom = momentum if code_momentum is None else code_momentum
 
-    def __init__(self, *, learning_rate: float, levels_learning_rate: float,
-                 schedule_shape: Schedule = lambda step: 1.0, momentum: float = 0.9,
-                 nesterov: bool = False, weight_decay: float = 0.0,
-                 rounding: str = "stochastic", code_momentum_dtype: str = "float32",
-                 code_learning_rate: float | None = None, code_momentum: float | None = None):
-        if code_momentum_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"code_momentum_dtype={code_momentum_dtype!r} is not supported; "
-                             "allowed values: 'float32', 'bfloat16'.")
-        if rounding not in ("stochastic", "nearest"):
+    def sgd(lr, wd, mom, accumulator_dtype=None) -> optax.GradientTransformation:
+        # A Python 0 (weight decay, momentum) leaves the transformation out, as optax.sgd
+        # does for momentum=None; a traced value (inject_hyperparams) keeps it.
+        static_zero = lambda v: isinstance(v, (int, float)) and not v
+        parts = [] if static_zero(wd) else [optax.add_decayed_weights(wd)]
+        return optax.chain(*parts, optax.sgd(lr, momentum=None if static_zero(mom) else mom,
+                                             nesterov=nesterov,
+                                             accumulator_dtype=accumulator_dtype))
+
+    params_tx = optax.multi_transform(
+        {"decay": sgd(learning_rate, weight_decay, momentum),
+         "no_decay": sgd(learning_rate, 0.0, momentum),
+         "levels": optax.adam(levels_learning_rate)},
+        lambda params: flax.traverse_util.path_aware_map(_param_label, params))
+    codes_tx = sgd(code_lr, weight_decay, code_mom, jnp.dtype(code_momentum_dtype))
+
+    def init_fn(trainable: PyTree) -> DQState:
+        _check_tree(trainable, "params")
+        params, codes = trainable[PARAMS], trainable[CODES]
+        flat_p = _flat(params)
+        for path, c in _flat(codes).items():
+            levels = flat_p.get(path[:-1] + (LEVELS,))
+            if levels is None or not jnp.issubdtype(c.dtype, jnp.integer):
+                raise ValueError(f"codes/{'/'.join(path)} needs integer codes and a "
+                                 f"params/{'/'.join(path[:-1])}/{LEVELS} table; pass the "
+                                 "'params' and 'codes' collections model.init returned.")
+        return DQState(params=params_tx.init(params),
+                       codes=codes_tx.init(_w_q_tree(params, codes)),
+                       key=_key_data(key)[0])
+
+    def update_fn(updates: PyTree, state: DQState, params: PyTree = None,
+                  **extra_args: Any) -> tuple[PyTree, DQState]:
+        del extra_args
+        if params is None:
+            raise ValueError("dq_optimizer.update needs params (the trainable tree "
+                             "{'params': ..., 'codes': ...}): call tx.update(grads, state, "
+                             "params).")
+        _check_tree(updates, "updates")
+        _check_tree(params, "params")
+        p, c = params[PARAMS], params[CODES]
+        g, g_w = updates[PARAMS], updates[CODES]
+        flat_c, flat_gw = _flat(c), _flat(g_w)
+        if set(flat_gw) != set(flat_c) or any(
+                np.shape(flat_gw[k]) != np.shape(flat_c[k])
+                or not jnp.issubdtype(jnp.asarray(flat_gw[k]).dtype, jnp.floating)
+                for k in flat_c):
             raise ValueError(
-                f"rounding={rounding!r} is not supported; allowed values: 'stochastic', 'nearest'.")
-        self.rounding = rounding
-        self.lr = lambda step: learning_rate * schedule_shape(step)
-        self.levels_lr = lambda step: levels_learning_rate * schedule_shape(step)
-        self.code_lr = self.lr if code_learning_rate is None else (
-            lambda step: code_learning_rate * schedule_shape(step))
-
-        def sgd(wd: float, accumulator_dtype=None, lr=self.lr,
-                momentum=momentum) -> optax.GradientTransformation:
-            parts = [optax.add_decayed_weights(wd)] if wd else []
-            return optax.chain(*parts, optax.sgd(lr, momentum=momentum or None,
-                                                 nesterov=nesterov,
-                                                 accumulator_dtype=accumulator_dtype))
-
-        self.params_tx = optax.multi_transform(
-            {"decay": sgd(weight_decay), "no_decay": sgd(0.0),
-             "levels": optax.adam(self.levels_lr)},
-            lambda params: flax.traverse_util.path_aware_map(_param_label, params))
-        self.codes_tx = sgd(weight_decay, jnp.dtype(code_momentum_dtype), self.code_lr,
-                            momentum if code_momentum is None else code_momentum)
-
-    def applied_updates(self, state: QuantOptState) -> jax.Array:
-        """How many updates this state has applied: the step its schedules are at.
-
-        A training loop that skips a non-finite step keeps the old state, so this count (not
-        the loop's step) is what the learning-rate schedules follow.
-        """
-        return optax.tree_utils.tree_get(state.codes, "count")
-
-    def init(self, params: PyTree, codes: PyTree, key: jax.Array) -> QuantOptState:
-        return QuantOptState(params=self.params_tx.init(params),
-                             codes=self.codes_tx.init(effective_kernels(params, codes)),
-                             key=key)
-
-    def update(self, grads: PyTree, w_grads: PyTree, state: QuantOptState,
-               params: PyTree, codes: PyTree):
-        """One step. `w_grads` is the gradient w.r.t. the `perturbations` collection.
-
-        Returns `(new_params, new_codes, new_state, diagnostics)` where
-        diagnostics maps 'path/to/layer' -> {'flip_rate', 'code_entropy'}.
-        """
-        w_q = effective_kernels(params, codes)
-        g_w = {path[:-1]: g for path, g in _flat(w_grads).items()}
-        if set(g_w) != set(w_q):
-            raise ValueError(
-                "Gradients w.r.t. the 'perturbations' collection do not match the DQ-W "
-                f"layers: got {sorted(g_w)}, expected {sorted(w_q)}.")
-        key, step_key = jax.random.split(state.key)
+                "updates['codes'] must hold dL/dW_q (float, kernel-shaped) at every code leaf: "
+                f"got {sorted('/'.join(k) for k in flat_gw)}, expected "
+                f"{sorted('/'.join(k) for k in flat_c)}; differentiate w.r.t. the "
+                "'perturbations' collection and convert with dq_jax.optim.dq_grads.")
+        rng = state.key if impl is None else jax.random.wrap_key_data(state.key, impl=impl)
+        rng, step_key = jax.random.split(rng)
 
         # 1-3: momentum/wd on W_q, target, direct re-assignment (against the old levels).
-        u, codes_state = self.codes_tx.update(g_w, state.codes, w_q)
-        flat_params = _flat(params)
-        flat_codes = _flat(codes)
-        new_codes, diagnostics = {}, {}
-        for i, path in enumerate(sorted(w_q)):
-            levels = flat_params[path + (LEVELS,)]
-            old = flat_codes[path + ("kernel",)]
-            new = wq.reassign_codes(levels, w_q[path] + u[path],
-                                    jax.random.fold_in(step_key, i), self.rounding)
-            new_codes[path] = new
-            diagnostics["/".join(path)] = {
-                "flip_rate": jnp.mean((new != old).astype(jnp.float32)),
-                "code_entropy": code_histogram_entropy(new, levels.shape[-1]),
-            }
+        w_q = _w_q_tree(p, c)
+        u, codes_state = codes_tx.update(g_w, state.codes, w_q)
+        flat_p, flat_wq, flat_u = _flat(p), _flat(w_q), _flat(u)
+        new_codes = {}
+        for i, module in enumerate(dq_layer_paths(c)):
+            path = module + ("kernel",)
+            new_codes[path] = _reassign(flat_p[module + (LEVELS,)], flat_wq[path] + flat_u[path],
+                                        jax.random.fold_in(step_key, i), rounding)
 
         # 4: levels (and everything float) take their optax update, then sort.
-        updates, params_state = self.params_tx.update(grads, state.params, params)
-        new_params = _flat(optax.apply_updates(params, updates))
+        p_updates, params_state = params_tx.update(g, state.params, p)
+        flat_upd = _flat(p_updates)
+        new_p = _flat(optax.apply_updates(p, p_updates))
         perms = {}
-        for path in [p for p in new_params if p[-1] == LEVELS]:
-            module = path[:-1]
-            levels, remapped, perms[path] = wq.sort_levels(
-                new_params[path], new_codes.get(module), return_perm=True)
-            new_params[path] = levels
+        for path in [k for k in new_p if k[-1] == LEVELS]:
+            code_path = path[:-1] + ("kernel",)
+            levels, remapped, perms[path] = _sort(new_p[path], new_codes.get(code_path))
+            iota = jax.lax.broadcasted_iota(jnp.int32, levels.shape, levels.ndim - 1)
+            flat_upd[path] = jnp.where(perms[path] == iota, flat_upd[path],
+                                       levels - flat_p[path])
             if remapped is not None:
-                new_codes[module] = remapped
+                new_codes[code_path] = remapped
         params_state = permute_level_statistics(params_state, perms)
-        new_codes_tree = flax.traverse_util.unflatten_dict(
-            {m + ("kernel",): c for m, c in new_codes.items()})
-        return (flax.traverse_util.unflatten_dict(new_params), new_codes_tree,
-                QuantOptState(params_state, codes_state, key), diagnostics)
+        code_deltas = {k: (new.astype(jnp.int16) - flat_c[k].astype(jnp.int16)).astype(
+            jnp.asarray(flat_gw[k]).dtype) for k, new in new_codes.items()}
+        out = {PARAMS: _replace_leaves(p_updates, flat_upd),
+               CODES: _replace_leaves(g_w, code_deltas)}
+        return out, DQState(params_state, codes_state, jax.random.key_data(rng)
+                            if impl is not None else rng)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _path_names(keypath) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
+
+
+def _replace_leaves(tree: PyTree, flat: dict[tuple[str, ...], jax.Array]) -> PyTree:
+    """`tree` (its own container types kept) with the leaves at `flat`'s paths replaced."""
+    return jax.tree_util.tree_map_with_path(lambda kp, x: flat.get(_path_names(kp), x), tree)
+
+
+def _w_q_tree(params: PyTree, codes: PyTree) -> dict:
+    """W_q of every DQ-W layer, in the codes' tree structure."""
+    flat = {m + ("kernel",): w for m, w in effective_kernels(params, codes).items()}
+    return _replace_leaves(codes, flat) if flat else {}
+
+
+def _reassign(levels: jax.Array, target: jax.Array, key: jax.Array, rounding: str) -> jax.Array:
+    """`wq.reassign_codes`, over the leading stack axes of `levels` too (one key per slice)."""
+    n = _stack_dims(levels)
+    if n == 0:
+        return wq.reassign_codes(levels, target, key, rounding)
+    if target.shape[:n] != levels.shape[:n]:
+        raise ValueError(f"stacked levels {levels.shape} and codes {target.shape} disagree on "
+                         "their leading (stack) axes.")
+    keys = jax.random.split(key, levels.shape[:n])
+    return _over_stack(lambda lv, t, k: wq.reassign_codes(lv, t, k, rounding), n)(
+        levels, target, keys)
+
+
+def _sort(levels: jax.Array, codes: jax.Array | None):
+    """`wq.sort_levels(..., return_perm=True)` over the leading stack axes of `levels` too."""
+    n = _stack_dims(levels)
+    if codes is None:
+        fn = lambda lv: wq.sort_levels(lv, None, return_perm=True)
+        sorted_, _, perm = _over_stack(fn, n)(levels)
+        return sorted_, None, perm
+    return _over_stack(lambda lv, c: wq.sort_levels(lv, c, return_perm=True), n)(levels, codes)

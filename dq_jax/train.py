@@ -25,30 +25,18 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
-from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dq_jax import checkpoints, configlib, data, models
-from dq_jax.layers import CODES, PERTURBATIONS, QUANT_STATS
-from dq_jax.optim import LEVELS, QuantOptimizer, QuantOptState
+from dq_jax import checkpoints, configlib, data, models, optim
+from dq_jax.layers import QUANT_STATS
+from dq_jax.optim import LEVELS
 from dq_jax.quant.config import QuantConfig
+from dq_jax.train_state import TrainState  # everything a step reads and writes; checkpointed
 
 PyTree = Any
-
-
-@struct.dataclass
-class TrainState:
-    """Everything a step reads and writes; checkpointed whole."""
-    step: jax.Array
-    params: PyTree
-    codes: PyTree
-    batch_stats: PyTree
-    quant_stats: PyTree
-    opt_state: QuantOptState
-
-    def variables(self, **extra: PyTree) -> dict:
-        return {"params": self.params, CODES: self.codes, "batch_stats": self.batch_stats,
-                QUANT_STATS: self.quant_stats, **extra}
+# dq_optimizer's arguments that are not learning rates: fixed, not injected hyperparameters.
+STATIC_ARGS = ("momentum", "nesterov", "weight_decay", "rounding", "code_momentum_dtype",
+               "code_momentum", "key")
 
 
 # --------------------------------------------------------------------------- setup
@@ -76,17 +64,47 @@ def make_schedule_shape(config: ml_collections.ConfigDict, total_steps: int,
     return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup])
 
 
+def learning_rate_schedules(config: ml_collections.ConfigDict, total_steps: int,
+                            steps_per_epoch: int) -> dict[str, optax.Schedule | None]:
+    """Peak * the shared shape, per group: `learning_rate`, `levels_learning_rate` and
+    `code_learning_rate` (None = the float params' schedule)."""
+    shape = make_schedule_shape(config, total_steps, steps_per_epoch)
+
+    def peak_times_shape(peak: float) -> optax.Schedule:
+        return lambda step: peak * shape(step)
+
+    return {"learning_rate": peak_times_shape(config.learning_rate),
+            "levels_learning_rate": peak_times_shape(config.levels_learning_rate),
+            "code_learning_rate": peak_times_shape(config.code_learning_rate)
+            if config.code_learning_rate > 0 else None}
+
+
 def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                     steps_per_epoch: int) -> QuantOptimizer:
-    return QuantOptimizer(
-        learning_rate=config.learning_rate,
-        levels_learning_rate=config.levels_learning_rate,
-        schedule_shape=make_schedule_shape(config, total_steps, steps_per_epoch),
+                     steps_per_epoch: int) -> optax.GradientTransformationExtraArgs:
+    """`dq_optimizer` with its learning-rate schedules injected (read back from
+    `opt_state.hyperparams`); its code-update key is `PRNGKey(config.seed + 1)`."""
+    return optax.inject_hyperparams(optim.dq_optimizer, static_args=STATIC_ARGS)(
+        **learning_rate_schedules(config, total_steps, steps_per_epoch),
         momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay, rounding=config.rounding,
         code_momentum_dtype=config.code_momentum_dtype,
-        code_learning_rate=config.code_learning_rate if config.code_learning_rate > 0 else None,
-        code_momentum=config.code_momentum if config.code_momentum >= 0 else None)
+        code_momentum=config.code_momentum if config.code_momentum >= 0 else None,
+        key=int(config.seed) + 1)
+
+
+def applied_updates(opt_state: PyTree) -> jax.Array:
+    """How many updates an `inject_hyperparams` state has applied: the step its schedules
+    are at. A skipped (non-finite) step keeps the old state, so it does not advance."""
+    return opt_state.count
+
+
+def _learning_rate(opt_state: PyTree) -> jax.Array:
+    """The float params' learning rate of the update that produced `opt_state` (NaN for a
+    transformation without injected hyperparameters)."""
+    hyperparams = getattr(opt_state, "hyperparams", None)
+    if not hyperparams or "learning_rate" not in hyperparams:
+        return jnp.array(jnp.nan, jnp.float32)
+    return jnp.asarray(hyperparams["learning_rate"], jnp.float32)
 
 
 def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_classes: int):
@@ -96,7 +114,7 @@ def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_clas
                          **config.model_kwargs.to_dict())
 
 
-def init_state(model, optimizer: QuantOptimizer, image_shape: tuple[int, ...],
+def init_state(model, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...],
                seed: int) -> TrainState:
     """Random init (levels/codes from the kernel initializer via Lloyd), compiled.
 
@@ -106,24 +124,13 @@ def init_state(model, optimizer: QuantOptimizer, image_shape: tuple[int, ...],
     @jax.jit
     def init(rng: jax.Array) -> TrainState:
         variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-        variables = flax.core.unfreeze(variables)
-        variables.pop(PERTURBATIONS, None)
-        params = variables.pop("params")
-        codes = variables.pop(CODES, {})
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, codes=codes,
-            batch_stats=variables.pop("batch_stats", {}),
-            quant_stats=variables.pop(QUANT_STATS, {}),
-            opt_state=optimizer.init(params, codes, jax.random.PRNGKey(seed + 1)))
+        state = TrainState.create(apply_fn=model.apply, tx=optimizer, variables=variables)
+        return state.replace(step=jnp.zeros((), jnp.int32))
 
     return init(jax.random.PRNGKey(seed))
 
 
 # --------------------------------------------------------------------------- steps
-
-def _zeros_like_codes(codes: PyTree) -> PyTree:
-    return jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), codes)
-
 
 def _all_finite(tree: PyTree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
@@ -145,7 +152,7 @@ def _finite_by_layer(*trees: PyTree) -> dict[str, jax.Array]:
     return {k: jnp.all(jnp.stack(v)) for k, v in out.items()}
 
 
-def train_step(state: TrainState, batch: dict, *, model, optimizer: QuantOptimizer,
+def train_step(state: TrainState, batch: dict, *, model,
                label_smoothing: float) -> tuple[TrainState, dict]:
     """Forward/backward, direct code update, level sort; non-finite steps are skipped.
 
@@ -155,22 +162,21 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer: QuantOptimiz
     """
     images, labels = batch["image"], batch["label"]
 
-    def loss_fn(params, perturbations):
+    def loss_fn(differentiable):  # {'params', 'perturbations'}: d/dperturbations = dL/dW_q
         logits, new_vars = model.apply(
-            state.variables(params=params, **{PERTURBATIONS: perturbations}),
-            images, train=True, mutable=["batch_stats", QUANT_STATS])
+            state.variables(differentiable), images, train=True,
+            mutable=["batch_stats", QUANT_STATS])
         one_hot = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing) \
             if label_smoothing else jax.nn.one_hot(labels, logits.shape[-1])
         loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot))
         return loss, (logits, new_vars)
 
-    (loss, (logits, new_vars)), (grads, w_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state.params, _zeros_like_codes(state.codes))
-    params, codes, opt_state, diagnostics = optimizer.update(
-        grads, w_grads, state.opt_state, state.params, state.codes)
-    updated = TrainState(step=state.step + 1, params=params, codes=codes,
-                         batch_stats=new_vars.get("batch_stats", {}),
-                         quant_stats=new_vars.get(QUANT_STATS, {}), opt_state=opt_state)
+    (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.differentiable())
+    updated = state.apply_gradients(grads=grads, batch_stats=new_vars.get("batch_stats", {}),
+                                    quant_stats=new_vars.get(QUANT_STATS, {}))
+    diagnostics = optim.code_diagnostics(state.codes, updated.codes, updated.params)
+    grads, w_grads = grads["params"], grads.get(optim.PERTURBATIONS, {})
     # The *updated* state must be finite too: finite gradients times an infinite learning rate,
     # or a BatchNorm variance that overflows, would otherwise reach a checkpoint.
     ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(w_grads) & \
@@ -182,12 +188,12 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer: QuantOptimiz
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         # The rate this step applied: the schedule follows the optimizer's own count of
         # applied updates, which a skipped (non-finite) step does not advance.
-        "learning_rate": optimizer.lr(optimizer.applied_updates(state.opt_state)),
+        "learning_rate": _learning_rate(updated.opt_state),
         "nonfinite": 1.0 - ok.astype(jnp.float32),
         "layers": diagnostics,
         # Which layers' gradients / fitted activation statistics / new values blew up.
         "finite_by_layer": _finite_by_layer(
-            grads, w_grads, new_vars.get(QUANT_STATS, {}), {"params": params},
+            grads, w_grads, new_vars.get(QUANT_STATS, {}), {"params": updated.params},
             {"batch_stats": new_vars.get("batch_stats", {})}),
     }
     return new_state, metrics
@@ -275,14 +281,16 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
 class Steps:
     """The jitted train/eval/calibration steps bound to a model, optimizer and mesh."""
 
-    def __init__(self, model, optimizer: QuantOptimizer, mesh: jax.sharding.Mesh,
+    def __init__(self, model, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                  label_smoothing: float = 0.0):
+        # The train step applies the state's own `tx`; `optimizer` is the one `init_state`
+        # gave it, kept here for callers that build states.
+        self.optimizer = optimizer
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.batch = NamedSharding(mesh, P("data"))
         self.train = jax.jit(
-            functools.partial(train_step, model=model, optimizer=optimizer,
-                              label_smoothing=label_smoothing),
+            functools.partial(train_step, model=model, label_smoothing=label_smoothing),
             in_shardings=(self.replicated, self.batch),
             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
         self.eval = jax.jit(functools.partial(eval_step, model=model),
@@ -605,7 +613,7 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
     if record:
         eval_metrics.update({k: v for k, v in record.items()
                              if k.endswith("_before_bn_recalibration")})
-    skipped = end_step - int(jax.device_get(optimizer.applied_updates(state.opt_state)))
+    skipped = end_step - int(jax.device_get(applied_updates(state.opt_state)))
     writer.write_scalars(end_step, eval_metrics)
     writer.flush()
     results = {

@@ -1,5 +1,9 @@
-"""`QuantOptimizer`: the direct code update, the levels' Adam, weight decay on W_q,
+"""`dq_optimizer`: the direct code update, the levels' Adam, weight decay on W_q,
 reproducibility, and an end-to-end 2-bit training run on scikit-learn's digits.
+
+Composition with optax (chain, apply_if_finite, inject_hyperparams, MultiSteps), Flax's
+TrainState, stacked layers, and the bitwise guard against the frozen pre-optax optimizer are in
+tests/test_optim_optax.py.
 """
 from functools import partial
 
@@ -12,7 +16,8 @@ import optax
 import pytest
 
 from dq_jax.layers import QuantConv, QuantDense
-from dq_jax.optim import QuantOptimizer, code_histogram_entropy, effective_kernels
+from dq_jax import optim
+from dq_jax.optim import code_histogram_entropy, dq_optimizer, effective_kernels
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
@@ -51,6 +56,29 @@ def _split(variables):
     v.pop("perturbations", None)
     params, codes = v.pop("params"), v.pop("codes")
     return params, codes, v  # v: quant_stats (and batch_stats)
+
+
+class Opt:
+    """The transformation with the old call shape, for the tests below:
+    `update(grads, w_grads, state, params, codes) -> (params, codes, state, diagnostics)`."""
+
+    def __init__(self, *args, key=0, **kwargs):
+        self.tx = dq_optimizer(*args, key=key, **kwargs)
+
+    def init(self, params, codes):
+        return self.tx.init({"params": params, "codes": codes})
+
+    def update(self, g, gw, state, params, codes):
+        trainable = {"params": params, "codes": codes}
+        updates, state = self.tx.update({"params": g, "codes": gw}, state, trainable)
+        new = optax.apply_updates(trainable, updates)
+        return (new["params"], new["codes"], state,
+                optim.code_diagnostics(codes, new["codes"], new["params"]))
+
+
+def with_key(state, k):
+    """The state with another code-update key (stored as key data)."""
+    return state._replace(key=jax.random.key_data(k))
 
 
 def make_step(model, opt, mutable=("quant_stats",)):
@@ -135,7 +163,7 @@ def tiny(small, small_grads):
     """Optimizers with a "tiny" code LR: no weight moves by more than 0.4 of half the
     smallest level gap, so nearest rounding can never cross a mid-point. Momentum 0 (the
     first step is plain SGD either way), levels' Adam at 1e-2. One compiled update each,
-    shared by the tests below (the optimizer key lives in the state: `_replace(key=...)`).
+    shared by the tests below (the optimizer key lives in the state: `with_key`).
     """
     _, params, codes, _, _, _ = small
     _, gw = small_grads
@@ -145,9 +173,8 @@ def tiny(small, small_grads):
     lr = 0.4 * half_gap / max(float(jnp.abs(a).max()) for a in jax.tree.leaves(gw))
     out = {"lr": lr, "half_gap": half_gap}
     for rounding in ("nearest", "stochastic"):
-        opt = QuantOptimizer(learning_rate=lr, levels_learning_rate=1e-2, momentum=0.0,
-                             rounding=rounding)
-        out[rounding] = (jax.jit(opt.update), opt.init(params, codes, key(0)))
+        opt = Opt(lr, 1e-2, momentum=0.0, rounding=rounding, key=key(0))
+        out[rounding] = (jax.jit(opt.update), opt.init(params, codes))
     return out
 
 
@@ -183,7 +210,7 @@ def test_invariants_hold_after_many_updates_and_are_reproducible(small, small_gr
     # same key -> bit-identical; another key -> different codes (stochastic rounding)
     p2, c2, _ = _updates(update, state, params, codes, g, gw, 30)
     jax.tree.map(np.testing.assert_array_equal, (p1, c1), (p2, c2))
-    _, c3, _ = _updates(update, state._replace(key=key(9)), params, codes, g, gw, 30)
+    _, c3, _ = _updates(update, with_key(state, key(9)), params, codes, g, gw, 30)
     assert not np.array_equal(c1["QuantConv_0"]["kernel"], c3["QuantConv_0"]["kernel"])
 
 
@@ -225,7 +252,7 @@ def test_stochastic_update_is_unbiased_toward_the_sgd_target(small, small_grads,
     lr, n, name = tiny["lr"], 300, "QuantConv_0"
     samples = []
     for s in range(n):
-        p, c, _, _ = update(zero_g, gw, state._replace(key=key(100 + s)), params, codes)
+        p, c, _, _ = update(zero_g, gw, with_key(state, key(100 + s)), params, codes)
         samples.append(np_gather(p[name]["kernel_levels"], c[name]["kernel"]))
     samples = np.stack(samples).astype(np.float64)
     levels = np.asarray(params[name]["kernel_levels"][0], np.float64)
@@ -291,8 +318,8 @@ def test_level_crossing_is_sorted_and_codes_remapped():
     grads = {"layer": {"kernel_levels": jnp.array([[-1.0, 1.0, -1.0, 1.0]]),
                        "bias": jnp.zeros((5,))}}
     w_grads = {"layer": {"kernel": jnp.zeros((6, 5))}}
-    opt = QuantOptimizer(learning_rate=0.0, levels_learning_rate=0.8)
-    new_p, new_c, _, _ = jax.jit(opt.update)(grads, w_grads, opt.init(params, codes, key(0)),
+    opt = Opt(0.0, 0.8, key=key(0))
+    new_p, new_c, _, _ = jax.jit(opt.update)(grads, w_grads, opt.init(params, codes),
                                              params, codes)
     unsorted = levels - 0.8 * np.array([[-1.0, 1.0, -1.0, 1.0]])  # [-0.2, -1.1, 1.0, 0.2]
     assert not np.all(np.diff(unsorted) > 0)  # they do cross
@@ -319,9 +346,9 @@ def test_level_crossing_keeps_each_levels_adam_moments():
     zero = jax.tree.map(jnp.zeros_like, grads)
     w_grads = {"layer": {"kernel": jnp.zeros((6, 5))}}
     lr, b1, b2 = 0.8, 0.9, 0.999
-    opt = QuantOptimizer(learning_rate=0.0, levels_learning_rate=lr)
+    opt = Opt(0.0, lr, key=key(0))
     update = jax.jit(opt.update)
-    p1, c1, s1, _ = update(grads, w_grads, opt.init(params, codes, key(0)), params, codes)
+    p1, c1, s1, _ = update(grads, w_grads, opt.init(params, codes), params, codes)
     p2, c2, _, _ = update(zero, w_grads, s1, p1, c1)
     step2 = lr * (b1 / (1 + b1)) / np.sqrt(b2 / (1 + b2))
     expected = levels - lr * np.sign(g) - step2 * np.sign(g)  # per original level
@@ -358,10 +385,9 @@ def test_weight_decay_moves_w_q_toward_zero_in_expectation():
     lr, wd = 0.5, 0.1  # target W~ = (1 - lr*wd) W_q = 0.95 W_q
     w_old = levels[0][codes_np].astype(np.float64)
     for rounding in ("stochastic",):  # (nearest + small steps: see the tiny-LR test)
-        opt = QuantOptimizer(learning_rate=lr, levels_learning_rate=1e-2, weight_decay=wd,
-                             rounding=rounding)
+        opt = Opt(lr, 1e-2, weight_decay=wd, rounding=rounding, key=key(5))
         new_p, new_c, _, _ = jax.jit(opt.update)(zero_g, zero_w,
-                                                 opt.init(params, codes, key(5)), params, codes)
+                                                 opt.init(params, codes), params, codes)
         # levels are not decayed (no gradient: Adam leaves them; no wd on levels)
         np.testing.assert_array_equal(new_p["layer"]["kernel_levels"], levels)
         w_new = np.asarray(wq.gather_levels(new_p["layer"]["kernel_levels"],
@@ -386,15 +412,30 @@ def test_code_histogram_entropy_hand_computed():
         np.testing.assert_allclose(entropy(jnp.array(codes, jnp.uint8), 4), bits, rtol=1e-6)
 
 
-def test_bad_rounding_and_mismatched_gradients(small, small_grads):
+def test_bad_arguments_and_mismatched_gradients(small, small_grads):
+    """Every misuse is one ValueError naming the problem and the fix."""
     with pytest.raises(ValueError, match=r"rounding='round'.*'stochastic', 'nearest'"):
-        QuantOptimizer(learning_rate=0.1, levels_learning_rate=0.1, rounding="round")
+        dq_optimizer(0.1, 0.1, rounding="round")
+    with pytest.raises(ValueError, match=r"key must be a PRNG key or an int seed"):
+        dq_optimizer(0.1, 0.1, key=jnp.zeros(2, jnp.float32))
     _, params, codes, _, _, _ = small
     g, gw = small_grads
-    opt = QuantOptimizer(learning_rate=0.1, levels_learning_rate=0.1)
-    with pytest.raises(ValueError, match="perturbations"):
-        opt.update(g, {"QuantConv_0": gw["QuantConv_0"]}, opt.init(params, codes, key(0)),
-                   params, codes)
+    tx = dq_optimizer(0.1, 0.1)
+    trainable = {"params": params, "codes": codes}
+    state = tx.init(trainable)
+    with pytest.raises(ValueError, match="perturbations.*dq_grads"):  # one layer's dL/dW_q
+        tx.update({"params": g, "codes": {"QuantConv_0": gw["QuantConv_0"]}}, state, trainable)
+    with pytest.raises(ValueError, match=r"needs params .*tx.update\(grads, state, params\)"):
+        tx.update({"params": g, "codes": gw}, state)
+    with pytest.raises(ValueError, match=r"updates must be the trainable tree.*dq_grads"):
+        tx.update({"params": g, "perturbations": gw}, state, trainable)
+    with pytest.raises(ValueError, match=r"params must be the trainable tree"):
+        tx.init(params)
+    with pytest.raises(ValueError, match=r"needs integer codes and a params/QuantConv_0"):
+        tx.init({"params": {}, "codes": codes})
+    assert optim.dq_grads({"params": g, "perturbations": gw}) == {"params": g, "codes": gw}
+    with pytest.raises(ValueError, match=r"dq_grads expects keys 'params' and 'perturbations'"):
+        optim.dq_grads({"params": g, "codes_typo": gw})
 
 
 # ---------------------------------------------------------------- end to end
@@ -431,9 +472,10 @@ def test_digits_w2a2_learns():
     steps = 300
     model = DigitsNet(W2A2)
     params, codes, rest = _split(jax.jit(partial(model.init, train=False))(key(0), xtr[:2]))
-    opt = QuantOptimizer(learning_rate=0.05, levels_learning_rate=1e-3, weight_decay=5e-4,
-                         schedule_shape=optax.cosine_decay_schedule(1.0, steps))
-    state = opt.init(params, codes, key(1))
+    shape = optax.cosine_decay_schedule(1.0, steps)
+    opt = Opt(lambda s: 0.05 * shape(s), lambda s: 1e-3 * shape(s), weight_decay=5e-4,
+              key=key(1))
+    state = opt.init(params, codes)
     step = make_step(model, opt, mutable=("batch_stats", "quant_stats"))
     rng = np.random.default_rng(0)
     losses = []
@@ -461,9 +503,9 @@ def test_bfloat16_code_momentum_halves_the_buffer_and_still_moves_codes():
     g_w = {"l": {"kernel": jnp.sign(w)}}  # pushes every weight toward 0
     states, moved = {}, {}
     for dtype in ("float32", "bfloat16"):
-        opt = QuantOptimizer(learning_rate=0.5, levels_learning_rate=0.0, rounding="nearest",
-                             code_momentum_dtype=dtype)
-        st = opt.init(params, codes, jax.random.PRNGKey(1))
+        opt = Opt(0.5, 0.0, rounding="nearest", code_momentum_dtype=dtype,
+                  key=jax.random.PRNGKey(1))
+        st = opt.init(params, codes)
         grads = {"l": {"kernel_levels": jnp.zeros_like(levels)}}
         _, new_codes, st, _ = opt.update(grads, g_w, st, params, codes)
         states[dtype] = st
@@ -477,7 +519,7 @@ def test_bfloat16_code_momentum_halves_the_buffer_and_still_moves_codes():
     assert moved["float32"].mean() > 0.3
     np.testing.assert_array_equal(moved["bfloat16"], moved["float32"])
     with pytest.raises(ValueError, match="code_momentum_dtype='float16'.*'bfloat16'"):
-        QuantOptimizer(learning_rate=0.1, levels_learning_rate=0.0, code_momentum_dtype="float16")
+        dq_optimizer(0.1, 0.0, code_momentum_dtype="float16")
 
 
 
@@ -490,9 +532,8 @@ def test_code_momentum_drives_only_the_code_update():
     g_w = {"l": {"kernel": jnp.full(w.shape, 0.01)}}
     traces = {}
     for beta in (None, 0.5, 0.99):
-        opt = QuantOptimizer(learning_rate=0.1, levels_learning_rate=0.0, momentum=0.9,
-                             code_momentum=beta, rounding="nearest")
-        st = opt.init(params, codes, key(0))
+        opt = Opt(0.1, 0.0, momentum=0.9, code_momentum=beta, rounding="nearest", key=key(0))
+        st = opt.init(params, codes)
         for _ in range(2):
             _, _, st, _ = opt.update(grads, g_w, st, params, codes)
         traces[beta] = ([x for x in jax.tree.leaves(st.codes) if x.ndim == 4][0], st.params)

@@ -4,8 +4,8 @@
     import dq_jax.nnx as dqnnx
 
     layer = dqnnx.QuantConv(16, 32, (3, 3), quant=QuantConfig(), rngs=nnx.Rngs(0))
-    tx = dq_jax.optim.QuantOptimizer(learning_rate=0.05, levels_learning_rate=1e-3)
-    optimizer = dqnnx.QuantOptimizer(model, tx, key=jax.random.PRNGKey(1))
+    tx = dq_jax.optim.dq_optimizer(0.05, 1e-3, key=1)
+    optimizer = dqnnx.Optimizer(model, tx)
     loss, grads = dqnnx.value_and_grad(loss_fn)(model, x, y)
     optimizer.update(model, grads)
 
@@ -17,9 +17,9 @@ from dq_jax.nnx.digits import DigitsCNN
 from dq_jax.nnx.interop import linen_variables, load_dqz, load_linen_variables, save_dqz
 from dq_jax.nnx.layers import (ActQuantizer, QuantCodes, QuantConv, QuantLinear,
                                QuantPerturbation, QuantStats, quant_layers)
-from dq_jax.nnx.optim import QuantOptimizer, codes_tree, grad, params_tree, value_and_grad
+from dq_jax.nnx.optim import Optimizer, codes_tree, grad, params_tree, value_and_grad
 
-__all__ = ["ActQuantizer", "DigitsCNN", "QuantCodes", "QuantConv", "QuantLinear",
-           "QuantOptimizer", "QuantPerturbation", "QuantStats", "codes_tree", "grad",
+__all__ = ["ActQuantizer", "DigitsCNN", "Optimizer", "QuantCodes", "QuantConv", "QuantLinear",
+           "QuantPerturbation", "QuantStats", "codes_tree", "grad",
            "linen_variables", "load_dqz", "load_linen_variables", "params_tree",
            "quant_layers", "save_dqz", "value_and_grad"]

@@ -47,7 +47,7 @@ PERTURBATION_ATTR = "kernel_perturbation"
 
 class QuantCodes(nnx.Variable):
     """Integer (uint8) codes of a DQ-W kernel: not trained by autodiff, updated by
-    `dq_jax.nnx.QuantOptimizer` (direct re-assignment)."""
+    `dq_jax.nnx.Optimizer` (direct re-assignment)."""
 
 
 class QuantPerturbation(nnx.Variable):

@@ -1,7 +1,7 @@
-"""The update of an NNX model with quantized layers: `value_and_grad` + `QuantOptimizer`.
+"""The update of an NNX model with quantized layers: `value_and_grad` + `Optimizer`.
 
-    tx = dq_jax.optim.QuantOptimizer(learning_rate=0.05, levels_learning_rate=1e-3)
-    optimizer = dq_jax.nnx.QuantOptimizer(model, tx, key=jax.random.PRNGKey(1))
+    tx = dq_jax.optim.dq_optimizer(0.05, 1e-3, key=1)
+    optimizer = dq_jax.nnx.Optimizer(model, tx)
 
     @nnx.jit
     def train_step(model, optimizer, x, y):
@@ -9,11 +9,11 @@
         optimizer.update(model, grads)    # floats, levels (+ sort) and codes
         return loss
 
-`QuantOptimizer` mirrors `nnx.Optimizer` (`update(model, grads)`, state held in
-`nnx.OptState` variables, a `step` counter) and runs the Linen optimizer's
-`dq_jax.optim.QuantOptimizer.update` on the same trees the Linen train step
-passes it - params keyed by module path and leaf name, codes and `dL/dW_q`
-keyed `module/.../kernel` - so the same key gives the same code update.
+`Optimizer` mirrors `nnx.Optimizer` (`update(model, grads)`, state held in
+`nnx.OptState` variables, a `step` counter) and runs `tx` (containing
+`dq_jax.optim.dq_optimizer`) on the trainable tree the Linen train step gives it,
+`{'params': params, 'codes': codes}` - params keyed by module path and leaf name, codes
+and `dL/dW_q` keyed `module/.../kernel` - so the same key gives the same code update.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from dq_jax import optim
@@ -74,7 +75,7 @@ def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False,
     with `has_aux`), where `grads` is an `nnx.State` holding the gradients of the
     `wrt` variables (default every `nnx.Param`: float params and levels) and of
     every `QuantPerturbation` (`dL/dW_q`, kernel-shaped): what
-    `QuantOptimizer.update` takes. The model's other variables (BatchNorm and
+    `Optimizer.update` takes. The model's other variables (BatchNorm and
     activation statistics) are updated as `fn` leaves them, as with
     `nnx.value_and_grad`. The hooks are kernel-shaped zeros only during the call.
     """
@@ -107,32 +108,38 @@ def _variables(tree: PyTree) -> list[nnx.Variable]:
     return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-class QuantOptimizer(nnx.Pytree):
-    """`nnx.Optimizer` for models with quantized layers (`dq_jax.optim.QuantOptimizer` maths).
+class Optimizer(nnx.Pytree):
+    """`nnx.Optimizer` for models with quantized layers (`dq_jax.optim.dq_optimizer` maths).
 
     Args:
       model: the NNX model (its `wrt` params and `QuantCodes` set the state's structure).
-      tx: a `dq_jax.optim.QuantOptimizer` (learning rates, schedule, momentum,
-        weight decay, rounding), the one the Linen train step uses.
-      key: PRNG key of the stochastic code re-assignment (split every step,
-        exactly as in the Linen path).
+      tx: an optax transformation containing `dq_jax.optim.dq_optimizer` (learning rates,
+        momentum, weight decay, rounding, the code-update key), e.g. the one the Linen train
+        step uses (`dq_jax.train.create_optimizer`).
       wrt: the Param filter the gradients were taken for (as `value_and_grad`).
 
     Attributes:
       step: `nnx.OptState` step counter.
-      opt_state: the `dq_jax.optim.QuantOptState`, leaves held in `nnx.OptState`
-        variables (so `nnx.state(optimizer)` / `nnx.split` carry it).
+      opt_state: `tx`'s state (a `dq_jax.optim.DQState` inside), leaves held in
+        `nnx.OptState` variables (so `nnx.state(optimizer)` / `nnx.split` carry it).
     """
 
-    def __init__(self, model: nnx.Module, tx: optim.QuantOptimizer, *, key: jax.Array,
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, *,
                  wrt: nnx.filterlib.Filter = nnx.Param):
-        if not isinstance(tx, optim.QuantOptimizer):
-            raise TypeError("tx must be a dq_jax.optim.QuantOptimizer (for a float model, "
-                            f"use nnx.Optimizer); got {type(tx).__name__}.")
+        if not (hasattr(tx, "init") and hasattr(tx, "update")):
+            raise TypeError("tx must be an optax transformation containing "
+                            f"dq_jax.optim.dq_optimizer; got {type(tx).__name__}.")
         self.tx = tx
         self.wrt = wrt
         self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
-        state = tx.init(params_tree(nnx.state(model, wrt)), codes_tree(model), key)
+        codes = codes_tree(model)
+        state = tx.init({optim.PARAMS: params_tree(nnx.state(model, wrt)), optim.CODES: codes})
+        if jax.tree.leaves(codes) and not any(
+                isinstance(x, optim.DQState)
+                for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optim.DQState))):
+            raise TypeError("tx must contain dq_jax.optim.dq_optimizer: the model has DQ-W codes, "
+                            "which a plain optax optimizer would corrupt with float updates "
+                            "(for a float model, use nnx.Optimizer).")
         self.opt_state = nnx.data(nnx.training.optimizer.to_opt_state(state))
 
     def update(self, model: nnx.Module, grads: nnx.State, /) -> dict:
@@ -140,7 +147,7 @@ class QuantOptimizer(nnx.Pytree):
 
         `grads` are from `dq_jax.nnx.value_and_grad` (Params and `dL/dW_q`).
         Returns the per-layer diagnostics ({'layer/path': {'flip_rate',
-        'code_entropy'}}) of `dq_jax.optim.QuantOptimizer.update`.
+        'code_entropy'}}) of `dq_jax.optim.code_diagnostics`.
         """
         param_state = nnx.state(model, self.wrt)
         param_paths = {_key(p): p for p in _flat(param_state)}
@@ -164,8 +171,12 @@ class QuantOptimizer(nnx.Pytree):
                     f"QuantPerturbation gradient); compute them with "
                     "dq_jax.nnx.value_and_grad, not nnx.grad.")
         opt_state = nnx.as_pure(self.opt_state)
-        new_params, new_codes, new_state, diagnostics = self.tx.update(
-            g_params, _nested(w_flat), opt_state, params, codes)
+        trainable = {optim.PARAMS: params, optim.CODES: codes}
+        updates, new_state = self.tx.update(
+            {optim.PARAMS: g_params, optim.CODES: _nested(w_flat)}, opt_state, trainable)
+        new = optax.apply_updates(trainable, updates)
+        new_params, new_codes = new[optim.PARAMS], new[optim.CODES]
+        diagnostics = optim.code_diagnostics(codes, new_codes, new_params)
 
         flat_new_params = flax.traverse_util.flatten_dict(new_params) if new_params else {}
         flat_new_codes = flax.traverse_util.flatten_dict(new_codes) if new_codes else {}
