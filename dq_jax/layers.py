@@ -10,16 +10,28 @@ Variables of a quantized layer (DESIGN §1.1):
                  lsq, float), `kernel_step` [G] (lsq), `bias`
   codes:         `kernel` uint8, kernel-shaped (dq) - integer, not trained by
                  autodiff, updated by `dq_jax.optim`
-  perturbations: `kernel` zeros (dq) - its gradient is `dL/dW_q`, the signal the
-                 code update needs, without any float shadow kernel
-  quant_stats:   `act_quant/{alpha|levels, initialized}` (acts='dq')
+  quant_stats:   `act_quant/{alpha|levels, initialized[, signed]}` (acts='dq')
+  perturbations: `kernel` (dq), *not* created by `init` (nothing to store): pass
+                 `zero_perturbations(codes)` when computing gradients; the gradient
+                 w.r.t. it is `dL/dW_q`, the signal the code update needs, without any
+                 float shadow kernel. Without it the layer runs the same forward.
+
+Train mode (what the activation quantizer does; the weight path - DQ, latent_ste,
+lsq - computes the same in both modes): an explicit `train=` (constructor or call)
+decides; otherwise the layer is in train mode exactly when the `quant_stats`
+collection is mutable, as BatchNorm's `batch_stats` update when mutable in the Flax
+ImageNet example. So a model that calls `conv(...)(x)` without `train` trains with
+`model.apply(v, x, mutable=['batch_stats', 'quant_stats'])` and evaluates with
+`model.apply(v, x)`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from dq_jax.quant import weights as wq
 from dq_jax.quant.activations import ActQuantizer
@@ -70,21 +82,48 @@ class _QuantizedKernelMixin:
                 f"codes are missing: pass the '{CODES}' collection returned by init, e.g. "
                 f"model.apply({{'params': ..., '{CODES}': ..., '{QUANT_STATS}': ...}}, x).")
         w_q = wq.gather_levels(levels, codes)
+        # `init` stores no perturbation (f32 zeros as large as 4x the codes, nothing to
+        # keep); an apply that passes one gets `W_q + p`, whose gradient is dL/dW_q. A
+        # mutable 'perturbations' collection that lacks this layer's entry is not filled
+        # either (e.g. `apply(..., mutable=True)`).
+        if self.is_initializing() or (self.is_mutable_collection(PERTURBATIONS)
+                                      and not self.has_variable(PERTURBATIONS, "kernel")):
+            return w_q
         return self.perturb("kernel", w_q, collection=PERTURBATIONS)
+
+    def _train_mode(self, train: Optional[bool]) -> bool:
+        """Explicit `train` (constructor or call), else whether `quant_stats` is mutable."""
+        if self.train is not None and train is not None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': `train` was passed both to the "
+                f"constructor ({self.train}) and at call time ({train}); pass it once, or "
+                f"neither to follow whether '{QUANT_STATS}' is mutable.")
+        explicit = self.train if train is None else train
+        if explicit is not None:
+            return bool(explicit)
+        mutable = self.is_mutable_collection(QUANT_STATS)
+        if (not mutable and self.is_mutable_collection("batch_stats")
+                and not self.is_initializing()):
+            warnings.warn(
+                f"{type(self).__name__} '{self.name}' runs in eval mode (its activation "
+                f"statistics are not updated) because '{QUANT_STATS}' is not mutable while "
+                f"'batch_stats' is: to train, pass mutable=['batch_stats', '{QUANT_STATS}'] "
+                "(or train=True to the layer).", stacklevel=2)
+        return mutable
 
     def _quantize_input(self, inputs: jax.Array, train: Optional[bool]) -> jax.Array:
         cfg: QuantConfig = self.quant
         if cfg.acts == "float":
             return inputs
-        train = nn.merge_param("train", self.train, train)
-        return ActQuantizer(cfg, name="act_quant")(inputs, train=train)
+        return ActQuantizer(cfg, name="act_quant")(inputs, train=self._train_mode(train))
 
 
 class QuantConv(_QuantizedKernelMixin, nn.Conv):
     """`nn.Conv` with a quantized kernel and input (see module docstring).
 
-    Extra fields: `quant` (QuantConfig) and `train` (may instead be passed at
-    call time, like BatchNorm's `use_running_average`; needed when acts != 'float').
+    Extra fields: `quant` (QuantConfig) and `train` (optional, or at call time, like
+    BatchNorm's `use_running_average`). Left out (a model written for `nn.Conv`), the
+    activation statistics update exactly when `quant_stats` is mutable.
     """
 
     quant: QuantConfig = QuantConfig()
@@ -104,6 +143,13 @@ class QuantDense(_QuantizedKernelMixin, nn.Dense):
     @nn.compact
     def __call__(self, inputs: jax.Array, train: Optional[bool] = None) -> jax.Array:
         return super().__call__(self._quantize_input(inputs, train))
+
+
+def zero_perturbations(codes: Any, dtype: Any = jnp.float32) -> Any:
+    """Zeros shaped like the `codes` collection: the `perturbations` to pass to `apply`
+    when computing gradients, whose gradient is then dL/dW_q per DQ layer (init does not
+    return them; they hold nothing worth storing)."""
+    return jax.tree.map(lambda c: jnp.zeros(c.shape, dtype), codes)
 
 
 def split_variables(variables: Any) -> tuple[dict, dict]:

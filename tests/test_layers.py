@@ -89,7 +89,7 @@ def test_dq_conv_variables_levels_and_forward(np_rng, granularity):
     assert v["params"]["kernel_levels"].shape == (ng, 4)
     assert v["codes"]["kernel"].shape == kshape and v["codes"]["kernel"].dtype == jnp.uint8
     assert int(v["codes"]["kernel"].max()) < 4
-    np.testing.assert_array_equal(v["perturbations"]["kernel"], np.zeros(kshape))
+    assert "perturbations" not in v  # nothing to store: zero_perturbations(codes) when needed
     assert np.all(np.diff(np.asarray(v["params"]["kernel_levels"]), axis=-1) >= 0)
     w_q = np_gather(v["params"]["kernel_levels"], v["codes"]["kernel"])
     assert max(_distinct_per_group(w_q, granularity)) <= 4
@@ -120,7 +120,7 @@ def test_dq_dense_with_activation_quantizer(np_rng, granularity):
     q = QuantDense(5, quant=cfg)
     x = jnp.asarray(np.maximum(np_rng.normal(size=(8, 12)), 0).astype(np.float32))
     v = jax.jit(partial(q.init, train=False))(key(0), x)
-    assert set(v) == {"params", "codes", "perturbations", "quant_stats"}
+    assert set(v) == {"params", "codes", "quant_stats"}
     w_q = np_gather(v["params"]["kernel_levels"], v["codes"]["kernel"])
     assert max(_distinct_per_group(w_q, granularity)) <= 4
     # train step calibrates the input quantizer; eval = Dense(W_q) of the quantized input
@@ -149,10 +149,11 @@ def test_missing_codes_is_a_clear_error(np_rng):
         q.apply({"params": v["params"]}, x)
 
 
-def test_train_flag_required_when_acts_are_quantized():
-    q = QuantDense(3, quant=QuantConfig(weights="float", acts="dq"))
-    with pytest.raises(ValueError, match="train"):
-        q.init(key(0), jnp.ones((2, 4)))
+def test_train_flag_given_twice_is_a_clear_error():
+    q = QuantDense(3, quant=QuantConfig(weights="float", acts="dq"), train=True, name="fc")
+    with pytest.raises(ValueError, match=r"QuantDense 'fc'.*both to the constructor.*and at "
+                                         r"call time.*pass it once, or neither"):
+        q.init(key(0), jnp.ones((2, 4)), train=False)
 
 
 # ---------------------------------------------------------------- baselines

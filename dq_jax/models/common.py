@@ -2,9 +2,12 @@
 
 Where activation quantizers go (DESIGN §1.2): every quantized conv/dense
 quantizes its own *input*. Inputs that come straight from a ReLU/ReLU6 (or a
-max/avg pool of one) are non-negative and use the unsigned grid of the model's
-`quant`; inputs that can be negative (the normalised image, MobileNetV2's
-linear-bottleneck outputs) use `signed(quant)`, i.e. `act_signed=True`.
+max/avg pool of one) are non-negative and use the unsigned grid
+(`act_signed=False`, set by `bind_layer` where the config leaves it to the data);
+inputs that can be negative (the normalised image, MobileNetV2's
+linear-bottleneck outputs) use `signed(quant)`, i.e. `act_signed=True`. The zoo
+fixes every layer's grid by architecture, so its models never use the data-decided
+grid (`act_signed=None`, for models written without the library).
 
 First conv and last dense stay full precision (`QuantConfig.float()`) unless
 `quantize_first_last=True` (`edge_quant`).
@@ -48,11 +51,14 @@ def is_quant_layer(cls: Any) -> bool:
 def bind_layer(cls: ModuleDef, quant: QuantConfig, train: bool, **defaults: Any) -> ModuleDef:
     """A constructor for conv/dense layers of class `cls` configured with `quant`.
 
+    Inputs are post-ReLU unless `quant` says otherwise: `act_signed=None` becomes False
+    (signed inputs are bound with `signed(quant)` first).
     `cls` is normally `QuantConv` / `QuantDense`; a plain `nn.Conv` / `nn.Dense`
     is accepted where the layer is not quantized (`quant.is_float`), which is
     how the float-equivalence tests build a plain-Flax network.
     """
     if is_quant_layer(cls):
+        quant = unsigned(quant)  # post-ReLU input: the grid is known, not data-decided
         return functools.partial(cls, quant=quant, train=train, **defaults)
     if not quant.is_float:
         raise ValueError(
@@ -72,6 +78,12 @@ def signed(quant: QuantConfig, where: str = "") -> QuantConfig:
         raise ValueError(
             f"{where or 'A layer'} has an input that can be negative and needs a "
             f"signed activation quantizer (act_signed=True): {e}") from e
+
+
+def unsigned(quant: QuantConfig) -> QuantConfig:
+    """`quant` for a layer whose input is non-negative (post-ReLU): `act_signed=None`
+    (data-decided) becomes False; an explicit choice is kept."""
+    return quant.replace(act_signed=False) if quant.act_signed is None else quant
 
 
 def edge_quant(quant: QuantConfig, quantize_first_last: bool) -> QuantConfig:

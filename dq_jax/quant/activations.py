@@ -181,23 +181,55 @@ def quantize_learned(x: jax.Array, levels: jax.Array) -> jax.Array:
                         levels[-1].astype(x.dtype))
 
 
+def _weighted_error(x: jax.Array, q: jax.Array, w_c: jax.Array) -> jax.Array:
+    """The weighted error E of quantized values `q` (up to the constant 1/N)."""
+    return jnp.sum(w_c * _per_channel_sum(jnp.square(x - q)))
+
+
 class ActQuantizer(nn.Module):
     """Quantizes its input to `2**act_bits` fitted levels (DQ-A).
 
     Statistics live in `quant_stats`: `alpha` (uniform) or `levels`
-    (learned), and `initialized`. They change only when `train=True` and
-    `quant_stats` is mutable, and never during `init` (a dummy init batch must
-    not calibrate). The first training batch calibrates; later batches take one
+    (learned), `initialized`, and `signed` when `act_signed=None`. They change only when
+    `train=True` and `quant_stats` is mutable, and never during `init` (a dummy init batch
+    must not calibrate). The first training batch calibrates; later batches take one
     closed-form step from the running value and blend it in by EMA.
+
+    `act_signed=None` (and >= 2 bits): the first training batch is calibrated on both
+    grids and the one with the lower weighted error E is kept (ties: unsigned), so
+    normalised pixels get a signed grid and post-ReLU inputs (where a signed grid wastes
+    half its levels) an unsigned one. The choice is the bool `signed` in `quant_stats`,
+    fixed after calibration (and exported with the other statistics).
     """
 
     config: QuantConfig
+
+    def _calibrate(self, xs: jax.Array, w_c: jax.Array, signed: bool) -> jax.Array:
+        cfg = self.config
+        if cfg.act_levels == "uniform":
+            return calibrate_uniform(xs, w_c, cfg.num_act_levels, signed, cfg.act_calib_iters)
+        return calibrate_learned(xs, w_c, cfg.num_act_levels, signed, cfg.act_calib_iters)
+
+    def _ema(self, xs: jax.Array, cur: jax.Array, w_c: jax.Array, signed: bool) -> jax.Array:
+        cfg = self.config
+        if cfg.act_levels == "uniform":
+            step = fit_uniform_step(xs, cur, w_c, cfg.num_act_levels, signed)
+            return cfg.act_momentum * cur + (1 - cfg.act_momentum) * step
+        step = fit_learned_levels(xs, cur, w_c, nonnegative=not signed)
+        return jnp.sort(cfg.act_momentum * cur + (1 - cfg.act_momentum) * step)
+
+    def _quantize(self, x: jax.Array, value: jax.Array, signed: bool) -> jax.Array:
+        if self.config.act_levels == "uniform":
+            return quantize_uniform(x, value, self.config.num_act_levels, signed)
+        return quantize_learned(x, value)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         cfg = self.config
         num_levels = cfg.num_act_levels
-        signed = cfg.act_signed
+        # Decided from the data only where a signed grid exists (>= 2 bits).
+        auto = cfg.act_signed is None and num_levels >= 4
+        signed = bool(cfg.act_signed)  # the static grid when not `auto`
         lo, hi = grid_bounds(num_levels, signed)
         initialized = self.variable("quant_stats", "initialized", lambda: jnp.zeros((), jnp.bool_))
         if cfg.act_levels == "uniform":
@@ -206,31 +238,39 @@ class ActQuantizer(nn.Module):
             state = self.variable(
                 "quant_stats", "levels",
                 lambda: jnp.arange(lo, hi + 1, dtype=jnp.float32))
+        is_signed = (self.variable("quant_stats", "signed", lambda: jnp.zeros((), jnp.bool_))
+                     if auto else None)
 
         if train and self.is_mutable_collection("quant_stats") and not self.is_initializing():
             xs = jax.lax.stop_gradient(x).astype(jnp.float32)
             w_c = channel_weights(xs, cfg.act_error)
-            if cfg.act_levels == "uniform":
+            if auto:
                 def calibrate(cur):
-                    del cur
-                    return calibrate_uniform(xs, w_c, num_levels, signed, cfg.act_calib_iters)
+                    fits = [self._calibrate(xs, w_c, s) for s in (False, True)]
+                    errs = [_weighted_error(xs, self._quantize(xs, f, s), w_c)
+                            for f, s in zip(fits, (False, True))]
+                    use_signed = errs[1] < errs[0]
+                    return jnp.where(use_signed, fits[1], fits[0]), use_signed
 
                 def ema(cur):
-                    step = fit_uniform_step(xs, cur, w_c, num_levels, signed)
-                    return cfg.act_momentum * cur + (1 - cfg.act_momentum) * step
+                    flag = is_signed.value
+                    new = jax.lax.cond(flag, lambda c: self._ema(xs, c, w_c, True),
+                                       lambda c: self._ema(xs, c, w_c, False), cur)
+                    return new, flag
+
+                state.value, is_signed.value = jax.lax.cond(
+                    initialized.value, ema, calibrate, state.value)
             else:
-                def calibrate(cur):
-                    del cur
-                    return calibrate_learned(xs, w_c, num_levels, signed, cfg.act_calib_iters)
-
-                def ema(cur):
-                    step = fit_learned_levels(xs, cur, w_c, nonnegative=not signed)
-                    return jnp.sort(cfg.act_momentum * cur + (1 - cfg.act_momentum) * step)
-            state.value = jax.lax.cond(initialized.value, ema, calibrate, state.value)
+                state.value = jax.lax.cond(
+                    initialized.value, lambda cur: self._ema(xs, cur, w_c, signed),
+                    lambda cur: self._calibrate(xs, w_c, signed), state.value)
             initialized.value = jnp.ones((), jnp.bool_)
 
         if cfg.act_levels == "uniform":
             chex.assert_shape(state.value, ())
-            return quantize_uniform(x, state.value, num_levels, signed)
-        chex.assert_shape(state.value, (num_levels,))
-        return quantize_learned(x, state.value)
+        else:
+            chex.assert_shape(state.value, (num_levels,))
+        if auto:
+            return jax.lax.cond(is_signed.value, lambda v: self._quantize(x, v, True),
+                                lambda v: self._quantize(x, v, False), state.value)
+        return self._quantize(x, state.value, signed)

@@ -7,7 +7,7 @@ a bad config fails before any tracing, with the field name and allowed values.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 WEIGHT_METHODS = ("dq", "latent_ste", "lsq", "float")
 ACT_METHODS = ("dq", "float")
@@ -48,8 +48,13 @@ class QuantConfig:
         (L sorted fitted levels).
       act_error: 'channel' (per-channel normalised error, the method) or
         'global' (plain squared error, the ablation).
-      act_signed: quantize signed inputs (levels on both sides of zero), for
-        inputs that are not post-ReLU (e.g. MobileNetV2 linear bottlenecks).
+      act_signed: grid of the input quantizer. None (default): decided from the data at
+        calibration - the signed grid (levels on both sides of zero) if it fits the first
+        training batch with a lower error than the unsigned one, so a layer reading
+        normalised pixels gets a signed grid and a post-ReLU layer an unsigned one without a
+        flag; the choice is stored in `quant_stats` (`signed`) and fixed afterwards.
+        True / False: always signed / unsigned (the library's models set it per layer).
+        With act_bits=1 None means unsigned (a signed grid needs >= 2 bits).
       act_momentum: EMA momentum of the fitted activation statistics.
       act_calib_iters: closed-form fit iterations on the first batch.
       lloyd_iters: cap on the Lloyd (1-D k-means) iterations of the weight-level init;
@@ -64,7 +69,7 @@ class QuantConfig:
     act_bits: int = 2
     act_levels: str = "uniform"
     act_error: str = "channel"
-    act_signed: bool = False
+    act_signed: Optional[bool] = None
     act_momentum: float = 0.9
     act_calib_iters: int = 10
     lloyd_iters: int = 200
@@ -81,7 +86,11 @@ class QuantConfig:
             raise ValueError(
                 "QuantConfig.weight_bits=1 is not supported with weights='lsq' "
                 "(symmetric LSQ needs >= 2 bits); use weights='dq' for 1 bit.")
-        if self.acts == "dq" and self.act_signed and self.act_bits < 2:
+        if not (self.act_signed is None or isinstance(self.act_signed, bool)):
+            raise ValueError(
+                f"QuantConfig.act_signed={self.act_signed!r} must be None (decided from the "
+                "calibration batch), True (signed grid) or False (unsigned grid).")
+        if self.acts == "dq" and self.act_signed is True and self.act_bits < 2:
             raise ValueError(
                 "QuantConfig.act_bits=1 is not supported with act_signed=True "
                 "(a signed grid needs >= 2 bits).")
@@ -111,8 +120,13 @@ class QuantConfig:
 
     @classmethod
     def float(cls) -> "QuantConfig":
-        """A config that quantizes nothing (the layer equals nn.Conv/nn.Dense)."""
-        return cls(weights="float", acts="float")
+        """A config that quantizes nothing (the layer equals nn.Conv/nn.Dense).
+
+        `act_signed=False`, not None: the sign does not matter without an activation
+        quantizer, and the CLI's base config (built from this) keeps a bool-typed field, so
+        `--config.quant.act_signed=...` parses and recorded run configs stay as they were.
+        """
+        return cls(weights="float", acts="float", act_signed=False)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "QuantConfig":
