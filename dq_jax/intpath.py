@@ -291,6 +291,8 @@ def supports(m: nn.Module) -> bool:
     cfg: QuantConfig = m.quant
     if cfg.weights != "dq" or cfg.acts != "dq" or cfg.act_levels != "uniform":
         return False
+    if cfg.act_signed is None:  # grid decided from data (a `signed` statistic): float path
+        return False
     if isinstance(m, QuantConv) and (m.mask is not None or not m.shared_weights):
         return False
     return True

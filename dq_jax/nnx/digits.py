@@ -38,11 +38,13 @@ class DigitsCNN(nnx.Module):
         self.conv1 = QuantConv(in_channels, widths[0], (3, 3),
                                quant=common.signed(edge, "The first conv (image input)"), **conv)
         self.bn1 = norm(widths[0])
-        self.conv2 = QuantConv(widths[0], widths[1], (3, 3), (2, 2), quant=quant, **conv)
+        self.conv2 = QuantConv(widths[0], widths[1], (3, 3), (2, 2), quant=common.unsigned(quant),
+                               **conv)
         self.bn2 = norm(widths[1])
-        self.conv3 = QuantConv(widths[1], widths[2], (3, 3), quant=quant, **conv)
+        self.conv3 = QuantConv(widths[1], widths[2], (3, 3), quant=common.unsigned(quant), **conv)
         self.bn3 = norm(widths[2])
-        self.head = QuantLinear(widths[2], num_classes, quant=edge, dtype=dtype, rngs=rngs)
+        self.head = QuantLinear(widths[2], num_classes, quant=common.unsigned(edge), dtype=dtype,
+                                rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x, self.dtype)
