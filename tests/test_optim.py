@@ -1,9 +1,9 @@
 """`dq_optimizer`: the direct code update, the levels' Adam, weight decay on W_q,
 reproducibility, and an end-to-end 2-bit training run on scikit-learn's digits.
 
-Composition with optax (chain, apply_if_finite, inject_hyperparams, MultiSteps), Flax's
-TrainState, stacked layers, and the bitwise guard against the frozen pre-optax optimizer are in
-tests/test_optim_optax.py.
+Below those: the bitwise guard against the frozen pre-optax optimizer
+(tests/reference_optim.py), composition with optax (chain, apply_if_finite,
+inject_hyperparams, MultiSteps) and Flax's TrainState, and stacked (nn.scan) layers.
 """
 from functools import partial
 
@@ -544,3 +544,165 @@ def test_code_momentum_drives_only_the_code_update():
     # The float params' momentum stays the model's (0.9) whatever code_momentum is.
     for a, b in zip(jax.tree.leaves(traces[None][1]), jax.tree.leaves(traces[0.5][1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------- bitwise guard (frozen reference)
+
+def _names(keypath) -> tuple:
+    """Key path -> names; a tuple dict key (the reference's module paths) is spread out."""
+    out = []
+    for k in keypath:
+        k = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        out.extend(k if isinstance(k, tuple) else (k,))
+    return tuple(str(x) for x in out)
+
+
+def _leaves_by_path(tree) -> dict:
+    return {_names(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _stat_leaves(tree) -> list:
+    """The statistics of an optimizer state (momentum traces, Adam's count/mu/nu), in order,
+    without the step counts of schedules: under inject_hyperparams a learning rate is a value,
+    not a schedule, so those counts are not in the inner state."""
+    is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    return [x for x in jax.tree.leaves(tree, is_leaf=is_sched) if not is_sched(x)]
+
+
+def _to_new_state(ref_state, new_state):
+    """The reference state in the new layout (same values): codes momentum nested like the
+    codes instead of keyed by module-path tuples, the key as key data; `_stat_leaves` align."""
+    def convert(ref, new):
+        same = len(jax.tree.leaves(ref)) == len(jax.tree.leaves(new))
+        out = jax.tree.unflatten(jax.tree.structure(new),
+                                 jax.tree.leaves(ref) if same else _stat_leaves(ref))
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(new), strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+        return out
+    return optim.DQState(params=convert(ref_state.params, new_state.params),
+                         codes=convert(ref_state.codes, new_state.codes),
+                         key=jax.random.key_data(ref_state.key))
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("via", ["dq_optimizer", "inject_hyperparams"])
+def test_new_transform_matches_frozen_reference_bitwise(small, small_grads, rounding, via):
+    """5 updates of the frozen `QuantOptimizer` (tests/reference_optim.py) and of
+    `dq_optimizer` (bare, and as train.py builds it: inject_hyperparams over explicit
+    schedules) from the same inputs at every step, run eagerly (op by op, so no fusion
+    difference can change round-off): params, codes, SGD/Adam statistics, key and diagnostics
+    are bitwise equal. Per-layer (conv) and per-channel (dense) levels, weight decay,
+    Nesterov, a code LR and momentum of their own, levels pushed to cross, codes that flip.
+
+    The one allowed difference: a level slot that a crossing moved gets the update
+    `sorted - old`, and `old + (sorted - old)` can differ from `sorted` by the rounding of that
+    difference (exact when the two are within a factor 2, Sterbenz): at most 1 ulp of the
+    larger magnitude, asserted for exactly those slots. The diagnostics of a layer whose
+    levels crossed differ by design: the reference measured the codes before its sort,
+    `code_diagnostics` measures the stored (relabelled) ones, so its flip rate counts the
+    relabelled codes and a per-channel layer's pooled histogram changes; they are only
+    range-checked at such a step, bitwise everywhere else.
+    """
+    from tests import reference_optim
+    _, params, codes, _, _, _ = small
+    g0, gw0 = small_grads
+    # Level gradients that push neighbours toward each other (Adam moves each by ~lr a step).
+    push = {"QuantConv_0": np.float32([[-1, 1, -1, 1]]),
+            "QuantDense_0": np.tile(np.float32([[1, -1, 1, -1]]), (3, 1))}
+    gap = min(float(np.diff(np.asarray(params[n]["kernel_levels"])).min()) for n in push)
+    shape = lambda step: 1.0 - 0.1 * step  # a schedule shape the two must follow alike
+    kw = dict(momentum=0.9, nesterov=True, weight_decay=0.05, rounding=rounding,
+              code_momentum=0.5)
+    lr, levels_lr, code_lr = 0.05, 0.6 * gap, 20.0  # code LR: nearest needs big moves to flip
+    ref = reference_optim.QuantOptimizer(
+        learning_rate=lr, levels_learning_rate=levels_lr, code_learning_rate=code_lr,
+        schedule_shape=shape, **kw)
+    scheds = dict(learning_rate=lambda s: lr * shape(s),
+                  levels_learning_rate=lambda s: levels_lr * shape(s),
+                  code_learning_rate=lambda s: code_lr * shape(s))
+    if via == "dq_optimizer":
+        new = dq_optimizer(**scheds, key=key(3), **kw)
+        inner = lambda st: st
+        wrap = lambda st, ref_st: _to_new_state(ref_st, st)
+    else:
+        new = optax.inject_hyperparams(
+            dq_optimizer, static_args=("momentum", "nesterov", "weight_decay", "rounding",
+                                       "code_momentum", "key"))(**scheds, key=key(3), **kw)
+        inner = lambda st: st.inner_state
+        wrap = lambda st, ref_st: st._replace(inner_state=_to_new_state(ref_st, st.inner_state))
+
+    ref_state = ref.init(params, codes, key(3))
+    new_state = new.init({"params": params, "codes": codes})
+    np.testing.assert_array_equal(jax.random.key_data(ref_state.key), inner(new_state).key)
+    crossings = flips = 0
+    for step in range(5):  # eager: nothing here is jitted
+        g = jax.tree.map(lambda a: a * (1.0 + 0.5 * step), g0)  # a new gradient every step
+        for n in push:
+            g[n]["kernel_levels"] = jnp.asarray(push[n] * (1 + step))
+        gw = jax.tree.map(lambda a: a * (1.0 - 0.3 * step), gw0)
+        r_params, r_codes, r_state, r_diag = ref.update(g, gw, ref_state, params, codes)
+        unsorted = _unsorted_levels(ref, g, ref_state, params)
+        trainable = {"params": params, "codes": codes}
+        updates, n_state = new.update({"params": g, "codes": gw}, wrap(new_state, ref_state),
+                                      trainable)
+        out = optax.apply_updates(trainable, updates)
+        # codes, every SGD/Adam statistic (the levels' moments permuted alike) and the key
+        jax.tree.map(np.testing.assert_array_equal, out["codes"], r_codes)
+        if via == "dq_optimizer":  # the same structure: compare by path
+            a, b = _leaves_by_path(inner(n_state).params), _leaves_by_path(r_state.params)
+            assert a.keys() == b.keys()
+            for path in a:
+                np.testing.assert_array_equal(a[path], b[path], err_msg=str(path))
+        # (W_q momentum: nested like the codes here, keyed by module-path tuples there; the
+        # same leaf order, as _to_new_state checks)
+        for part in ("params", "codes"):
+            for x, y in zip(_stat_leaves(getattr(inner(n_state), part)),
+                            _stat_leaves(getattr(r_state, part)), strict=True):
+                np.testing.assert_array_equal(x, y)
+        if via == "inject_hyperparams":  # the rates it applied: the schedules at this step
+            for name, sched in scheds.items():
+                np.testing.assert_array_equal(n_state.hyperparams[name],
+                                              sched(jnp.asarray(step, jnp.int32)))
+        np.testing.assert_array_equal(inner(n_state).key, jax.random.key_data(r_state.key))
+        # params: bitwise, except level slots a crossing moved (<= 1 ulp, see docstring)
+        n_flat, r_flat = _leaves_by_path(out["params"]), _leaves_by_path(r_params)
+        assert n_flat.keys() == r_flat.keys()
+        relabelled = set()
+        for path, want in r_flat.items():
+            got = n_flat[path]
+            if path[-1] != "kernel_levels":
+                np.testing.assert_array_equal(got, want, err_msg=str(path))
+                continue
+            moved = want != unsorted[path[0]]  # the sort put another level in this slot
+            if moved.any():
+                relabelled.add(path[0])
+            np.testing.assert_array_equal(got[~moved], want[~moved], err_msg=str(path))
+            old = np.asarray(params[path[0]]["kernel_levels"])
+            ulp = np.spacing(np.maximum(np.abs(want), np.abs(old)))
+            assert np.all(np.abs(got - want)[moved] <= ulp[moved]), (path, got, want)
+        # diagnostics: bitwise, but for the flip rate at a step whose sort relabelled codes
+        n_diag = optim.code_diagnostics(codes, out["codes"], out["params"])
+        assert n_diag.keys() == r_diag.keys()
+        for layer in r_diag:
+            if layer not in relabelled:
+                np.testing.assert_array_equal(n_diag[layer]["code_entropy"],
+                                              r_diag[layer]["code_entropy"])
+                np.testing.assert_array_equal(n_diag[layer]["flip_rate"],
+                                              r_diag[layer]["flip_rate"])
+            else:
+                assert 0 <= float(n_diag[layer]["flip_rate"]) <= 1
+                assert 0 <= float(n_diag[layer]["code_entropy"]) <= 2 + 1e-6
+        crossings += bool(relabelled)
+        flips += sum(int(np.sum(np.asarray(a) != np.asarray(b)))
+                     for a, b in zip(jax.tree.leaves(codes), jax.tree.leaves(r_codes)))
+        params, codes, ref_state, new_state = r_params, r_codes, r_state, n_state
+    assert crossings >= 1, "the levels never crossed: the test lost its point"
+    assert flips > 0, "no code ever flipped: the test lost its point"
+
+
+def _unsorted_levels(ref, g, state, params) -> dict:
+    """The reference's levels after its Adam step and before its sort (its own optax update,
+    recomputed eagerly as it does it), by layer."""
+    updates, _ = ref.params_tx.update(g, state.params, params)
+    new = optax.apply_updates(params, updates)
+    return {n: np.asarray(v["kernel_levels"]) for n, v in new.items() if "kernel_levels" in v}
