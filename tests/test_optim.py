@@ -706,3 +706,227 @@ def _unsorted_levels(ref, g, state, params) -> dict:
     updates, _ = ref.params_tx.update(g, state.params, params)
     new = optax.apply_updates(params, updates)
     return {n: np.asarray(v["kernel_levels"]) for n, v in new.items() if "kernel_levels" in v}
+
+
+# ---------------------------------------------------------------- composition with optax
+
+def _exact_problem(np_rng):
+    """A hand-made two-layer tree where every step is exact float arithmetic: dyadic levels,
+    gradients, learning rates and momentum, and levels LR 0 (Adam's step times 0). Results
+    of differently compiled programs (a wrapper's lax.cond, jit) then agree bitwise on any
+    CPU, so the compositions below are compared exactly."""
+    lv = np.float32([[-1.5, -0.5, 0.5, 1.5]])
+    params = {"conv": {"kernel_levels": jnp.asarray(lv), "bias": jnp.zeros(8)},
+              "dense": {"kernel_levels": jnp.asarray(np.tile(lv, (4, 1)))},
+              "head": {"kernel": jnp.ones((4, 2))}}
+    codes = {"conv": {"kernel": jnp.asarray(np_rng.integers(0, 4, (3, 3, 2, 8)), jnp.uint8)},
+             "dense": {"kernel": jnp.asarray(np_rng.integers(0, 4, (16, 4)), jnp.uint8)}}
+
+    def grads(seed):
+        r = np.random.default_rng(seed)
+        dy = lambda shape: jnp.asarray(r.integers(-8, 9, shape) / 8, jnp.float32)
+        return {"params": jax.tree.map(lambda a: dy(a.shape), params),
+                "codes": jax.tree.map(lambda c: dy(c.shape), codes)}
+    return {"params": params, "codes": codes}, grads
+
+
+def _tx(**kw):
+    args = dict(learning_rate=0.25, levels_learning_rate=0.0, momentum=0.5,
+                weight_decay=0.125, key=jax.random.PRNGKey(7))
+    return dq_optimizer(**{**args, **kw})
+
+
+def _run(tx, trainable, grads, state=None, jit=True):
+    state = tx.init(trainable) if state is None else state
+    update = jax.jit(tx.update) if jit else tx.update
+    updates, state = update(grads, state, trainable)
+    return optax.apply_updates(trainable, updates), state, updates
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_updates_are_exact_float_code_deltas(np_rng):
+    """Codes get integer-valued deltas in the gradient's dtype; uint8 + delta is exact, also
+    with the float zeros a wrapper substitutes; codes really move; the result is uint8."""
+    trainable, grads = _exact_problem(np_rng)
+    g = jax.tree.map(lambda a: a * 8, grads(0))  # big steps: many codes move by >= 1 level
+    new, _, updates = _run(_tx(rounding="nearest"), trainable, g)
+    for path, d in optim._flat(updates["codes"]).items():
+        old, c = optim._flat(trainable["codes"])[path], optim._flat(new["codes"])[path]
+        assert d.dtype == jnp.float32 and np.all(np.asarray(d) == np.round(np.asarray(d)))
+        assert c.dtype == jnp.uint8
+        np.testing.assert_array_equal(np.asarray(c, np.int32) - np.asarray(old, np.int32), d)
+        assert np.any(np.abs(np.asarray(d)) >= 1)
+    zeros = optax.apply_updates(trainable, jax.tree.map(jnp.zeros_like, g))
+    _assert_trees_equal(zeros, trainable)
+
+
+def test_chain_with_a_transformation_in_front(np_rng):
+    """chain(scale(0.5), dq) on g == dq on g/2 (exact); a huge clip leaves it unchanged."""
+    trainable, grads = _exact_problem(np_rng)
+    g = grads(1)
+    half = jax.tree.map(lambda a: a * 0.5, g)
+    direct, s_direct, _ = _run(_tx(), trainable, half)
+    chained, s_chain, _ = _run(optax.chain(optax.scale(0.5), _tx()), trainable, g)
+    _assert_trees_equal(chained, direct)
+    _assert_trees_equal(s_chain[1], s_direct)
+    clipped, _, _ = _run(optax.chain(optax.clip_by_global_norm(1e9), _tx()), trainable, half)
+    _assert_trees_equal(clipped, direct)
+
+
+def test_apply_if_finite_skips_a_nonfinite_step_whole(np_rng):
+    """A NaN in one dL/dW_q: params, codes, the key and the schedule count stay as they were;
+    the next finite step is exactly the first step of an undisturbed run (the skipped step
+    did not advance the learning-rate schedule)."""
+    trainable, grads = _exact_problem(np_rng)
+    sched = optax.piecewise_constant_schedule(0.25, {1: 0.5})  # 0.25, then 0.125
+    make = lambda: optax.apply_if_finite(optax.inject_hyperparams(
+        dq_optimizer, static_args=("momentum", "weight_decay", "key"))(
+            learning_rate=sched, levels_learning_rate=0.0, momentum=0.5, weight_decay=0.125,
+            key=jax.random.PRNGKey(7)), max_consecutive_errors=5)
+    tx = make()
+    bad = grads(2)
+    bad["codes"]["dense"]["kernel"] = bad["codes"]["dense"]["kernel"].at[0, 0].set(jnp.nan)
+    state0 = tx.init(trainable)
+    after_bad, state1, _ = _run(tx, trainable, bad, state0)
+    _assert_trees_equal(after_bad, trainable)
+    _assert_trees_equal(state1.inner_state, state0.inner_state)  # key, count, momenta
+    assert int(state1.total_notfinite) == 1
+    skipped_then_good, state2, _ = _run(tx, trainable, grads(3), state1)
+    undisturbed, state_u, _ = _run(make(), trainable, grads(3))
+    _assert_trees_equal(skipped_then_good, undisturbed)
+    _assert_trees_equal(state2.inner_state, state_u.inner_state)
+    assert float(state2.inner_state.hyperparams["learning_rate"]) == 0.25
+
+
+def test_inject_hyperparams_schedules_and_reads_back_the_rate(np_rng):
+    """inject_hyperparams(dq_optimizer) over a schedule == dq_optimizer given the schedule,
+    3 steps; `hyperparams['learning_rate']` is the rate each step applied."""
+    trainable, grads = _exact_problem(np_rng)
+    sched = optax.piecewise_constant_schedule(0.25, {1: 0.5, 2: 0.5})
+    injected = optax.inject_hyperparams(dq_optimizer, static_args=("momentum", "key"))(
+        sched, 0.0, momentum=0.5, key=jax.random.PRNGKey(7))
+    direct = dq_optimizer(sched, 0.0, momentum=0.5, key=jax.random.PRNGKey(7))
+    a = b = trainable
+    sa = sb = None
+    for step, want in enumerate((0.25, 0.125, 0.0625)):
+        a, sa, _ = _run(injected, a, grads(10 + step), sa)
+        b, sb, _ = _run(direct, b, grads(10 + step), sb)
+        _assert_trees_equal(a, b)
+        assert float(sa.hyperparams["learning_rate"]) == want and int(sa.count) == step + 1
+    np.testing.assert_array_equal(sa.inner_state.key, sb.key)
+
+
+def test_multisteps_updates_codes_once_from_the_accumulated_gradient(np_rng):
+    """MultiSteps(k=2): the first micro-batch changes nothing (and keeps the key); the second
+    applies one update from the mean dL/dW_q (and mean float gradients), exactly the single
+    step on the averaged gradient. Its accumulators are float32 at the uint8 code leaves."""
+    trainable, grads = _exact_problem(np_rng)
+    g1, g2 = grads(20), grads(21)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)  # exact (dyadic)
+    ms = optax.MultiSteps(_tx(), every_k_schedule=2)
+    state = ms.init(trainable)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state.acc_grads["codes"]))
+    first, state, _ = _run(ms, trainable, g1, state)
+    _assert_trees_equal(first, trainable)
+    np.testing.assert_array_equal(state.inner_opt_state.key, _tx().init(trainable).key)
+    second, state, _ = _run(ms, first, g2, state)
+    single, s_single, _ = _run(_tx(), trainable, mean)
+    _assert_trees_equal(second, single)
+    _assert_trees_equal(state.inner_opt_state, s_single)
+    assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(
+        jax.tree.leaves(second["codes"]), jax.tree.leaves(trainable["codes"])))
+
+
+def test_flax_train_state_apply_gradients_runs_the_dq_step(small, small_grads):
+    """dq_jax.train_state.TrainState (a flax TrainState): create from model.init's variables,
+    apply_gradients(grads=jax.grad over differentiable()) == tx.update + apply_updates; the
+    activation statistics follow a batch_stats-only `mutable`; a plain optax tx is refused."""
+    from dq_jax.train_state import TrainState
+    from flax.training import train_state as flax_train_state
+    model, params, codes, stats, x, y = small
+    tx = dq_optimizer(0.05, 1e-2, key=key(0))
+    state = TrainState.create(apply_fn=model.apply, tx=tx,
+                              variables={"params": params, "codes": codes, **stats})
+    assert isinstance(state, flax_train_state.TrainState)
+
+    def loss_fn(diff):
+        logits, new = state.apply_fn(state.variables(diff), x, train=True,
+                                     mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+
+    (loss, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.differentiable())
+    assert "quant_stats" in new_vars  # added to `mutable` by the state's apply_fn
+    g, gw = small_grads  # (another compiled program: equal up to round-off)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 grads, {"params": g, "perturbations": gw})
+    # both eager (op by op): the same operations, so bitwise
+    new_state = state.apply_gradients(grads=grads, **new_vars)
+    trainable = {"params": params, "codes": codes}
+    updates, opt_state = tx.update(
+        {"params": grads["params"], "codes": grads["perturbations"]}, state.opt_state, trainable)
+    want = optax.apply_updates(trainable, updates)
+    assert int(new_state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal,
+                 (new_state.params, new_state.codes, new_state.opt_state),
+                 (want["params"], want["codes"], opt_state))
+    with pytest.raises(TypeError, match="does not contain dq_jax.optim.dq_optimizer"):
+        TrainState.create(apply_fn=model.apply, tx=optax.sgd(0.1),
+                          variables={"params": params, "codes": codes, **stats})
+
+
+# ---------------------------------------------------------------- stacked (nn.scan) layers
+
+def test_stacked_levels_and_codes_update_like_their_slices(np_rng):
+    """Levels [S, G, L] and codes [S, ...kernel] (an nn.scan-stacked QuantConv): the update
+    maps over the stack axis. With nearest rounding, each slice's codes and float values are
+    those of the same layer updated alone, a crossing in one slice is sorted/remapped there
+    only, and Adam's per-level moments follow; stochastic rounding draws per slice."""
+    stack = 3
+    lv = np.float32([[-1.5, -0.5, 0.5, 1.5]])
+    levels = np.stack([lv, lv + 0.25, lv * 2])                       # [S, 1, 4]
+    codes = np_rng.integers(0, 4, (stack, 3, 3, 2, 4)).astype(np.uint8)
+    gw = (np_rng.integers(-8, 9, codes.shape) / 2).astype(np.float32)
+    g_lv = np.zeros_like(levels)
+    g_lv[1] = [[-1, 1, -1, 1]]  # slice 1: levels 0/1 and 2/3 cross with a big Adam step
+    make = lambda **kw: dq_optimizer(0.25, 0.6, momentum=0.0, rounding="nearest",
+                                     key=jax.random.PRNGKey(3), **kw)
+
+    def run(tx, lv_, c_, g_, gw_):
+        trainable = {"params": {"l": {"kernel_levels": jnp.asarray(lv_)}},
+                     "codes": {"l": {"kernel": jnp.asarray(c_)}}}
+        grads = {"params": {"l": {"kernel_levels": jnp.asarray(g_)}},
+                 "codes": {"l": {"kernel": jnp.asarray(gw_)}}}
+        new, state, _ = _run(tx, trainable, grads)
+        return (np.asarray(new["params"]["l"]["kernel_levels"]),
+                np.asarray(new["codes"]["l"]["kernel"]), state)
+
+    s_lv, s_c, s_state = run(make(), levels, codes, g_lv, gw)
+    for i in range(stack):
+        lv_i, c_i, st_i = run(make(), levels[i], codes[i], g_lv[i], gw[i])
+        np.testing.assert_allclose(s_lv[i], lv_i, rtol=1e-6)
+        np.testing.assert_array_equal(s_c[i], c_i)
+        np.testing.assert_allclose(
+            s_state.params.inner_states["levels"].inner_state[0].mu["l"]["kernel_levels"][i],
+            st_i.params.inner_states["levels"].inner_state[0].mu["l"]["kernel_levels"],
+            rtol=1e-6)
+    assert np.all(np.diff(s_lv, axis=-1) >= 0)
+    assert not np.array_equal(s_c[1], codes[1])  # slice 1 was remapped by its crossing
+    # stochastic: runs, keeps the invariants, and slices draw independently
+    trainable = {"params": {"l": {"kernel_levels": jnp.asarray(levels)}},
+                 "codes": {"l": {"kernel": jnp.asarray(codes)}}}
+    same = {"params": {"l": {"kernel_levels": jnp.zeros_like(levels)}},
+            "codes": {"l": {"kernel": jnp.full(codes.shape, -0.5, jnp.float32)}}}  # W~ = 1.0
+    tx = dq_optimizer(1.0, 0.0, momentum=0.0, key=jax.random.PRNGKey(3))
+    new, _, _ = _run(tx, {**trainable, "params": {"l": {"kernel_levels":
+                                                         jnp.asarray(np.stack([lv] * 3))}},
+                          "codes": {"l": {"kernel": jnp.full(codes.shape, 2, jnp.uint8)}}},
+                     same)
+    c = np.asarray(new["codes"]["l"]["kernel"])
+    assert c.dtype == np.uint8 and c.min() >= 2 and c.max() <= 3  # 0.5 or 1.5, p = 1/2
+    assert not np.array_equal(c[0], c[1])  # same inputs per slice, different draws
