@@ -222,7 +222,8 @@ def test_learned_unsigned_levels_keep_an_exact_zero_on_post_relu_data(np_rng):
 
 
 def test_learned_levels_stay_sorted_and_nonnegative(np_rng):
-    cfg = QuantConfig(acts="dq", act_bits=2, act_levels="learned", act_momentum=0.5)
+    cfg = QuantConfig(acts="dq", act_bits=2, act_levels="learned", act_momentum=0.5,
+                      act_signed=False)  # unsigned by choice (the default decides from data)
     q = ActQuantizer(cfg)
     # not post-ReLU on purpose: negative inputs must not pull unsigned levels below 0
     batches = [np_rng.normal(size=(4, 4, 4, 6)).astype(np.float32) * np.float32(s)

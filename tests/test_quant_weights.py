@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 
-from dq_jax.layers import QuantConv, QuantDense
+from dq_jax.layers import QuantConv, QuantDense, zero_perturbations
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
@@ -302,7 +302,7 @@ def test_perturbation_gradient_equals_conv_kernel_gradient(np_rng):
 
     g_pert, g_ref, g_lv = jax.jit(lambda p, k, lv: (
         jax.grad(qloss)(p)["kernel"], jax.grad(ref_loss)(k), jax.grad(lvl_loss)(lv)))(
-            v["perturbations"], w_q, v["params"]["kernel_levels"])
+            zero_perturbations(v["codes"]), w_q, v["params"]["kernel_levels"])
     assert g_pert.shape == w_q.shape
     np.testing.assert_allclose(g_pert, g_ref, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(g_ref).max()) > 0
