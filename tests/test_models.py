@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from dq_jax import models
-from dq_jax.layers import QuantConv, QuantDense
+from dq_jax.layers import QuantConv, QuantDense, zero_perturbations
 from dq_jax.models.mobilenet_v2 import make_divisible
 from dq_jax.optim import dq_layer_paths
 from dq_jax.quant.config import QuantConfig
@@ -437,8 +437,8 @@ def _loss_and_grads(model, variables, x, labels, signed=None):
     an activation quantizer, and fills `signed[path] = quant.act_signed`.
     """
     params = variables["params"]
-    perts = variables.get("perturbations", {})
-    rest = {k: v for k, v in variables.items() if k not in ("params", "perturbations")}
+    perts = zero_perturbations(variables.get("codes", {}))
+    rest = {k: v for k, v in variables.items() if k != "params"}
 
     def loss_fn(params, perts):
         mins = {}
@@ -483,7 +483,7 @@ def test_dq_w2a2_levels_and_jit_forward_backward(name, granularity, qfl):
         assert dq == all_layers - {first, last} and stats == dq
         for edge in (first, last):  # plain float kernels, no quantizer
             assert edge + ("kernel",) in params and edge + ("kernel_levels",) not in params
-    assert {p[:-1] for p in flat(variables["perturbations"])} == dq
+    assert "perturbations" not in variables  # init stores only what must be stored
     assert (_check_levels(variables, granularity) > 0) == name.startswith("mobilenet")
 
     # One jitted forward + backward in training mode.
@@ -508,7 +508,7 @@ def test_dq_w2a2_levels_and_jit_forward_backward(name, granularity, qfl):
     assert jax.tree.structure(g_params) == jax.tree.structure(variables["params"])
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves((g_params, g_perts)))
     gp, gw = flat(g_params), flat(g_perts)
-    assert set(gw) == set(flat(variables["perturbations"]))
+    assert set(gw) == set(flat(variables["codes"]))
     for path, g in gw.items():   # dL/dW_q (the code update's signal) and dL/dlevels
         assert g.shape == flat(variables["codes"])[path].shape
         assert np.any(g != 0), path
@@ -541,7 +541,7 @@ def test_jit_forward_backward_traces(name):
     assert jax.tree.map(lambda a: (a.shape, a.dtype), g_params) == jax.tree.map(
         lambda a: (a.shape, a.dtype), variables["params"])
     assert jax.tree.map(lambda a: a.shape, g_perts) == jax.tree.map(
-        lambda a: a.shape, variables["perturbations"])
+        lambda a: a.shape, variables["codes"])
     assert jax.tree.structure(updates["quant_stats"]) == jax.tree.structure(
         variables["quant_stats"])
     # Every conv/dense is quantized (quantize_first_last=True).
