@@ -187,6 +187,18 @@ def _key_data(key: jax.Array | int) -> tuple[jax.Array, Any]:
     return key, None
 
 
+def with_key(opt_state: PyTree, key: jax.Array | int) -> PyTree:
+    """`opt_state` with the code-update key of every `DQState` in it replaced (e.g. one
+    transformation, several seeds). The key must be of the kind the transformation was built
+    with (an int seed or raw key for an int/raw one, the same impl for a typed one)."""
+    data = _key_data(key)[0]
+    is_dq = lambda x: isinstance(x, DQState)
+    if not any(is_dq(x) for x in jax.tree.leaves(opt_state, is_leaf=is_dq)):
+        raise ValueError("with_key: opt_state holds no DQState (not a dq_optimizer state).")
+    return jax.tree.map(lambda x: x._replace(key=data) if is_dq(x) else x, opt_state,
+                        is_leaf=is_dq)
+
+
 def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOrSchedule, *,
                  momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
                  rounding: str = "stochastic", code_momentum_dtype: str = "float32",

@@ -117,6 +117,8 @@ class Optimizer(nnx.Pytree):
         momentum, weight decay, rounding, the code-update key), e.g. the one the Linen train
         step uses (`dq_jax.train.create_optimizer`).
       wrt: the Param filter the gradients were taken for (as `value_and_grad`).
+      key: optional code-update key replacing `tx`'s own in the initial state
+        (`dq_jax.optim.with_key`): one `tx`, several seeds.
 
     Attributes:
       step: `nnx.OptState` step counter.
@@ -125,7 +127,7 @@ class Optimizer(nnx.Pytree):
     """
 
     def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, *,
-                 wrt: nnx.filterlib.Filter = nnx.Param):
+                 wrt: nnx.filterlib.Filter = nnx.Param, key: jax.Array | int | None = None):
         if not (hasattr(tx, "init") and hasattr(tx, "update")):
             raise TypeError("tx must be an optax transformation containing "
                             f"dq_jax.optim.dq_optimizer; got {type(tx).__name__}.")
@@ -140,6 +142,8 @@ class Optimizer(nnx.Pytree):
             raise TypeError("tx must contain dq_jax.optim.dq_optimizer: the model has DQ-W codes, "
                             "which a plain optax optimizer would corrupt with float updates "
                             "(for a float model, use nnx.Optimizer).")
+        if key is not None:
+            state = optim.with_key(state, key)
         self.opt_state = nnx.data(nnx.training.optimizer.to_opt_state(state))
 
     def update(self, model: nnx.Module, grads: nnx.State, /) -> dict:
