@@ -1,0 +1,108 @@
+"""Drop-in means unchanged model code (issue 13): a ResNet written as in the Flax ImageNet
+example (`tests/flax_example_resnet.py`, which knows nothing about quantization) is built
+with `conv=partial(QuantConv, quant=W2A2)` and trained with the library's optimizer.
+
+Nothing in the model passes `train` to a conv: the quantizers train exactly when
+'quant_stats' is mutable (as BatchNorm's 'batch_stats' in the example), the stem conv
+reading normalised pixels gets a signed activation grid from its calibration batch, and
+`init` returns only what must be stored.
+"""
+from functools import partial
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from sklearn.datasets import load_digits
+
+from dq_jax.layers import QuantConv
+from dq_jax.optim import dq_optimizer
+from dq_jax.quant.config import QuantConfig
+from dq_jax.train_state import TrainState
+from tests import flax_example_resnet as example
+
+W2A2 = QuantConfig(weights="dq", weight_bits=2, acts="dq", act_bits=2)
+STEPS, BATCH = 60, 64
+
+
+def digits_16x16():
+    """scikit-learn's bundled 8x8 digits, upsampled 2x (nearest) and standardised like
+    ImageNet pixels (about 40% of the inputs are negative); a fixed train/test split."""
+    d = load_digits()
+    x = d.images.astype(np.float32) / 16.0
+    x = np.kron(x, np.ones((2, 2), np.float32))[..., None]
+    x = (x - x.mean()) / x.std()
+    perm = np.random.default_rng(0).permutation(len(x))
+    x, y = x[perm], d.target[perm].astype(np.int32)
+    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits_16x16()
+
+
+def make_model():
+    return example.ResNetTiny(num_classes=10, conv=partial(QuantConv, quant=W2A2))
+
+
+def test_init_needs_no_train_flag_and_stores_only_state(data):
+    (x, _), _ = data
+    model = make_model()
+    variables = jax.jit(model.init)(jax.random.key(0), x[:2])
+    # what must be stored: no f32 'perturbations' zeros next to the uint8 codes
+    assert set(variables) == {"params", "codes", "batch_stats", "quant_stats"}
+    assert all(c.dtype == jnp.uint8 for c in jax.tree.leaves(variables["codes"]))
+    back = flax.serialization.from_bytes(variables, flax.serialization.to_bytes(variables))
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
+    # every conv is quantized (its 'kernel' replaced by levels + codes); the head stays float
+    paths = flax.traverse_util.flatten_dict(variables["params"])
+    assert not any(p[-1] == "kernel" and p[0] != "Dense_0" for p in paths)
+
+
+def test_flax_example_resnet_trains_with_quant_conv(data):
+    (x, y), (x_test, y_test) = data
+    model = make_model()
+    variables = jax.jit(model.init)(jax.random.key(0), x[:2])
+    tx = dq_optimizer(learning_rate=0.05, levels_learning_rate=1e-3, momentum=0.9, key=1)
+    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+
+    @jax.jit
+    def train_step(state, images, labels):
+        def loss_fn(differentiable):  # params and the zero perturbations (dL/dW_q)
+            logits, new_state = state.apply_fn(
+                state.variables(differentiable), images,
+                mutable=["batch_stats", "quant_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, new_state
+        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.differentiable())
+        return state.apply_gradients(grads=grads, **new_state), loss
+
+    @jax.jit
+    def accuracy(state, images, labels):
+        logits = model.apply(state.variables(), images, train=False)  # nothing mutable
+        return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+    rng = np.random.default_rng(1)
+    losses = []
+    for _ in range(STEPS):
+        idx = rng.choice(len(x), BATCH, replace=False)
+        state, loss = train_step(state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+        losses.append(float(loss))
+    stats = flax.traverse_util.flatten_dict(state.quant_stats)
+    # every quantizer calibrated on the first batch; the stem (normalised pixels) chose a
+    # signed grid, every post-ReLU conv an unsigned one
+    assert all(bool(v) for k, v in stats.items() if k[-1] == "initialized")
+    signed = {k[:-2]: bool(v) for k, v in stats.items() if k[-1] == "signed"}
+    assert len(signed) == 6  # stem, 2 convs per block, the strided block's projection
+    assert signed.pop(("conv_init",)) is True
+    assert not any(signed.values()), signed
+    acc = float(accuracy(state, jnp.asarray(x_test), jnp.asarray(y_test)))
+    first, last = np.mean(losses[:5]), np.mean(losses[-10:])
+    print(f"loss {first:.3f} -> {last:.3f}, held-out accuracy {acc:.3f}")
+    assert np.isfinite(losses).all()
+    assert last < 0.5 * first  # the loss drops clearly (log 10 = 2.30 at chance)
+    assert acc > 0.5           # chance is 0.1
