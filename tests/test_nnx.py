@@ -101,7 +101,8 @@ def test_variable_types_filters_and_train_eval(np_rng):
     assert shapes(nnx.state(layer, dqnnx.QuantPerturbation)) == {
         "kernel_perturbation": ((), "float32")}  # a scalar hook outside value_and_grad
     assert shapes(nnx.state(layer, dqnnx.QuantStats)) == {
-        "act_quant": {"alpha": ((), "float32"), "initialized": ((), "bool")}}
+        "act_quant": {"alpha": ((), "float32"), "initialized": ((), "bool"),
+                      "signed": ((), "bool")}}  # act_signed=None: the grid is data-decided
     np.testing.assert_array_equal(
         layer.quantized_kernel(),
         dqnnx.layers.wq.gather_levels(layer.kernel_levels[...], layer.kernel_codes[...]))
