@@ -222,9 +222,9 @@ def profile_dq(bench: Bench) -> dict:
     """Times the pieces of the DQ W2A2 step (each jitted on its own, same inputs)."""
     import functools
     import jax
-    import jax.numpy as jnp
     import optax
-    from dq_jax.layers import PERTURBATIONS, QUANT_STATS
+    from dq_jax.layers import QUANT_STATS
+    from dq_jax.optim import code_diagnostics, dq_grads
     from bench import fast_step
 
     reps = bench.args.repeats
@@ -234,23 +234,29 @@ def profile_dq(bench: Bench) -> dict:
     out["full_step"], _, state = bench.time_train(steps, state, batch)
     images, labels = batch["image"], batch["label"]
 
-    def loss_fn(params, perturbations, st, fit_stats: bool):
+    def loss_fn(differentiable, st, fit_stats: bool):
         mutable = ["batch_stats", QUANT_STATS] if fit_stats else ["batch_stats"]
-        logits, new_vars = model.apply(
-            st.variables(params=params, **{PERTURBATIONS: perturbations}), images, train=True,
-            mutable=mutable)
+        logits, new_vars = model.apply(st.variables(differentiable), images, train=True,
+                                       mutable=mutable)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, new_vars
 
     def fwd_bwd(st, fit_stats):
-        zeros = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), st.codes)
-        return jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(st.params, zeros, st,
-                                                                  fit_stats)
+        return jax.value_and_grad(loss_fn, has_aux=True)(st.differentiable(), st, fit_stats)
 
     fb_fit = jax.jit(functools.partial(fwd_bwd, fit_stats=True))
     fb_nofit = jax.jit(functools.partial(fwd_bwd, fit_stats=False))
-    (_, _), (grads, w_grads) = fb_fit(state)
-    upd = jax.jit(lambda g, gw, st: opt.update(g, gw, st.opt_state, st.params, st.codes))
+    (_, _), grads = fb_fit(state)
+
+    def update_alone(gr, st):
+        """The optimizer update alone: dq_optimizer's step on {'params', 'codes'} and its
+        application (codes, levels + sort, float params), plus the per-layer diagnostics."""
+        trainable = {"params": st.params, "codes": st.codes}
+        updates, opt_state = st.tx.update(dq_grads(gr), st.opt_state, trainable)
+        new = optax.apply_updates(trainable, updates)
+        return new, opt_state, code_diagnostics(st.codes, new["codes"], new["params"])
+
+    upd = jax.jit(update_alone)
 
     def timed(f, *a):
         jax.block_until_ready(f(*a))
@@ -258,7 +264,7 @@ def profile_dq(bench: Bench) -> dict:
 
     out["fwd_bwd_with_act_fit"] = timed(fb_fit, state)
     out["fwd_bwd_no_act_fit"] = timed(fb_nofit, state)
-    out["optimizer_update"] = timed(upd, grads, w_grads, state)
+    out["optimizer_update"] = timed(upd, grads, state)
 
     # float reference: fwd/bwd of the float model on the same batch
     fcfg = variant_config(base_config(bench.args.model, bench.args.batch), "float")
