@@ -4,17 +4,21 @@
         [--output=logits.npy] [--prenormalized] [--batch_size=256] [--expected_model=NAME]
 
 `PATH` is a folder of image files (png/jpg/bmp/gif/tif/webp, loaded with
-Pillow in sorted name order) or an `.npz` holding `x_test` or `images`
-(N, H, W[, C]). Python:
+Pillow in sorted name order) or an `.npz` holding the images as `x_test` or
+`images` (N, H, W[, C]) and, optionally, their labels as `y_test` or `labels`
+(N,) integers: when labels are present the CLI prints the top-1 (and top-k)
+accuracy after the predictions. Python:
 
-    m = dq_jax.predict.load_model("model.dqz", expected_model=None, integer=False)
+    m = dq_jax.predict.load_model("model.dqz", expected_model=None, integer=False,
+                                  module=None)    # module: your flax Module, to check/use
     logits = m.predict(images)        # images already normalised like training
     logits = m.predict_raw(pixels)    # raw pixels on the dataset's scale
 
 What runs: the packed codes and float tensors are put on the device as they
 are; one jitted function unpacks the codes with jnp bit ops
 (`export.unpack_bits_jnp`), rebuilds the variables and applies the model in
-eval mode (`train=False`), so the packed bytes - not float kernels - are what
+eval mode (the file's `apply_kwargs`, `train=False` by default), so the packed
+bytes - not float kernels - are what
 lives on the device. With `integer=True`, DQ layers with uniform activation
 grids run the integer path (`dq_jax.intpath`).
 
@@ -102,7 +106,7 @@ class Model:
     """
 
     def __init__(self, exported: export.Export, *, integer: bool = False,
-                 batch_size: int = 256):
+                 batch_size: int = 256, module: Any = None):
         self.exported = exported
         self.model_name = exported.model_name
         self.num_classes = exported.num_classes
@@ -110,8 +114,8 @@ class Model:
         self.normalization = exported.normalization
         self.integer = bool(integer)
         self.batch_size = int(batch_size)
-        self.module = exported.create_model()
-        export.check_model(exported, self.module)
+        self.module = exported.create_model() if module is None else module
+        export.check_model(exported, self.module)  # a mismatched module fails here
         self._floats = {k: jnp.asarray(v) for k, v in exported.tensors.items()}
         self._packed = {k: jnp.asarray(data) for k, (data, _, _) in exported.packed.items()}
         self._packed_meta = {k: (bits, tuple(shape))
@@ -120,7 +124,8 @@ class Model:
         if self.integer:
             plan = intpath.plan_layers(exported.variables())
         self.plan = plan
-        self._forward = jax.jit(functools.partial(_forward, self.module, self._packed_meta, plan))
+        self._forward = jax.jit(functools.partial(_forward, self.module, self._packed_meta, plan,
+                                                  tuple(sorted(exported.apply_kwargs.items()))))
 
     def variables(self) -> dict:
         """The runtime variables, codes unpacked on device (jitted jnp bit ops)."""
@@ -211,22 +216,41 @@ def _unpack_all(meta, floats, packed):
     return export.unflatten_names(flat)
 
 
-def _forward(module, meta, plan, floats, packed, images):
+def _forward(module, meta, plan, apply_kwargs, floats, packed, images):
     variables = _unpack_all(meta, floats, packed)
     if plan is not None:
         with intpath.integer_inference(plan):
-            return module.apply(variables, images, train=False)
-    return module.apply(variables, images, train=False)
+            return module.apply(variables, images, **dict(apply_kwargs))
+    return module.apply(variables, images, **dict(apply_kwargs))
 
 
 def load_model(path: str, *, expected_model: str | None = None, integer: bool = False,
-               batch_size: int = 256) -> Model:
-    """Loads a `.dqz` export (validated, see `export.load`) as a `Model`."""
+               batch_size: int = 256, module: Any = None) -> Model:
+    """Loads a `.dqz` export (validated, see `export.load`) as a `Model`.
+
+    `module`: the flax Module to run (e.g. your own, when its package is not importable by
+    the recorded reference); it must have exactly the file's variables, or this raises.
+    """
     return Model(export.load(path, expected_model=expected_model), integer=integer,
-                 batch_size=batch_size)
+                 batch_size=batch_size, module=module)
 
 
 # --------------------------------------------------------------------------- inputs
+
+def load_labels(path: str, count: int) -> np.ndarray | None:
+    """Integer labels `y_test` or `labels` of an `.npz` of images (None if it has none)."""
+    if not path.endswith(".npz"):
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        key = next((k for k in ("y_test", "labels") if k in npz.files), None)
+        if key is None:
+            return None
+        y = np.asarray(npz[key])
+    if y.shape != (count,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{path}: {key} has shape {y.shape} and dtype {y.dtype}; labels must be "
+                         f"({count},) integers, one per image.")
+    return y.astype(np.int64)
+
 
 def load_images(path: str, image_shape: Sequence[int],
                 pixel_max: float = 255.0) -> tuple[np.ndarray, list[str]]:
@@ -279,6 +303,7 @@ def main(argv: Sequence[str]) -> None:
                            batch_size=f.batch_size)
         norm = model.normalization or {}
         pixels, names = load_images(f.images, model.image_shape, norm.get("pixel_max", 255.0))
+        labels = load_labels(f.images, len(pixels))
         logits = model.predict(pixels) if f.prenormalized else model.predict_raw(pixels)
     except (ValueError, FileNotFoundError) as e:
         print(f"dq_jax.predict: error: {e}", file=sys.stderr)
@@ -289,6 +314,14 @@ def main(argv: Sequence[str]) -> None:
     for i, name in enumerate(names):
         preds = ", ".join(f"{int(c)} ({float(probs[i, c]):.3f})" for c in top[i])
         print(f"{name}\t{preds}")
+    if labels is not None and len(labels):
+        bad = (labels < 0) | (labels >= model.num_classes)
+        if bad.any():
+            print(f"dq_jax.predict: warning: {int(bad.sum())} label(s) outside 0.."
+                  f"{model.num_classes - 1}; they count as wrong.", file=sys.stderr)
+        top1 = float(np.mean(top[:, 0] == labels))
+        topk = float(np.mean((top == labels[:, None]).any(axis=1)))
+        print(f"accuracy: top-1 {top1:.4f}, top-{k} {topk:.4f} on {len(labels)} labelled images")
     if f.output:
         np.save(f.output, logits)
         print(f"wrote logits {logits.shape} to {f.output}", file=sys.stderr)

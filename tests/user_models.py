@@ -1,0 +1,40 @@
+"""A user's own Flax model, written outside dq_jax (for the export/predict tests).
+
+It is what a user would write: a plain Flax CNN whose convolutions come from a `conv` field,
+given our `QuantConv` through `functools.partial` by a factory function (the partial is not a
+JSON value, so the export records the factory `user_models:make_model` and its kwargs).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dq_jax.layers import QuantConv
+from dq_jax.quant.config import QuantConfig
+
+
+class TinyNet(nn.Module):
+    """`conv` (a QuantConv partial) if given, else a `bits`-bit DQ QuantConv built here."""
+    num_classes: int
+    conv: Callable[..., Any] | None = None
+    bits: int = 2
+    width: int = 8
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = self.conv or functools.partial(QuantConv, quant=QuantConfig(
+            weights="dq", weight_bits=self.bits, acts="dq", act_bits=self.bits))
+        x = nn.Conv(self.width, (3, 3), name="stem")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn0")(x))
+        x = conv(self.width * 2, (3, 3), strides=2, name="conv1")(x, train=train)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+def make_model(num_classes: int = 10, bits: int = 2) -> TinyNet:
+    quant = QuantConfig(weights="dq", weight_bits=bits, acts="dq", act_bits=bits)
+    return TinyNet(num_classes, conv=functools.partial(QuantConv, quant=quant))
