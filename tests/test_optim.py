@@ -930,3 +930,40 @@ def test_stacked_levels_and_codes_update_like_their_slices(np_rng):
     c = np.asarray(new["codes"]["l"]["kernel"])
     assert c.dtype == np.uint8 and c.min() >= 2 and c.max() <= 3  # 0.5 or 1.5, p = 1/2
     assert not np.array_equal(c[0], c[1])  # same inputs per slice, different draws
+
+
+def test_readme_flax_imagenet_train_step_diff_trains(small):
+    """README's diff of the Flax ImageNet example's `train_step`: three lines changed, and the
+    changed function (context + '+' lines) trains a DQ model held in train_state.TrainState."""
+    import re
+    from dq_jax.train_state import TrainState
+    from tests.helpers import REPO
+    text = (REPO / "README.md").read_text()
+    (diff,) = [b for b in re.findall(r"```diff\n(.*?)```", text, flags=re.S)
+               if "def train_step" in b]
+    lines = diff.splitlines()
+    assert sum(l.startswith("-") for l in lines) == 3 == sum(l.startswith("+") for l in lines)
+    after = "\n".join(l[1:] for l in lines if not l.startswith("-"))
+    model, params, codes, stats, x, y = small
+
+    def cross_entropy_loss(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def compute_metrics(logits, labels):
+        return {"loss": cross_entropy_loss(logits, labels)}
+
+    namespace = {"jax": jax, "jnp": jnp, "cross_entropy_loss": cross_entropy_loss,
+                 "compute_metrics": compute_metrics}
+    exec(compile(after, "README.md (train_step diff)", "exec"), namespace)
+    train = partial(model.apply, train=True)  # the zoo's Small takes train= explicitly
+    state = TrainState.create(apply_fn=train, tx=dq_optimizer(0.05, 1e-2, key=key(0)),
+                              variables={"params": params, "codes": codes, **stats})
+    step = jax.jit(partial(namespace["train_step"], learning_rate_fn=lambda s: 0.05))
+    losses = []
+    for _ in range(15):
+        state, metrics = step(state, {"image": x, "label": y})
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 15
+    assert state.codes["QuantConv_0"]["kernel"].dtype == jnp.uint8
+    assert not np.array_equal(state.codes["QuantConv_0"]["kernel"], codes["QuantConv_0"]["kernel"])
+    assert losses[-1] < losses[0], losses
