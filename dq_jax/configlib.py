@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from dq_jax.quant.config import QuantConfig
+from dq_jax.quant.config import ROUNDINGS, QuantConfig
 
 DATASETS = ("digits", "cifar10_npz", "npz", "cifar10", "cifar100", "imagenet2012")
 SCHEDULES = ("cosine", "step", "constant")
@@ -123,8 +123,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
     if config.nonfinite_policy not in NONFINITE_POLICIES:
         _fail(f"config.nonfinite_policy={config.nonfinite_policy!r}; allowed: "
               f"{', '.join(NONFINITE_POLICIES)}.")
-    if config.rounding not in ("stochastic", "nearest"):
-        _fail(f"config.rounding={config.rounding!r}; allowed: 'stochastic', 'nearest'.")
+    if config.rounding not in ROUNDINGS:
+        _fail(f"config.rounding={config.rounding!r}; allowed: "
+              f"{', '.join(repr(r) for r in ROUNDINGS)}.")
     if config.code_momentum_dtype not in ("float32", "bfloat16"):
         _fail(f"config.code_momentum_dtype={config.code_momentum_dtype!r}; allowed: "
               "'float32', 'bfloat16'.")

@@ -53,9 +53,9 @@ from jax import lax
 
 from dq_jax.layers import CODES, QUANT_STATS, QuantConv, QuantDense
 from dq_jax.quant import activations as aq
+from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
-LEVELS = "kernel_levels"
 
 
 # --------------------------------------------------------------------------- plans
@@ -103,7 +103,7 @@ def plan_layers(variables: Mapping) -> dict[tuple[str, ...], LayerPlan]:
     plan = {}
     for path, levels in params.items():
         module = path[:-1]
-        if path[-1] != LEVELS or module + ("kernel",) not in codes:
+        if path[-1] != wq.LEVELS or module + ("kernel",) not in codes:
             continue
         z = affine_grid(np.asarray(levels))
         plan[module] = LayerPlan("thermometer") if z is None else LayerPlan("affine", z)
@@ -276,12 +276,12 @@ def _prepare_conv_input(m: nn.Conv, a: jax.Array) -> tuple[jax.Array, ConvGeomet
 
 def _layer_state(m: nn.Module):
     """(levels, codes, alpha) of a bound DQ layer, or None if not all present."""
-    if not (m.has_variable("params", LEVELS) and m.has_variable(CODES, "kernel")):
+    if not (m.has_variable("params", wq.LEVELS) and m.has_variable(CODES, "kernel")):
         return None
     stats = m.variables.get(QUANT_STATS, {}).get("act_quant", {})
     if "alpha" not in stats:
         return None
-    return m.get_variable("params", LEVELS), m.get_variable(CODES, "kernel"), stats["alpha"]
+    return m.get_variable("params", wq.LEVELS), m.get_variable(CODES, "kernel"), stats["alpha"]
 
 
 def supports(m: nn.Module) -> bool:

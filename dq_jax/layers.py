@@ -57,24 +57,24 @@ class _QuantizedKernelMixin:
         kernel = super().param("kernel", init_fn, *init_args, unbox=unbox, **init_kwargs)
         if cfg.weights == "latent_ste":
             levels = super().param(
-                "kernel_levels",
+                wq.LEVELS,
                 lambda _: wq.lloyd_init(kernel, num_levels, cfg.granularity, cfg.lloyd_iters)[0])
             return wq.latent_ste_kernel(kernel, levels)
         step = super().param(
-            "kernel_step", lambda _: wq.lsq_init_step(kernel, cfg.weight_bits, cfg.granularity))
+            wq.STEP, lambda _: wq.lsq_init_step(kernel, cfg.weight_bits, cfg.granularity))
         return wq.lsq_kernel(kernel, step, cfg.weight_bits)
 
     def _direct_kernel(self, init_fn, shape, dtype):
         cfg: QuantConfig = self.quant
         if self.has_variable(CODES, "kernel"):
-            levels = self.get_variable("params", "kernel_levels")
+            levels = self.get_variable("params", wq.LEVELS)
             codes = self.get_variable(CODES, "kernel")
         elif self.is_initializing():
             # One float draw of the user's initializer seeds both levels and codes.
             w0 = init_fn(self.make_rng("params"), shape, dtype)
             levels0, codes0 = wq.lloyd_init(w0, cfg.num_weight_levels, cfg.granularity,
                                             cfg.lloyd_iters)
-            levels = super().param("kernel_levels", lambda _: levels0)
+            levels = super().param(wq.LEVELS, lambda _: levels0)
             codes = self.variable(CODES, "kernel", lambda: codes0).value
         else:
             raise ValueError(
@@ -150,11 +150,3 @@ def zero_perturbations(codes: Any, dtype: Any = jnp.float32) -> Any:
     when computing gradients, whose gradient is then dL/dW_q per DQ layer (init does not
     return them; they hold nothing worth storing)."""
     return jax.tree.map(lambda c: jnp.zeros(c.shape, dtype), codes)
-
-
-def split_variables(variables: Any) -> tuple[dict, dict]:
-    """Splits init output into (trainable params, everything else except perturbations)."""
-    variables = dict(variables)
-    variables.pop(PERTURBATIONS, None)
-    params = variables.pop("params", {})
-    return params, variables

@@ -24,8 +24,7 @@ from dq_jax.layers import CODES, QUANT_STATS
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
-LEVELS = "kernel_levels"
-STEP = "kernel_step"
+LEVELS, STEP = wq.LEVELS, wq.STEP
 COLLECTIONS = ("params", CODES, "batch_stats", QUANT_STATS)
 RUNTIME_WEIGHTS = "dq"
 

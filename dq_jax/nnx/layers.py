@@ -39,8 +39,7 @@ from dq_jax.quant import activations as qa
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
-LEVELS = "kernel_levels"
-STEP = "kernel_step"
+LEVELS, STEP = wq.LEVELS, wq.STEP  # re-exported for the NNX API
 CODES_ATTR = "kernel_codes"
 PERTURBATION_ATTR = "kernel_perturbation"
 

@@ -14,7 +14,7 @@ ACT_METHODS = ("dq", "float")
 GRANULARITIES = ("per_layer", "per_channel")
 ACT_LEVELS = ("uniform", "learned")
 ACT_ERRORS = ("channel", "global")
-ROUNDINGS = ("stochastic", "nearest")
+ROUNDINGS = ("stochastic", "nearest")  # DQ code re-assignment (optimizer, config); one home
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -15,6 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 CODE_DTYPE = jnp.uint8
+# Variable names of a quantized kernel's levels [G, L] and of an LSQ layer's step [G]: the one
+# home of these names (layers, optimizer, export and the integer path import them).
+LEVELS = "kernel_levels"
+STEP = "kernel_step"
 # Up to this many levels, nearest/bracket search compares against every
 # level (fused elementwise work, fastest on accelerators for 2-4 bits); above,
 # a binary search per group keeps the cost O(log L).
@@ -142,11 +146,6 @@ def _gather_bwd(res, g):
 
 
 gather_levels.defvjp(_gather_fwd, _gather_bwd)
-
-
-def _per_group_last(x: jax.Array, num_groups_: int) -> jax.Array:
-    """View of per-group level tables broadcastable against a kernel: [..., G|1, L]."""
-    return x if num_groups_ > 1 else x.reshape(x.shape[-1:])
 
 
 def count_levels_below(levels: jax.Array, w: jax.Array, *, inclusive: bool) -> jax.Array:
