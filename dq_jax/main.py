@@ -29,8 +29,18 @@ def install_sigterm_exit() -> None:
         signal.signal(signal.SIGTERM, _sigterm_outside_training)
 
 
+def quiet_native_logs() -> None:
+    """Defaults that silence TensorFlow/oneDNN/libtpu start-up INFO chatter (a user's own
+    setting wins). Must run before TensorFlow or libtpu is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")      # TF C++ INFO + oneDNN notice
+    os.environ.setdefault("TPU_MIN_LOG_LEVEL", "2")         # libtpu INFO/WARNING
+    os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "2")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
 if __name__ == "__main__":  # before the heavier imports below
     install_sigterm_exit()
+    quiet_native_logs()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -81,6 +91,25 @@ class _QuietLibraries(logging_lib.Filter):
             f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "etils"))
 
 
+def result_line(workdir: str, result: dict) -> str:
+    """The one stdout line a finished run ends with (also without --variants)."""
+    seconds = result.get("train_seconds")
+    timing = "" if seconds is None else f", {seconds:.1f} s training"
+    return (f"dq_jax: {workdir}: top-1 {result['eval_top1']:.4f}, top-5 "
+            f"{result['eval_top5']:.4f} after {result['steps']} steps{timing} "
+            f"(results.json)")
+
+
+def check_overrides(argv: list[str], config) -> None:
+    """Command-line overrides that the config would silently ignore are errors."""
+    given = {a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")}
+    if "num_epochs" in given and config.num_train_steps > 0 and "num_train_steps" not in given:
+        raise ValueError(
+            f"--config.num_epochs is ignored because the config fixes config.num_train_steps="
+            f"{config.num_train_steps}; set --config.num_train_steps=-1 with it (or override "
+            "num_train_steps instead).")
+
+
 def _report_preempted(result: dict) -> bool:
     if result.get("preempted"):
         print(f"dq_jax: {result.get('message', 'preempted')}", file=sys.stderr, flush=True)
@@ -102,8 +131,11 @@ def main(argv):
         maybe_initialize()
         logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(),
                      jax.process_count(), jax.local_device_count(), jax.device_count())
+        check_overrides(sys.argv, FLAGS.config)
         if not FLAGS.variants:
-            _report_preempted(train.train_and_evaluate(FLAGS.config, FLAGS.workdir))
+            result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            if not _report_preempted(result):
+                print(result_line(FLAGS.workdir, result), flush=True)
             return
         configs = [(v, apply_variant(FLAGS.config, v)) for v in FLAGS.variants]
         rows = []

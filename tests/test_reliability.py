@@ -443,3 +443,30 @@ def test_unusable_workdir_fails_fast_in_one_line(tmp_path, case):
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert time.time() - start < 120
+
+
+def test_num_epochs_override_of_a_step_count_config_is_an_error(tmp_path):
+    cfg = tmp_path / "fixed_steps.py"
+    digits = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs", "digits.py")
+    cfg.write_text(f"import runpy\n\ndef get_config():\n"
+                   f"    c = runpy.run_path({digits!r})['get_config']()\n"
+                   "    c.num_train_steps = 50\n    return c\n")
+    proc = run_python(["-m", "dq_jax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
+                       "--config.num_epochs=3"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("dq_jax: error:")]
+    assert len(errors) == 1 and "--config.num_epochs" in errors[0], proc.stderr[-2000:]
+    assert "config.num_train_steps=50" in errors[0]
+    assert not (tmp_path / "wd" / "results.json").exists()
+
+
+def test_a_single_run_ends_with_its_result_line_on_stdout(tmp_path):
+    proc = run_python(["-m", "dq_jax.main", "--config=configs/digits.py",
+                       f"--workdir={tmp_path}", "--config.num_train_steps=8",
+                       "--config.eval_every_steps=8", "--config.log_every_steps=4"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert last.startswith(f"dq_jax: {tmp_path}: top-1 {result['eval_top1']:.4f}"), last
+    assert "after 8 steps" in last
