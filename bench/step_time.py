@@ -225,7 +225,6 @@ def profile_dq(bench: Bench) -> dict:
     import optax
     from dq_jax.layers import QUANT_STATS
     from dq_jax.optim import code_diagnostics, dq_grads
-    from bench import fast_step
 
     reps = bench.args.repeats
     out = {}
@@ -282,13 +281,6 @@ def profile_dq(bench: Bench) -> dict:
     ncfg.rounding = "nearest"
     _, _, nsteps, nstate, _ = bench.build("dq_w2a2", ncfg)
     out["full_step_nearest"], _, _ = bench.time_train(nsteps, nstate, batch)
-
-    # the proposed variants (bench/fast_step.py), same model/optimizer/state layout
-    shape = tuple(bench.np_batch["image"].shape[1:])
-    for name, kw in (("fast_rbg_prng", dict(rbg=True)),
-                     ("fast_act_fit_every_4", dict(act_fit_every=4))):
-        fs = fast_step.FastSteps(model, opt, bench.mesh, **kw)
-        out[name] = fs.time(shape, cfg.seed, batch, reps)
     return out
 
 

@@ -31,10 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dq_jax.layers import CODES, PERTURBATIONS
 from dq_jax.quant import weights as wq
+from dq_jax.quant.config import ROUNDINGS
+from dq_jax.trees import flatten
 
-LEVELS = "kernel_levels"
-PARAMS, CODES, PERTURBATIONS = "params", "codes", "perturbations"
+LEVELS = wq.LEVELS
+PARAMS = "params"
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 PyTree = Any
 
@@ -47,10 +50,6 @@ class DQState(NamedTuple):
     key: jax.Array
 
 
-def _flat(tree: PyTree) -> dict[tuple[str, ...], jax.Array]:
-    return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)) if tree else {}
-
-
 def _param_label(path: tuple[str, ...], leaf: jax.Array) -> str:
     if path[-1] == LEVELS:
         return "levels"
@@ -61,7 +60,7 @@ def _param_label(path: tuple[str, ...], leaf: jax.Array) -> str:
 
 def dq_layer_paths(codes: PyTree) -> list[tuple[str, ...]]:
     """Module paths of the DQ-W layers (those holding integer codes)."""
-    return sorted(path[:-1] for path in _flat(codes))
+    return sorted(path[:-1] for path in flatten(codes))
 
 
 def _stack_dims(levels: jax.Array) -> int:
@@ -82,8 +81,8 @@ def _lookup(levels: jax.Array, codes: jax.Array) -> jax.Array:
 
 def effective_kernels(params: PyTree, codes: PyTree) -> dict[tuple[str, ...], jax.Array]:
     """`W_q` of every DQ-W layer, keyed by module path."""
-    p = _flat(params)
-    return {path[:-1]: _lookup(p[path[:-1] + (LEVELS,)], c) for path, c in _flat(codes).items()}
+    p = flatten(params)
+    return {path[:-1]: _lookup(p[path[:-1] + (LEVELS,)], c) for path, c in flatten(codes).items()}
 
 
 def code_histogram_entropy(codes: jax.Array, num_levels: int) -> jax.Array:
@@ -101,20 +100,14 @@ def code_diagnostics(old_codes: PyTree, new_codes: PyTree,
     Pure, from the codes before and after an update: at a step where two levels crossed and
     the sort relabelled codes, the relabelled ones count as flips too (crossings are rare).
     """
-    flat_p, old = _flat(params), _flat(old_codes)
+    flat_p, old = flatten(params), flatten(old_codes)
     out = {}
-    for path, new in _flat(new_codes).items():
+    for path, new in flatten(new_codes).items():
         out["/".join(path[:-1])] = {
             "flip_rate": jnp.mean((new != old[path]).astype(jnp.float32)),
             "code_entropy": code_histogram_entropy(new, flat_p[path[:-1] + (LEVELS,)].shape[-1]),
         }
     return out
-
-
-def perturbations_like(codes: PyTree) -> PyTree:
-    """Float32 zeros shaped like the codes: the `perturbations` collection to differentiate
-    (its gradient is dL/dW_q)."""
-    return jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), codes)
 
 
 def dq_grads(grads: PyTree) -> dict:
@@ -127,14 +120,14 @@ def dq_grads(grads: PyTree) -> dict:
     if not isinstance(grads, dict) and not hasattr(grads, "keys"):
         raise ValueError(f"dq_grads expects a dict with 'params' and 'perturbations'; got "
                          f"{type(grads).__name__}. Differentiate w.r.t. "
-                         "{'params': params, 'perturbations': perturbations_like(codes)}.")
+                         "{'params': params, 'perturbations': zero_perturbations(codes)}.")
     keys = set(grads.keys())
     if keys == {PARAMS, CODES}:
         return dict(grads)
     if not keys <= {PARAMS, PERTURBATIONS} or PARAMS not in keys:
         raise ValueError(f"dq_grads expects keys 'params' and 'perturbations'; got "
                          f"{sorted(keys)}. Differentiate w.r.t. "
-                         "{'params': params, 'perturbations': perturbations_like(codes)}.")
+                         "{'params': params, 'perturbations': zero_perturbations(codes)}.")
     return {PARAMS: grads[PARAMS], CODES: grads.get(PERTURBATIONS, {})}
 
 
@@ -241,9 +234,9 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
     if code_momentum_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"code_momentum_dtype={code_momentum_dtype!r} is not supported; "
                          "allowed values: 'float32', 'bfloat16'.")
-    if rounding not in ("stochastic", "nearest"):
-        raise ValueError(
-            f"rounding={rounding!r} is not supported; allowed values: 'stochastic', 'nearest'.")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r} is not supported; allowed values: "
+                         f"{', '.join(repr(r) for r in ROUNDINGS)}.")
     # A typed key (e.g. jax.random.key(0, impl='unsafe_rbg')) is stored as its data and
     # re-wrapped with its impl at each update; a raw key or an int seed needs no impl.
     impl = None if isinstance(key, (int, np.integer)) else _key_data(key)[1]
@@ -269,8 +262,8 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
     def init_fn(trainable: PyTree) -> DQState:
         _check_tree(trainable, "params")
         params, codes = trainable[PARAMS], trainable[CODES]
-        flat_p = _flat(params)
-        for path, c in _flat(codes).items():
+        flat_p = flatten(params)
+        for path, c in flatten(codes).items():
             levels = flat_p.get(path[:-1] + (LEVELS,))
             if levels is None or not jnp.issubdtype(c.dtype, jnp.integer):
                 raise ValueError(f"codes/{'/'.join(path)} needs integer codes and a "
@@ -291,7 +284,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         _check_tree(params, "params")
         p, c = params[PARAMS], params[CODES]
         g, g_w = updates[PARAMS], updates[CODES]
-        flat_c, flat_gw = _flat(c), _flat(g_w)
+        flat_c, flat_gw = flatten(c), flatten(g_w)
         if set(flat_gw) != set(flat_c) or any(
                 np.shape(flat_gw[k]) != np.shape(flat_c[k])
                 or not jnp.issubdtype(jnp.asarray(flat_gw[k]).dtype, jnp.floating)
@@ -307,7 +300,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         # 1-3: momentum/wd on W_q, target, direct re-assignment (against the old levels).
         w_q = _w_q_tree(p, c)
         u, codes_state = codes_tx.update(g_w, state.codes, w_q)
-        flat_p, flat_wq, flat_u = _flat(p), _flat(w_q), _flat(u)
+        flat_p, flat_wq, flat_u = flatten(p), flatten(w_q), flatten(u)
         new_codes = {}
         for i, module in enumerate(dq_layer_paths(c)):
             path = module + ("kernel",)
@@ -316,8 +309,8 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
 
         # 4: levels (and everything float) take their optax update, then sort.
         p_updates, params_state = params_tx.update(g, state.params, p)
-        flat_upd = _flat(p_updates)
-        new_p = _flat(optax.apply_updates(p, p_updates))
+        flat_upd = flatten(p_updates)
+        new_p = flatten(optax.apply_updates(p, p_updates))
         perms = {}
         for path in [k for k in new_p if k[-1] == LEVELS]:
             code_path = path[:-1] + ("kernel",)

@@ -17,6 +17,7 @@ from flax import struct
 from flax.training import train_state
 
 from dq_jax import optim
+from dq_jax.layers import zero_perturbations
 
 PyTree = Any
 QUANT_STATS = "quant_stats"  # as dq_jax.layers.QUANT_STATS (not imported: keep this module light)
@@ -87,7 +88,7 @@ class TrainState(train_state.TrainState):
         """`{'params': params, 'perturbations': zeros}`: what a train step differentiates
         (the gradient w.r.t. the zeros, shaped like the codes, is dL/dW_q)."""
         return {optim.PARAMS: self.params,
-                optim.PERTURBATIONS: optim.perturbations_like(self.codes)}
+                optim.PERTURBATIONS: zero_perturbations(self.codes)}
 
     def variables(self, differentiable: dict | None = None, **collections: PyTree) -> dict:
         """The collections to apply the model with: the state's own, then `differentiable`

@@ -14,7 +14,6 @@ import json
 import math
 from typing import Any, Mapping, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,18 +22,13 @@ from dq_jax.export.bitpack import pack_bits, packed_nbytes
 from dq_jax.layers import CODES, QUANT_STATS
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
+from dq_jax.trees import flatten as flat
 
 LEVELS, STEP = wq.LEVELS, wq.STEP
 COLLECTIONS = ("params", CODES, "batch_stats", QUANT_STATS)
 RUNTIME_WEIGHTS = "dq"
 
 PyTree = Any
-
-
-def flat(tree: PyTree) -> dict[tuple[str, ...], Any]:
-    if not tree:
-        return {}
-    return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
 
 
 def _name(collection: str, path: Sequence[str]) -> str:
