@@ -62,9 +62,12 @@ from dq_jax.quant.config import QuantConfig
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    """How one layer runs on the integer path: 'thermometer' or 'affine' (zero point z)."""
+    """How one layer runs on the integer path: 'thermometer' or 'affine' (zero point z), and
+    the activation grid's sign when the data decided it (`act_signed=None`: the `signed`
+    statistic, concrete here, so the grid bounds stay static)."""
     kind: str
     zero: int = 0
+    signed: bool | None = None
 
 
 def affine_grid(levels: np.ndarray) -> int | None:
@@ -100,13 +103,18 @@ def plan_layers(variables: Mapping) -> dict[tuple[str, ...], LayerPlan]:
     """A plan per DQ layer (module path -> LayerPlan) from concrete variables."""
     params = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get("params", {})))
     codes = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get(CODES, {}) or {}))
+    stats = flax.traverse_util.flatten_dict(
+        flax.core.unfreeze(variables.get(QUANT_STATS, {}) or {}))
     plan = {}
     for path, levels in params.items():
         module = path[:-1]
         if path[-1] != wq.LEVELS or module + ("kernel",) not in codes:
             continue
         z = affine_grid(np.asarray(levels))
-        plan[module] = LayerPlan("thermometer") if z is None else LayerPlan("affine", z)
+        signed = stats.get(module + ("act_quant", "signed"))
+        signed = None if signed is None else bool(np.asarray(signed))
+        plan[module] = (LayerPlan("thermometer", signed=signed) if z is None
+                        else LayerPlan("affine", z, signed=signed))
     return plan
 
 
@@ -291,8 +299,6 @@ def supports(m: nn.Module) -> bool:
     cfg: QuantConfig = m.quant
     if cfg.weights != "dq" or cfg.acts != "dq" or cfg.act_levels != "uniform":
         return False
-    if cfg.act_signed is None:  # grid decided from data (a `signed` statistic): float path
-        return False
     if isinstance(m, QuantConv) and (m.mask is not None or not m.shared_weights):
         return False
     return True
@@ -305,7 +311,10 @@ def integer_layer_call(m: nn.Module, x: jax.Array, plan: LayerPlan) -> jax.Array
         return None
     levels, codes, alpha = state
     cfg: QuantConfig = m.quant
-    a, a_range = act_indices(x, alpha, cfg.num_act_levels, cfg.act_signed)
+    signed = cfg.act_signed if cfg.act_signed is not None else plan.signed
+    if signed is None:  # a data-decided grid whose `signed` statistic is not in the plan
+        return None
+    a, a_range = act_indices(x, alpha, cfg.num_act_levels, signed)
     if isinstance(m, QuantConv):
         a, geom, batch_shape = _prepare_conv_input(m, a)
         if plan.kind == "affine":

@@ -114,8 +114,8 @@ class Model:
         self.normalization = exported.normalization
         self.integer = bool(integer)
         self.batch_size = int(batch_size)
+        export.check_model(exported, module)  # a mismatched (given) module fails here
         self.module = exported.create_model() if module is None else module
-        export.check_model(exported, self.module)  # a mismatched module fails here
         self._floats = {k: jnp.asarray(v) for k, v in exported.tensors.items()}
         self._packed = {k: jnp.asarray(data) for k, (data, _, _) in exported.packed.items()}
         self._packed_meta = {k: (bits, tuple(shape))

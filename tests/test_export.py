@@ -607,3 +607,30 @@ def test_predict_cli_warns_on_bad_inputs(good_file, tmp_path):
     warned = [l for l in proc.stderr.splitlines() if l.startswith("dq_jax.predict: warning:")]
     assert len(warned) == 2, proc.stderr[-2000:]
     assert "1 of 3 images contain NaN" in warned[0] and "far outside" in warned[1]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_integer_path_follows_a_data_decided_activation_grid(signed):
+    """act_signed=None: the plan carries the `signed` statistic, and the integer path uses
+    that grid (negative inputs stay negative on a signed grid)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 7, 7, 4)), jnp.float32)
+    layer = QuantConv(8, (3, 3), quant=QuantConfig(weight_bits=2, act_bits=3))
+    assert layer.quant.act_signed is None
+    variables = _random_layer_vars(layer, x, rng, affine=False, alpha=0.3)
+    variables["quant_stats"]["act_quant"]["signed"] = np.bool_(signed)
+    plan = intpath.plan_layers(variables)
+    assert plan[()].signed is signed
+    f, y = jax.jit(lambda v, x: (layer.apply(v, x, train=False), intpath.apply_integer(
+        layer, v, x, train=False, plan=plan)))(variables, x)
+    np.testing.assert_allclose(y, f, rtol=0, atol=5e-6 * float(jnp.abs(f).max()))
+    # The integer conv ran (int8 inputs), not the float fallback.
+    jaxpr = jax.make_jaxpr(lambda v, x: intpath.apply_integer(
+        layer, v, x, train=False, plan=plan))(variables, x)
+    assert any(e.primitive.name == "conv_general_dilated" and
+               e.invars[0].aval.dtype == jnp.int8 for e in jaxpr.eqns)
+    # Without the statistic in the plan the layer falls back to the (exact) float path.
+    g = jax.jit(lambda v, x: intpath.apply_integer(layer, v, x, train=False, plan={
+        (): intpath.LayerPlan("thermometer")}))(variables, x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(f), rtol=0,
+                               atol=5e-6 * float(jnp.abs(f).max()))
