@@ -383,11 +383,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_changes(recorded: dict, config: ml_collections.ConfigDict) -> dict[str, list]:
     """Dotted key -> [recorded value, new value] for every key that differs (identity keys
-    excluded: they are checked separately). A key the recorded config lacks (written before
-    that key existed) counts as its default."""
+    excluded: they are checked separately). Only keys that apply to the new config count
+    (`configlib.applicable`); a key the recorded config lacks (written before that key existed,
+    or not applicable then) counts as its default."""
     from dq_jax import configlib
     defaults = _flat(_config_json(configlib.base_config()))
-    old, new = _flat(recorded), _flat(_config_json(config))
+    old, new = _flat(recorded), _flat(configlib.applicable(config))
     changes = {}
     for key in sorted(new):
         if key.split(".")[0] in IDENTITY_KEYS:
@@ -490,8 +491,9 @@ def record_start(workdir: epath.Path, config: ml_collections.ConfigDict, step: i
     if jax.process_index() != 0:
         return
     mine = json.loads(json.dumps(_identity(config), default=str))
+    from dq_jax import configlib
     write_text_atomic(workdir / CONFIG_FILE, json.dumps(
-        {"identity": mine, "config": _config_json(config)}, indent=2))
+        {"identity": mine, "config": configlib.applicable(config)}, indent=2))
     fields: dict[str, Any] = {"step": step, "changes": changes,
                               "pid": os.getpid(), "host": socket.gethostname()}
     if config.force_new:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -82,6 +83,61 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def _not_applicable(d: dict) -> set[str]:
+    """Dotted keys of a config dict that its other settings make irrelevant."""
+    quant = d.get("quant", {})
+    weights, acts = quant.get("weights"), quant.get("acts")
+    out = set()
+    if d.get("dataset") != "imagenet2012":
+        out.add("image_size")
+    if d.get("dataset") == "digits":
+        out.add("data_dir")
+    if d.get("schedule") != "step":
+        out |= {"step_boundaries", "step_decay"}
+    if weights != "dq":
+        out |= {"code_learning_rate", "code_momentum", "code_momentum_dtype", "rounding"}
+    if weights not in ("dq", "latent_ste"):
+        out |= {"levels_learning_rate", "quant.lloyd_iters"}
+    if weights == "float":
+        out |= {"quant.weight_bits", "quant.granularity"}
+    if acts == "float":
+        out |= {f"quant.{k}" for k in quant if k.startswith("act_")}
+    if weights == "float" and acts == "float":
+        out |= {"quantize_first_last", "calibration_batches"}
+    return out
+
+
+def applicable(config: ml_collections.ConfigDict | dict) -> dict:
+    """The config as a JSON dict without the keys its other settings make irrelevant (no
+    `image_size` on digits, no code learning rate for LSQ): what results.json and config.json
+    record. `complete` restores the dropped keys' defaults."""
+    d = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
+        else json.loads(json.dumps(dict(config), default=str))
+    for key in _not_applicable(d):
+        parent, _, leaf = key.rpartition(".")
+        (d.get(parent, {}) if parent else d).pop(leaf, None)
+    return d
+
+
+def complete(recorded: dict) -> ml_collections.ConfigDict:
+    """A full config from a recorded (`applicable`) dict: base_config() defaults for the
+    keys it lacks."""
+    c = base_config()
+
+    def merge(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            if key not in target:
+                _fail(f"recorded config key {prefix}{key} is unknown to this dq_jax version.")
+            if isinstance(value, dict) and key != "model_kwargs":
+                merge(target[key], value, f"{prefix}{key}.")
+            elif key == "model_kwargs":
+                target[key] = ml_collections.ConfigDict(value)
+            else:
+                target[key] = tuple(value) if isinstance(target[key], tuple) else value
+    merge(c, dict(recorded), "")
+    return c
 
 
 def _unknown_keys(cfg: Any, ref: Any, prefix: str = "") -> list[tuple[str, list[str]]]:

@@ -325,26 +325,49 @@ def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict],
 
 # --------------------------------------------------------------------------- logging
 
-def _layer_scalars(metrics: dict, params: PyTree) -> dict[str, float]:
-    """Per-layer flip rate / code entropy (mean over the logged steps) and level values."""
-    out = {}
-    for layer, values in metrics.items():
-        for name, v in values.items():
-            out[f"layers/{layer}/{name}"] = float(np.mean(v))
-    flat = flax.traverse_util.flatten_dict(params)
-    for path, levels in flat.items():
-        if path[-1] == LEVELS:
-            mean_levels = np.asarray(levels).mean(axis=0)
-            for k, v in enumerate(mean_levels):
-                out[f"levels/{'/'.join(path[:-1])}/{k}"] = float(v)
-    return out
+def _layer_scalars(metrics: dict) -> dict[str, float]:
+    """Per-layer flip rate / code entropy (mean over the logged steps)."""
+    return {f"layers/{layer}/{name}": float(np.mean(v))
+            for layer, values in metrics.items() for name, v in values.items()}
 
 
-def _progress(total: int, initial: int):
-    if sys.stderr.isatty() and jax.process_index() == 0:
+def _level_histograms(params: PyTree) -> dict[str, np.ndarray]:
+    """Each quantized layer's levels (all groups) as one histogram, not a scalar per level."""
+    return {f"levels/{'/'.join(path[:-1])}": np.asarray(levels, np.float32).ravel()
+            for path, levels in flax.traverse_util.flatten_dict(params).items()
+            if path[-1] == LEVELS}
+
+
+class _AboveTheBar:
+    """A stream for log records while a progress bar is drawn: `tqdm.write` prints each record
+    above the bar instead of breaking it."""
+
+    def write(self, text: str) -> None:
         from tqdm import tqdm
-        return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-    return None
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _progress(total: int, initial: int):
+    """A tqdm bar on an interactive stderr (process 0), else None; absl log records go above
+    it while it is shown."""
+    if not (sys.stderr.isatty() and jax.process_index() == 0):
+        yield None
+        return
+    from tqdm import tqdm
+    handler = logging.get_absl_handler().python_handler
+    stream = handler.stream
+    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    handler.stream = _AboveTheBar()
+    try:
+        yield bar
+    finally:
+        handler.stream = stream
+        bar.close()
 
 
 # --------------------------------------------------------------------------- main loop
@@ -410,10 +433,13 @@ def _write_nonfinite_report(workdir: epath.Path, step: int, got: list[dict]) -> 
 def _log_scalars(writer, step: int, got: list[dict], params: PyTree, seconds: float) -> None:
     scalars = {k: float(np.mean([m[k] for m in got])) for k in ("loss", "accuracy", "learning_rate")}
     layer_metrics = jax.tree.map(lambda *xs: np.mean(xs), *[m["layers"] for m in got])
-    scalars.update(_layer_scalars(layer_metrics, params))
+    scalars.update(_layer_scalars(layer_metrics))
     scalars["steps_per_sec"] = len(got) / max(seconds, 1e-9)
     scalars["nonfinite_steps"] = int(sum(m["nonfinite"] for m in got))
     writer.write_scalars(step, scalars)
+    histograms = _level_histograms(params)
+    if histograms:
+        writer.write_histograms(step, histograms)
 
 
 def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> TrainState:
@@ -481,6 +507,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             return _train_and_evaluate(config, quant, workdir, watcher, stop_after)
 
 
+def _record_model_and_data(workdir: epath.Path, config, quant: QuantConfig, ds,
+                           state: TrainState) -> None:
+    """Logs the per-layer summary (shapes, bits, bytes, total size at the bit widths) and
+    records the dataset facts an export needs (`dataset.json`) in the workdir."""
+    from dq_jax import export
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.variables())
+    report = export.size_report_for_variables(shapes, quant)
+    logging.info("Model %s (%s):\n%s", config.model,
+                 "float" if quant.weights == "float" else
+                 f"{quant.weights} W{quant.weight_bits} A{quant.act_bits}",
+                 export.format_model_summary(report))
+    facts = export.dataset_facts(config, ds)
+    checkpoints.write_text_atomic(workdir / export.DATASET_FILE, json.dumps(facts, indent=1))
+
+
 def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionWatcher,
                         stop_after: int | None) -> dict:
     from clu import metric_writers
@@ -516,6 +557,8 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                 f"config's {total_steps} training steps; raise config.num_train_steps / "
                 "config.num_epochs, or use a new --workdir.")
         checkpoints.record_start(workdir, config, start_step, changes)
+        if jax.process_index() == 0:
+            _record_model_and_data(workdir, config, quant, ds, state)
         check_startup()
     except Interrupted:
         where = (f"the latest checkpoint (step {start_step})" if start_step
@@ -531,13 +574,12 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
     # A long eval is cut short by a preemption notice (single process: on several, every
     # process must run the same eval steps).
     eval_stop = (lambda: watcher.requested) if jax.process_count() == 1 else None
-    bar = _progress(total_steps, start_step)
     pending, t_start, t_log = [], time.time(), time.time()
     # Host batches become sharded device arrays in the prefetch thread, off the step's path.
     train_iter = data.prefetch(to_global(b, steps.batch) for b in ds.train_batches(start_step))
     step, preempted = start_step, False
     before_recalibration: dict = {}
-    with contextlib.closing(train_iter):
+    with contextlib.closing(train_iter), _progress(total_steps, start_step) as bar:
         while step < end_step:
             state, metrics = steps.train(state, next(train_iter))
             step += 1
@@ -580,8 +622,6 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                                                 config.bn_recalibration_batches)
             if step % config.checkpoint_every_steps == 0 or step == end_step:
                 checkpoints.save(manager, step, state, force=step == end_step)
-    if bar is not None:
-        bar.close()
     manager.wait_until_finished()
     train_seconds = time.time() - t_start
     if preempted:
@@ -617,7 +657,7 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
     writer.write_scalars(end_step, eval_metrics)
     writer.flush()
     results = {
-        "config": config.to_dict(),
+        "config": configlib.applicable(config),
         **eval_metrics,
         "steps": end_step,
         # Of the training (for a finished workdir run again: of the run that trained it).

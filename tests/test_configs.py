@@ -59,3 +59,23 @@ def test_cifar10_config_docstring_states_data_and_commands():
     assert "tfds build cifar10" in doc
     assert "--config.dataset=npz --config.data_dir=" in doc
     assert "python -m dq_jax.main --config=configs/cifar10_resnet20.py" in doc
+
+
+def test_applicable_drops_irrelevant_keys_and_complete_restores_them():
+    from dq_jax import configlib
+    c = configlib.base_config()
+    c.quant.weights, c.quant.acts = "lsq", "dq"
+    a = configlib.applicable(c)
+    for key in ("image_size", "data_dir", "step_boundaries", "step_decay", "code_learning_rate",
+                "code_momentum", "rounding", "levels_learning_rate"):
+        assert key not in a, key
+    assert "lloyd_iters" not in a["quant"] and a["quant"]["act_bits"] == c.quant.act_bits
+    assert configlib.complete(a).to_dict() == c.to_dict()  # dropped keys were at defaults
+    c.dataset, c.schedule = "imagenet2012", "step"
+    c.quant.weights, c.quant.acts = "float", "float"
+    a = configlib.applicable(c)
+    assert a["image_size"] == 224 and a["step_boundaries"] == [0.5, 0.75]
+    assert set(a["quant"]) == {"weights", "acts"}
+    assert configlib.complete(a).to_dict() == c.to_dict()
+    with pytest.raises(ValueError, match="recorded config key bogus is unknown"):
+        configlib.complete({"bogus": 1})

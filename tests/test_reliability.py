@@ -470,3 +470,27 @@ def test_a_single_run_ends_with_its_result_line_on_stdout(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert last.startswith(f"dq_jax: {tmp_path}: top-1 {result['eval_top1']:.4f}"), last
     assert "after 8 steps" in last
+    # The start-up summary: per layer and the total size at the bit widths.
+    assert "model size at its bit widths:" in proc.stderr
+    assert "dq W2" in proc.stderr and "kernel shape" in proc.stderr
+    # Only keys that apply (digits: no ImageNet crop size, cosine: no step boundaries).
+    for recorded in (result["config"], json.loads((tmp_path / "config.json").read_text())["config"]):
+        assert "image_size" not in recorded and "step_boundaries" not in recorded
+        assert recorded["quant"]["weight_bits"] == 2
+    # The dataset facts an export needs, recorded by the run; the export uses them.
+    facts = json.loads((tmp_path / "dataset.json").read_text())
+    assert facts["num_classes"] == 10 and facts["image_shape"] == [8, 8, 1]
+    assert facts["normalization"]["pixel_max"] == 16.0
+    facts["normalization"]["mean"] = [1.25]
+    (tmp_path / "dataset.json").write_text(json.dumps(facts))
+    from dq_jax import export
+    export.export_workdir(str(tmp_path), str(tmp_path / "m.dqz"))
+    assert export.load(str(tmp_path / "m.dqz")).normalization["mean"] == [1.25]
+    # Levels go to TensorBoard as one histogram per layer, not one scalar per level.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(next(tmp_path.glob("events.out.tfevents.*"))),
+                           size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    assert any(t.startswith("levels/") for t in tags), tags
+    assert not any(t.startswith("levels/") and t.rsplit("/", 1)[-1].isdigit() for t in tags)

@@ -31,6 +31,11 @@ RUNTIME_WEIGHTS = "dq"
 PyTree = Any
 
 
+def _shape(leaf: Any) -> tuple[int, ...]:
+    """Shape of an array, a jax.ShapeDtypeStruct or a Python scalar."""
+    return tuple(int(d) for d in getattr(leaf, "shape", np.shape(leaf)))
+
+
 def _name(collection: str, path: Sequence[str]) -> str:
     return "/".join((collection, *path))
 
@@ -66,12 +71,12 @@ def quantized_layers(flat_params: Mapping, flat_codes: Mapping,
     for path, leaf in flat_params.items():
         module = path[:-1]
         if path[-1] == LEVELS:
-            g, num_levels = np.shape(leaf)
+            g, num_levels = _shape(leaf)
             where = "/".join(module)
             if module + ("kernel",) in flat_codes:
-                method, shape = "dq", np.shape(flat_codes[module + ("kernel",)])
+                method, shape = "dq", _shape(flat_codes[module + ("kernel",)])
             elif module + ("kernel",) in flat_params:
-                method, shape = "latent_ste", np.shape(flat_params[module + ("kernel",)])
+                method, shape = "latent_ste", _shape(flat_params[module + ("kernel",)])
             else:
                 raise ValueError(f"layer {where} has {LEVELS} but neither integer codes nor a "
                                  "latent kernel; the variables are incomplete.")
@@ -84,8 +89,8 @@ def quantized_layers(flat_params: Mapping, flat_codes: Mapping,
                     f"layer {where} is an LSQ layer (has {STEP}); exporting it needs the "
                     "training QuantConfig with weights='lsq' (its weight_bits).")
             qn, _ = wq.lsq_bounds(quant.weight_bits)
-            shape = tuple(int(s) for s in np.shape(flat_params[module + ("kernel",)]))
-            layers.append(LayerInfo(module, "lsq", quant.weight_bits, int(np.shape(leaf)[0]),
+            shape = tuple(int(s) for s in _shape(flat_params[module + ("kernel",)]))
+            layers.append(LayerInfo(module, "lsq", quant.weight_bits, int(_shape(leaf)[0]),
                                     shape, int(qn)))
     return sorted(layers, key=lambda l: l.module)
 
@@ -147,7 +152,7 @@ def layout(runtime: Mapping[str, Any], layers: Sequence[LayerInfo]) -> list[dict
     for name, leaf in runtime.items():
         dtype_ = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
         encoding, dtype = _encoding(name, dtype_, bits_by_codes)
-        shape = [int(s) for s in np.shape(leaf)]
+        shape = [int(s) for s in _shape(leaf)]
         bits = bits_by_codes.get(name)
         nbytes = tensor_nbytes(encoding, shape, dtype, bits)
         rec = {"name": name, "encoding": encoding, "dtype": dtype, "shape": shape,

@@ -128,3 +128,33 @@ def size_report_for_model(model_name: str, weight_bits: int, *, weights: str = "
               "payload": {"size": sum(r["nbytes"] for r in table), "sha256": "0" * 64},
               "source": {}}
     return size_report(header)
+
+
+def size_report_for_variables(variables: Mapping, quant: QuantConfig | None) -> dict:
+    """The export size report of a model's variables (shapes only: nothing is converted)."""
+    variables = {c: flax.core.unfreeze(variables.get(c, {}) or {}) for c in COLLECTIONS}
+    layers = quantized_layers(flat(variables["params"]), flat(variables[CODES]), quant)
+    runtime = jax.eval_shape(lambda v: runtime_flat(v, layers), variables)
+    table = layout(runtime, layers)
+    header = {"layers": [l.record() for l in layers], "tensors": table}
+    report = size_report(header)
+    report["layer_shapes"] = {r["module"]: r["shape"] for r in header["layers"]}
+    return report
+
+
+def format_model_summary(report: Mapping) -> str:
+    """Per layer: name, kind (method and bits), kernel shape, weights, bytes at its bit width
+    (the `.dqz` payload) and as float32; then the model's total size at its bit widths."""
+    shapes = report.get("layer_shapes", {})
+    lines = [f"{'layer':<30}{'kind':<14}{'kernel shape':<18}{'weights':>10}{'bytes':>11}"
+             f"{'float32 B':>12}"]
+    for r in report["rows"]:
+        shape = "x".join(map(str, shapes[r["layer"]])) if r["layer"] in shapes else ""
+        lines.append(f"{r['layer'][:29]:<30}{r['kind']:<14}{shape:<18}{r['weights']:>10,}"
+                     f"{r['export_bytes']:>11,}{r['float32_bytes']:>12,}")
+    payload, f32 = report["payload_bytes"], report["float32_bytes"]
+    lines.append(f"model size at its bit widths: {payload:,} bytes ({payload / 2**20:.2f} MiB) vs "
+                 f"{f32:,} as float32 ({f32 / max(payload, 1):.2f}x smaller); "
+                 f"{report['quantized_weights']:,} quantized weights in "
+                 f"{len(shapes)} layers")
+    return "\n".join(lines)

@@ -25,8 +25,8 @@ DATASET_FILE = "dataset.json"
 def dataset_facts(config, ds) -> dict:
     """What an export needs to know of the training data: classes, [H, W, C], normalisation.
 
-    The training program writes it to `<workdir>/dataset.json` (`write_dataset_facts`), so an
-    export never rebuilds the dataset to learn it.
+    The training program writes it to `<workdir>/dataset.json`, so an export never rebuilds
+    the dataset to learn it.
     """
     return {"dataset": str(config.dataset), "num_classes": int(ds.num_classes),
             "image_shape": [int(d) for d in ds.image_shape],
@@ -35,22 +35,14 @@ def dataset_facts(config, ds) -> dict:
                               "pixel_max": _PIXEL_MAX.get(str(config.dataset), 255.0)}}
 
 
-def write_dataset_facts(workdir: str, config, ds) -> None:
-    """Records `dataset_facts` in the workdir (atomically: write then rename)."""
-    path = os.path.join(workdir, DATASET_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dataset_facts(config, ds), f, indent=1)
-    os.replace(tmp, path)
-
-
 def read_dataset_facts(workdir: str) -> dict | None:
     """The facts a training run recorded, or None for workdirs written before it did."""
-    path = os.path.join(workdir, DATASET_FILE)
-    if not os.path.exists(path):
+    from etils import epath
+    path = epath.Path(workdir) / DATASET_FILE
+    if not path.exists():
         return None
     try:
-        facts = json.load(open(path))
+        facts = json.loads(path.read_text())
         facts["image_shape"] = tuple(int(d) for d in facts["image_shape"])
         int(facts["num_classes"])
     except (ValueError, KeyError, TypeError) as e:
@@ -111,7 +103,6 @@ def _check_structure(model, variables: Mapping, image_shape, where: str,
 
 def export_workdir(workdir: str, out: str, step: int | None = None) -> dict:
     """Exports a training workdir's checkpoint (latest, or `step`) to `out`; returns sizes."""
-    import ml_collections
     import orbax.checkpoint as ocp
     from etils import epath
     from dq_jax import checkpoints, configlib, models
@@ -122,7 +113,7 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> dict:
         raise FileNotFoundError(f"{cfg_path} does not exist; --workdir must be a directory "
                                 "written by dq_jax training (python -m dq_jax.main).")
     try:
-        config = ml_collections.ConfigDict(json.loads(cfg_path.read_text())["config"])
+        config = configlib.complete(json.loads(cfg_path.read_text())["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path} is damaged ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:120]}); the export needs the training "
