@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_size = 224                             # ImageNet crops
     c.augment = True
     c.batch_size = 128                             # global, over all devices and hosts
+    c.grad_accum_steps = 1                         # micro-batches (of batch_size) per update
     c.eval_batch_size = 256
 
     c.num_epochs = 1.0
@@ -208,6 +209,14 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
               "for config.momentum.")
     if not 0.0 <= config.momentum < 1.0 or config.weight_decay < 0:
         _fail("config.momentum must be in [0, 1) and config.weight_decay >= 0.")
+    if (isinstance(config.grad_accum_steps, bool) or not isinstance(config.grad_accum_steps, int)
+            or config.grad_accum_steps < 1):
+        _fail(f"config.grad_accum_steps={config.grad_accum_steps!r} must be an integer >= 1 "
+              "(1: no accumulation).")
+    if config.num_train_steps > 0 and config.num_train_steps % config.grad_accum_steps:
+        _fail(f"config.num_train_steps={config.num_train_steps} is not a multiple of "
+              f"config.grad_accum_steps={config.grad_accum_steps} (the last update would "
+              "never be applied); round it to a multiple.")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if int(config[key]) < 1:
             _fail(f"config.{key}={config[key]!r} must be >= 1"

@@ -42,9 +42,11 @@ STATIC_ARGS = ("momentum", "nesterov", "weight_decay", "rounding", "code_momentu
 # --------------------------------------------------------------------------- setup
 
 def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """Training steps (micro-batches), a multiple of `config.grad_accum_steps`."""
     if config.num_train_steps > 0:
         return int(config.num_train_steps)
-    return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
+    k = int(config.grad_accum_steps)
+    return k * max(1, int(math.ceil(config.num_epochs * steps_per_epoch / k)))
 
 
 def make_schedule_shape(config: ml_collections.ConfigDict, total_steps: int,
@@ -82,26 +84,39 @@ def learning_rate_schedules(config: ml_collections.ConfigDict, total_steps: int,
 def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
                      steps_per_epoch: int) -> optax.GradientTransformationExtraArgs:
     """`dq_optimizer` with its learning-rate schedules injected (read back from
-    `opt_state.hyperparams`); its code-update key is `PRNGKey(config.seed + 1)`."""
-    return optax.inject_hyperparams(optim.dq_optimizer, static_args=STATIC_ARGS)(
-        **learning_rate_schedules(config, total_steps, steps_per_epoch),
+    `opt_state.hyperparams`); its code-update key is `PRNGKey(config.seed + 1)`.
+
+    With `config.grad_accum_steps = k > 1` it is wrapped in `optax.MultiSteps(k)`: k micro-batch
+    gradients (dL/dW_q included) are averaged and the codes, levels and params update once;
+    the schedules count updates (total_steps / k), so the LR curve is the same as at k = 1.
+    """
+    k = int(config.grad_accum_steps)
+    tx = optax.inject_hyperparams(optim.dq_optimizer, static_args=STATIC_ARGS)(
+        **learning_rate_schedules(config, total_steps // k, max(1, steps_per_epoch // k)),
         momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay, rounding=config.rounding,
         code_momentum_dtype=config.code_momentum_dtype,
         code_momentum=config.code_momentum if config.code_momentum >= 0 else None,
         key=int(config.seed) + 1)
+    return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
+
+
+def _injected(opt_state: PyTree) -> PyTree:
+    """The `inject_hyperparams` state inside a (possibly MultiSteps-wrapped) state."""
+    return getattr(opt_state, "inner_opt_state", opt_state)
 
 
 def applied_updates(opt_state: PyTree) -> jax.Array:
     """How many updates an `inject_hyperparams` state has applied: the step its schedules
-    are at. A skipped (non-finite) step keeps the old state, so it does not advance."""
-    return opt_state.count
+    are at. A skipped (non-finite) step keeps the old state, so it does not advance; with
+    gradient accumulation it advances once per k micro-steps."""
+    return _injected(opt_state).count
 
 
 def _learning_rate(opt_state: PyTree) -> jax.Array:
     """The float params' learning rate of the update that produced `opt_state` (NaN for a
     transformation without injected hyperparameters)."""
-    hyperparams = getattr(opt_state, "hyperparams", None)
+    hyperparams = getattr(_injected(opt_state), "hyperparams", None)
     if not hyperparams or "learning_rate" not in hyperparams:
         return jnp.array(jnp.nan, jnp.float32)
     return jnp.asarray(hyperparams["learning_rate"], jnp.float32)
@@ -653,7 +668,8 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
     if record:
         eval_metrics.update({k: v for k, v in record.items()
                              if k.endswith("_before_bn_recalibration")})
-    skipped = end_step - int(jax.device_get(applied_updates(state.opt_state)))
+    skipped = (end_step // int(config.grad_accum_steps)
+               - int(jax.device_get(applied_updates(state.opt_state))))
     writer.write_scalars(end_step, eval_metrics)
     writer.flush()
     results = {

@@ -17,10 +17,9 @@ from flax import struct
 from flax.training import train_state
 
 from dq_jax import optim
-from dq_jax.layers import zero_perturbations
+from dq_jax.layers import QUANT_STATS, zero_perturbations
 
 PyTree = Any
-QUANT_STATS = "quant_stats"  # as dq_jax.layers.QUANT_STATS (not imported: keep this module light)
 
 
 def _with_quant_stats(apply_fn: Callable) -> Callable:

@@ -7,6 +7,8 @@ Nothing in the model passes `train` to a conv: the quantizers train exactly when
 reading normalised pixels gets a signed activation grid from its calibration batch, and
 `init` returns only what must be stored.
 """
+import os
+import sys
 from functools import partial
 
 import flax
@@ -17,11 +19,13 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
+from dq_jax import predict
 from dq_jax.layers import QuantConv
 from dq_jax.optim import dq_optimizer
 from dq_jax.quant.config import QuantConfig
 from dq_jax.train_state import TrainState
 from tests import flax_example_resnet as example
+from tests.helpers import run_python
 
 W2A2 = QuantConfig(weights="dq", weight_bits=2, acts="dq", act_bits=2)
 STEPS, BATCH = 60, 64
@@ -62,7 +66,7 @@ def test_init_needs_no_train_flag_and_stores_only_state(data):
     assert not any(p[-1] == "kernel" and p[0] != "Dense_0" for p in paths)
 
 
-def test_flax_example_resnet_trains_with_quant_conv(data):
+def test_flax_example_resnet_trains_with_quant_conv(data, tmp_path):
     (x, y), (x_test, y_test) = data
     model = make_model()
     variables = jax.jit(model.init)(jax.random.key(0), x[:2])
@@ -106,3 +110,23 @@ def test_flax_example_resnet_trains_with_quant_conv(data):
     assert np.isfinite(losses).all()
     assert last < 0.5 * first  # the loss drops clearly (log 10 = 2.30 at chance)
     assert acc > 0.5           # chance is 0.1
+
+    # ... and `python -m dq_jax.export` ships it: the file records the factory that rebuilds
+    # it (tests/user_models.py), predict loads it from that reference and agrees.
+    variables = {k: v for k, v in state.variables().items()}
+    (tmp_path / "vars.msgpack").write_bytes(flax.serialization.to_bytes(variables))
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = run_python(["-m", "dq_jax.export", "--model=user_models:flax_example_resnet_tiny",
+                       f"--variables={tmp_path / 'vars.msgpack'}", "--num_classes=10",
+                       "--image_shape=16,16,1", f"--out={tmp_path / 'resnet.dqz'}"],
+                      env={"PYTHONPATH": tests_dir})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dq W2" in proc.stdout  # the size table names the quantized convs
+    sys.path.insert(0, tests_dir)
+    try:
+        m = predict.load_model(str(tmp_path / "resnet.dqz"))
+    finally:
+        sys.path.remove(tests_dir)
+    assert type(m.module).__name__ == "ResNet"
+    exported_acc = float(np.mean(np.argmax(m.predict(x_test), -1) == y_test))
+    assert abs(exported_acc - acc) <= 2 / len(y_test), (exported_acc, acc)

@@ -20,6 +20,7 @@ from dq_jax import optim
 from dq_jax.optim import code_histogram_entropy, dq_optimizer, effective_kernels
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
+from dq_jax.trees import flatten
 
 
 def key(seed):
@@ -756,8 +757,8 @@ def test_updates_are_exact_float_code_deltas(np_rng):
     trainable, grads = _exact_problem(np_rng)
     g = jax.tree.map(lambda a: a * 8, grads(0))  # big steps: many codes move by >= 1 level
     new, _, updates = _run(_tx(rounding="nearest"), trainable, g)
-    for path, d in optim._flat(updates["codes"]).items():
-        old, c = optim._flat(trainable["codes"])[path], optim._flat(new["codes"])[path]
+    for path, d in flatten(updates["codes"]).items():
+        old, c = flatten(trainable["codes"])[path], flatten(new["codes"])[path]
         assert d.dtype == jnp.float32 and np.all(np.asarray(d) == np.round(np.asarray(d)))
         assert c.dtype == jnp.uint8
         np.testing.assert_array_equal(np.asarray(c, np.int32) - np.asarray(old, np.int32), d)

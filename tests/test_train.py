@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import optax
 
 from dq_jax import checkpoints, configlib, data, train
 from dq_jax.main import apply_variant
@@ -373,3 +374,32 @@ def test_infinite_update_never_reaches_the_state():
     assert float(metrics["nonfinite"]) == 1.0
     assert int(new.step) == 1
     assert_states_equal(new.replace(step=before.step), before)
+
+
+def test_gradient_accumulation_updates_once_per_k_micro_batches(tmp_path):
+    """grad_accum_steps=4: MultiSteps around dq_optimizer; the schedule counts updates."""
+    config = small_digits(num_train_steps=8, grad_accum_steps=4, batch_size=32,
+                          log_every_steps=4, checkpoint_every_steps=4)
+    out = train.train_and_evaluate(config, str(tmp_path))
+    state = out["state"]
+    assert int(train.applied_updates(state.opt_state)) == 2 and out["skipped_steps"] == 0
+    assert int(state.step) == 8
+    assert isinstance(state.opt_state, optax.MultiStepsState)
+    # One micro-step on top of a finished accumulation changes nothing but the accumulator.
+    model = train.create_model(config, configlib.validate(config, device_count=1), 10)
+    steps = train.Steps(model, state.tx, train.create_mesh(config), 0.0)
+    ds = data.create_dataset(config, process_index=0, process_count=1)
+    batch = train.to_global(next(iter(ds.train_batches(8))), steps.batch)
+    before = {name: jax.device_get(getattr(state, name)) for name in ("params", "codes")}
+    after, _ = steps.train(state, batch)  # donates `state`
+    for name in ("params", "codes"):
+        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(getattr(after, name))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(train.applied_updates(after.opt_state)) == 2
+    assert int(after.opt_state.mini_step) == 1
+
+
+def test_grad_accum_steps_must_divide_the_step_count():
+    with pytest.raises(ValueError, match="num_train_steps=10 is not a multiple of "
+                                         "config.grad_accum_steps=4"):
+        configlib.validate(small_digits(num_train_steps=10, grad_accum_steps=4), device_count=1)

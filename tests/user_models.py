@@ -38,3 +38,11 @@ class TinyNet(nn.Module):
 def make_model(num_classes: int = 10, bits: int = 2) -> TinyNet:
     quant = QuantConfig(weights="dq", weight_bits=bits, acts="dq", act_bits=bits)
     return TinyNet(num_classes, conv=functools.partial(QuantConv, quant=quant))
+
+
+def flax_example_resnet_tiny(num_classes: int = 10, bits: int = 2):
+    """The unmodified Flax-example-style ResNet (tests/flax_example_resnet.py) with our conv:
+    a factory, because `conv=partial(QuantConv, ...)` is not a JSON value."""
+    import flax_example_resnet as example
+    quant = QuantConfig(weights="dq", weight_bits=bits, acts="dq", act_bits=bits)
+    return example.ResNetTiny(num_classes=num_classes, conv=functools.partial(QuantConv, quant=quant))
