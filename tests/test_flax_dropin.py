@@ -12,6 +12,7 @@ import sys
 from functools import partial
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from dq_jax import predict
-from dq_jax.layers import QuantConv
+from dq_jax.layers import QuantConv, QuantDense
 from dq_jax.optim import dq_optimizer
 from dq_jax.quant.config import QuantConfig
 from dq_jax.train_state import TrainState
@@ -130,3 +131,69 @@ def test_flax_example_resnet_trains_with_quant_conv(data, tmp_path):
     assert type(m.module).__name__ == "ResNet"
     exported_acc = float(np.mean(np.argmax(m.predict(x_test), -1) == y_test))
     assert abs(exported_acc - acc) <= 2 / len(y_test), (exported_acc, acc)
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.relu(QuantConv(16, (3, 3), quant=W2A2.replace(act_signed=False),
+                                 name="conv")(x)), None
+
+
+class _StackedNet(nn.Module):
+    """stem (+BN) -> nn.scan over 3 DQ conv blocks (stacked levels [3, 1, 4]) -> BN -> an nn.vmap ensemble
+    of 2 DQ W4A4 dense heads (stacked levels [2, 1, 16]) averaged."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)
+        x = nn.relu(norm("stem_bn")(nn.Conv(16, (3, 3), strides=2, name="stem")(x)))
+        stacked = {"params": 0, "codes": 0, "quant_stats": 0, "perturbations": 0}
+        x, _ = nn.scan(_ScanBlock, variable_axes=stacked, split_rngs={"params": True},
+                       length=3)(name="blocks")(x, None)
+        x = norm("pool_bn")(jnp.mean(x, axis=(1, 2)))
+        heads = nn.vmap(QuantDense, variable_axes=stacked, split_rngs={"params": True},
+                        in_axes=None, out_axes=0, axis_size=2)
+        return jnp.mean(heads(10, quant=W2A2.replace(weight_bits=4, act_bits=4), name="heads")(x), 0)
+
+
+def test_scan_and_vmap_stacked_quant_layers_train(data):
+    """Stacked DQ layers (nn.scan, nn.vmap) train end to end with TrainState + dq_optimizer:
+    every slice keeps its own levels and codes, and the loss drops."""
+    (x, y), (x_test, y_test) = data
+    model = _StackedNet()
+    variables = jax.jit(model.init)(jax.random.key(0), x[:2])
+    assert variables["params"]["blocks"]["conv"]["kernel_levels"].shape == (3, 1, 4)
+    assert variables["params"]["heads"]["kernel_levels"].shape == (2, 1, 16)
+    tx = dq_optimizer(learning_rate=0.1, levels_learning_rate=1e-3, key=2)
+    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+    codes0 = jax.tree.map(np.asarray, state.codes)
+
+    @jax.jit
+    def train_step(state, images, labels):
+        def loss_fn(differentiable):
+            logits, new_state = state.apply_fn(state.variables(differentiable), images,
+                                               mutable=["batch_stats", "quant_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), \
+                new_state
+        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.differentiable())
+        return state.apply_gradients(grads=grads, **new_state), loss
+
+    rng = np.random.default_rng(2)
+    losses = []
+    for _ in range(60):
+        idx = rng.choice(len(x), 64, replace=False)
+        state, loss = train_step(state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+        losses.append(float(loss))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), losses
+    for path, c in flax.traverse_util.flatten_dict(state.codes).items():
+        c0 = flax.traverse_util.flatten_dict(codes0)[path]
+        assert c.dtype == jnp.uint8 and c.shape == c0.shape
+        moved = np.mean(np.asarray(c) != c0, axis=tuple(range(1, c.ndim)))
+        assert (moved > 0).all(), (path, moved)  # every slice's codes were re-assigned
+    levels = state.params["blocks"]["conv"]["kernel_levels"]
+    assert bool(jnp.all(jnp.diff(levels, axis=-1) > 0))  # each slice's levels stay sorted
+    logits = model.apply(state.variables(), jnp.asarray(x_test), train=False)
+    assert float(jnp.mean(jnp.argmax(logits, -1) == y_test)) > 0.5  # chance is 0.1
