@@ -403,3 +403,21 @@ def test_grad_accum_steps_must_divide_the_step_count():
     with pytest.raises(ValueError, match="num_train_steps=10 is not a multiple of "
                                          "config.grad_accum_steps=4"):
         configlib.validate(small_digits(num_train_steps=10, grad_accum_steps=4), device_count=1)
+
+
+def test_half_precision_step_keeps_each_collection_in_its_own_dtype(tmp_path):
+    """bf16 activations (half_precision) change no stored dtype: float32 params and levels,
+    uint8 codes, float32 code momentum and activation statistics, after real steps."""
+    out = train.train_and_evaluate(small_digits(num_train_steps=8, half_precision=True),
+                                   str(tmp_path))
+    state = out["state"]
+    assert out["eval_top1"] > 0.0
+    flat = jax.tree_util.tree_leaves_with_path
+    for path, leaf in flat(state.params):
+        assert leaf.dtype == jnp.float32, path
+    assert {l.dtype for l in jax.tree.leaves(state.codes)} == {jnp.dtype(jnp.uint8)}
+    for path, leaf in flat(state.quant_stats):
+        assert leaf.dtype in (jnp.float32, jnp.bool_), path
+    for path, leaf in flat(state.opt_state):
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim:
+            assert leaf.dtype == jnp.float32, path
