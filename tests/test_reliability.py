@@ -494,3 +494,23 @@ def test_a_single_run_ends_with_its_result_line_on_stdout(tmp_path):
     tags = acc.Tags()["tensors"]
     assert any(t.startswith("levels/") for t in tags), tags
     assert not any(t.startswith("levels/") and t.rsplit("/", 1)[-1].isdigit() for t in tags)
+
+
+def test_log_records_go_above_the_progress_bar(monkeypatch):
+    """While a bar is drawn, absl log lines are printed through tqdm.write (above the bar),
+    and the handler's stream is restored afterwards."""
+    import tqdm as tqdm_module
+    from absl import logging as absl_logging
+    from dq_jax import train
+    written = []
+    monkeypatch.setattr(tqdm_module.tqdm, "write",
+                        classmethod(lambda cls, s, file=None, **kw: written.append(s)))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    handler = absl_logging.get_absl_handler().python_handler
+    before = handler.stream
+    with train._progress(total=3, initial=0) as bar:
+        assert bar is not None
+        handler.stream.write("I1125 a log record\n")
+        bar.update(1)
+    assert written == ["I1125 a log record"]
+    assert handler.stream is before
