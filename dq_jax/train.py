@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging as logging_lib
 import math
 import signal
 import sys
@@ -353,6 +354,18 @@ def _level_histograms(params: PyTree) -> dict[str, np.ndarray]:
             if path[-1] == LEVELS}
 
 
+class _NoHistogramLines(logging_lib.Filter):
+    """Keeps the levels' histograms in TensorBoard only: clu's logging writer would print each
+    one as a long INFO line per layer every `log_every_steps`."""
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        return not (record.pathname.endswith("logging_writer.py")
+                    and "Histogram for" in record.getMessage())
+
+
+_NO_HISTOGRAM_LINES = _NoHistogramLines()
+
+
 class _AboveTheBar:
     """A stream for log records while a progress bar is drawn: `tqdm.write` prints each record
     above the bar instead of breaking it."""
@@ -582,6 +595,7 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                           "Preemption requested during start-up: exiting before training, "
                           f"nothing new to save. Rerun the same command to resume from {where}.")
 
+    logging.get_absl_handler().addFilter(_NO_HISTOGRAM_LINES)  # idempotent
     writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else ds.steps_per_epoch

@@ -473,6 +473,7 @@ def test_a_single_run_ends_with_its_result_line_on_stdout(tmp_path):
     # The start-up summary: per layer and the total size at the bit widths.
     assert "model size at its bit widths:" in proc.stderr
     assert "dq W2" in proc.stderr and "kernel shape" in proc.stderr
+    assert "Histogram for" not in proc.stderr  # histograms go to TensorBoard, not the log
     # Only keys that apply (digits: no ImageNet crop size, cosine: no step boundaries).
     for recorded in (result["config"], json.loads((tmp_path / "config.json").read_text())["config"]):
         assert "image_size" not in recorded and "step_boundaries" not in recorded
