@@ -1,10 +1,19 @@
 """Benchmarks (step time, input pipeline, accuracy); see RESULTS.md."""
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import sys
 from typing import Sequence
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first line as the description, the whole
+    docstring (commands, what is measured) at the end of --help."""
+    return argparse.ArgumentParser(description=doc.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=doc)
 
 
 def parse_methods(text: str, known: Sequence[str]) -> list[str]:

@@ -29,7 +29,6 @@ a Markdown table (the one pasted into RESULTS.md).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -40,6 +39,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import bench  # noqa: E402  (after the path set-up)
+
 from bench import parse_methods, use_cifar10_npz  # noqa: E402  (after the path set-up)
 
 METHODS = ("float", "w2a2", "w3a3", "w4a4", "nearest_w2a2", "global_w2a2",
@@ -49,9 +50,7 @@ BITS = {"float": 32, "w2a2": 2, "w3a3": 3, "w4a4": 4, "nearest_w2a2": 2, "global
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__)
+    p = bench.arg_parser(__doc__)
     p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
     p.add_argument("--full", action="store_true",
                    help="cifar10 at paper scale: 200 float epochs, 60 fine-tune epochs, 3 seeds")

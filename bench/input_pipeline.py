@@ -17,7 +17,6 @@ with a measured consumer>`; > 1 means the pipeline is not the bottleneck.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -27,11 +26,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import bench  # noqa: E402  (after the path set-up)
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__)
+    p = bench.arg_parser(__doc__)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--batches", type=int, default=30, help="timed cifar batches")
     p.add_argument("--jpeg_batches", type=int, default=6, help="timed ImageNet-style batches")

@@ -11,7 +11,6 @@ slice), so the two arms are not the same computation; the claim checked is "same
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import bench  # noqa: E402  (after the path set-up)
 from dq_jax import train  # noqa: E402
 from dq_jax.configlib import load_config_file  # noqa: E402
 
@@ -40,7 +40,7 @@ def run(seed: int, batch: int, k: int, updates: int) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench.arg_parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--updates", type=int, default=400)
     p.add_argument("--out", default=os.path.join(REPO, "results", "multisteps_digits.json"))

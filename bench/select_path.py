@@ -23,7 +23,6 @@ step by step so that load from other processes hits them alike (compiles too, ov
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import pathlib
 import statistics
@@ -34,11 +33,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import bench  # noqa: E402  (after the path set-up)
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__)
+    p = bench.arg_parser(__doc__)
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--bits", type=int, default=2, help="weight and activation bits")

@@ -21,7 +21,6 @@ Last lines: `dq_w2a2_over_float=<ratio>` and `dq_w2a2_over_qwix=<ratio>` (when Q
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -31,6 +30,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import bench  # noqa: E402  (after the path set-up)
+
 from bench import parse_methods  # noqa: E402  (after the path set-up)
 
 METHODS = ("float", "dq_w2a2", "dq_w4a4", "latent_ste_w2a2", "lsq_w2a2", "qwix_w4a4",
@@ -38,9 +39,7 @@ METHODS = ("float", "dq_w2a2", "dq_w4a4", "latent_ste_w2a2", "lsq_w2a2", "qwix_w
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__)
+    p = bench.arg_parser(__doc__)
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7, help="timed steps per method (median)")
