@@ -42,16 +42,21 @@ def is_user_model(name: str) -> bool:
     return ":" in str(name)
 
 
+def _is_json(value: Any) -> bool:
+    """`value` survives a JSON round trip unchanged (so the file can record it)."""
+    try:
+        return json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError):
+        return False
+
+
 def _json_kwargs(kwargs: Mapping | None, what: str) -> dict:
     kwargs = dict(kwargs or {})
-    try:
-        if json.loads(json.dumps(kwargs)) != kwargs:
-            raise TypeError("not preserved by a JSON round trip")
-    except (TypeError, ValueError) as e:
+    if not _is_json(kwargs):
         raise ValueError(
-            f"{what}={kwargs!r} cannot be recorded in the file ({e}); pass only JSON values "
-            "(numbers, strings, lists, dicts), or an importable factory "
-            "model='package.module:make_model' that builds the module without them.") from None
+            f"{what}={kwargs!r} cannot be recorded in the file (not preserved by a JSON round "
+            "trip); pass only JSON values (numbers, strings, lists, dicts), or an importable "
+            "factory model='package.module:make_model' that builds the module without them.")
     return kwargs
 
 
@@ -90,11 +95,7 @@ def _module_reference(module: nn.Module) -> tuple[str, dict]:
     defaults = {f.name: f.default for f in dataclasses.fields(module)}
     kwargs = {k: v for k, v in fields.items() if v is not defaults.get(k) and v != defaults.get(k)}
     for key, value in kwargs.items():
-        try:
-            ok = json.loads(json.dumps(value)) == value
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
+        if not _is_json(value):
             raise ValueError(
                 f"model field {key}={value!r} cannot be recorded in the file; pass an "
                 "importable factory model='package.module:make_model' (plus JSON model_kwargs) "

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq_jax.export.convert import COLLECTIONS, flat, quant_of
-from dq_jax.export.fileformat import DEFAULT_APPLY_KWARGS, resolve_model, save
+from dq_jax.export.fileformat import DEFAULT_APPLY_KWARGS, save
 
 # Raw pixel scale of the bundled datasets (digits pixels are 0..16).
 _PIXEL_MAX = {"digits": 16.0}
@@ -85,20 +85,20 @@ def _dataset_facts(config) -> dict:
     return facts
 
 
-def _check_structure(model, variables: Mapping, image_shape, where: str,
-                     apply_kwargs: Mapping = DEFAULT_APPLY_KWARGS) -> None:
+def _check_structure(model, variables: Mapping, image_shape, where: str) -> None:
     """The checkpoint's variables must have exactly the shapes of the rebuilt model."""
     expected = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32),
-                           **apply_kwargs))
+                           **DEFAULT_APPLY_KWARGS))
     for c in COLLECTIONS:
         want = {k: tuple(v.shape) for k, v in flat(expected.get(c, {})).items()}
         have = {k: tuple(np.shape(v)) for k, v in flat(variables.get(c, {})).items()}
         if want != have:
             diff = sorted(set(want.items()) ^ set(have.items()))[:4]
             raise ValueError(
-                f"{where}: the saved {c} do not match the rebuilt model (first differences: "
-                f"{diff}); the variables come from another model or configuration.")
+                f"{where}: the checkpoint's {c} do not match the model rebuilt from its "
+                f"config.json (first differences: {diff}); the workdir's config and "
+                "checkpoint disagree.")
 
 
 def export_workdir(workdir: str, out: str, step: int | None = None) -> dict:
@@ -176,13 +176,10 @@ def export_variables(out: str, *, model: str, variables: str | Mapping, num_clas
                      apply_kwargs: Mapping | None = None,
                      normalization: Mapping | None = None) -> dict:
     """Exports a user module (`"package.module:attr"`) from variables (a dict, or a path for
-    `load_variables`); the variables must match the rebuilt module exactly."""
+    `load_variables`); `save` refuses variables that are not exactly the rebuilt module's."""
     source = {"variables": variables} if isinstance(variables, str) else {}
     if isinstance(variables, str):
         variables = load_variables(variables)
-    module = resolve_model(model, model_kwargs)
-    _check_structure(module, variables, tuple(image_shape), f"model {model}",
-                     apply_kwargs=DEFAULT_APPLY_KWARGS if apply_kwargs is None else apply_kwargs)
     return save(out, model=model, model_kwargs=model_kwargs, variables=variables,
                 num_classes=num_classes, image_shape=image_shape, apply_kwargs=apply_kwargs,
                 normalization=normalization, source=source)
