@@ -72,6 +72,10 @@ def parse_args(argv=None):
                         "ones, e.g. more seeds; without it the study starts from scratch "
                         "(its work directories under --workdir are deleted first)")
     p.add_argument("--out", default="", help="results JSON (default results/accuracy_<ds>.json)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="train nothing: combine finished runs of several invocations (e.g. "
+                        "baselines run with their own --set) into --out, with the table and "
+                        "plots; they must share the dataset, float start and fine-tuning steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the quantized runs' config (repeatable), e.g. "
                         "--set code_learning_rate=0.1 --set quant.lloyd_iters=50; recorded in "
@@ -399,8 +403,74 @@ def plot_flips(results: dict, path: str, title: str) -> bool:
     return True
 
 
+def merge(paths: list[str], out: str) -> dict:
+    """One study from several invocations' JSONs (`--merge`), written to `out`.
+
+    The protocol runs each method in its own invocation (its own --set overrides, resumable,
+    committed as it lands); this puts them in one table and one pair of plots. Files must share
+    the schedule apart from the overrides (dataset, float start, fine-tuning steps), and each
+    method may come from one file only; the overrides are kept per method.
+    """
+    if not out:
+        sys.exit("--merge needs --out=FILE for the combined JSON")
+    merged: dict = {"runs": {}, "overrides_by_method": {}, "merged_from": [], "commands": []}
+    origin: dict[str, str] = {}
+    for path in paths:
+        try:
+            d = json.loads(pathlib.Path(path).read_text())
+        except FileNotFoundError:
+            sys.exit(f"--merge: {path}: no such file")
+        except json.JSONDecodeError as e:
+            sys.exit(f"--merge: {path}: not a JSON file of bench/accuracy.py ({e})")
+        if "runs" not in d or "schedule" not in d:
+            sys.exit(f"--merge: {path}: no 'runs'/'schedule' (not written by bench/accuracy.py)")
+        schedule = {k: v for k, v in d["schedule"].items() if k != "overrides"}
+        start = (d.get("float_pretrain") or {}).get("workdir")
+        if not merged["merged_from"]:
+            merged.update({k: d[k] for k in ("dataset", "full", "finetune_note") if k in d},
+                          schedule=schedule, float_pretrain=d.get("float_pretrain"))
+        elif schedule != merged["schedule"] or start != (merged["float_pretrain"] or {}).get(
+                "workdir"):
+            sys.exit(f"--merge: {path}: schedule {schedule} (float start {start}) differs from "
+                     f"{merged['merged_from'][0]}'s {merged['schedule']}; merge only runs of "
+                     "one protocol")
+        for m, runs in d["runs"].items():
+            if not runs:
+                continue
+            if m in origin:
+                sys.exit(f"--merge: method {m} is in both {origin[m]} and {path}; pass one")
+            origin[m] = path
+            merged["runs"][m] = runs
+            merged["overrides_by_method"][m] = d["schedule"].get("overrides", {})
+        merged["merged_from"].append(path)
+        merged["commands"] += d.get("commands") or [d.get("command")]
+    shown = [m for m in METHODS if merged["runs"].get(m)]
+    note = merged.get("finetune_note", "")
+    merged["table_markdown"] = fmt_table(merged, shown, note) + "\n\nOverrides per method: " + \
+        "; ".join(f"{m}: " + (", ".join(f"{k}={v}" for k, v in
+                                        merged["overrides_by_method"][m].items()) or "none")
+                  for m in shown) + "."
+    out_json = pathlib.Path(out)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(merged, indent=1))
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:  # the bench extra
+        print("matplotlib is not installed (pip install 'dq_jax[bench]'): no plots")
+    else:
+        plot(merged, shown, str(out_json.with_suffix(".png")),
+             f"{merged.get('dataset')}: top-1 vs bits ({note})")
+        plot_flips(merged, str(out_json.with_name(out_json.stem + "_flips.png")),
+                   f"{merged.get('dataset')}: DQ flip rate ({note})")
+    print(merged["table_markdown"])
+    print(f"wrote {out_json}")
+    return merged
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     methods = parse_methods(args.methods, METHODS)
     overrides = parse_overrides(args.set)
     if args.full and args.dataset != "cifar10":

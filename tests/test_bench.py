@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -135,3 +137,57 @@ def test_use_cifar10_npz_keeps_an_explicit_data_dir(monkeypatch):
     monkeypatch.setenv("DQ_JAX_SHARED_DATA", "/from/env")
     c = use_cifar10_npz(configlib.base_config())
     assert c.dataset == "cifar10_npz" and c.data_dir == ""  # the reader takes the variable
+
+
+def _study(path, runs: dict, overrides: dict, finetune_steps: int = 1955,
+           float_workdir: str = "/ckpt/float"):
+    import json
+    schedule = {"dataset": "cifar10", "full": False, "steps": None, "float_steps": 200,
+                "finetune_steps": finetune_steps}
+    if overrides:
+        schedule["overrides"] = overrides
+    path.write_text(json.dumps({
+        "dataset": "cifar10", "full": False, "schedule": schedule, "runs": runs,
+        "commands": [f"python bench/accuracy.py {path.name}"],
+        "float_pretrain": {"top1": 0.8598, "workdir": float_workdir},
+        "finetune_note": f"{finetune_steps / 390:.2f} ep ({finetune_steps} steps)"}))
+    return str(path)
+
+
+def _run_row(top1: float, seed: int) -> dict:
+    return {"top1": top1, "wall_seconds": 100.0, "seed": seed}
+
+
+def test_accuracy_merge_combines_invocations_and_refuses_mixed_protocols(tmp_path):
+    """The protocol's methods run in separate invocations (own --set each); --merge makes one
+    table: mean and min-max over seeds, overrides per method; mismatches are one-line errors."""
+    from bench import accuracy
+    dq = _study(tmp_path / "dq.json", {"w2a2": [_run_row(0.80, 0), _run_row(0.82, 1)]},
+                {"code_momentum": 0.99})
+    lsq = _study(tmp_path / "lsq.json", {"lsq_w2a2": [_run_row(0.81, 0)]},
+                 {"quant.granularity": "per_layer"})
+    out = tmp_path / "merged" / "study.json"
+    merged = accuracy.merge([dq, lsq], str(out))
+    assert out.exists() and merged["merged_from"] == [dq, lsq]
+    rows = {line.split("|")[1].strip(): line for line in merged["table_markdown"].splitlines()
+            if line.startswith("| ")}
+    assert "| 81.00 | 80.00–82.00 | 2 |" in rows["w2a2"]
+    assert "| 81.00 | n/a (1 seed) | 1 |" in rows["lsq_w2a2"]
+    assert "w2a2: code_momentum=0.99" in merged["table_markdown"]
+    assert "lsq_w2a2: quant.granularity=per_layer" in merged["table_markdown"]
+    assert len(merged["commands"]) == 2
+
+    other = _study(tmp_path / "short.json", {"latent_ste_w2a2": [_run_row(0.8, 0)]}, {},
+                   finetune_steps=391)
+    with pytest.raises(SystemExit, match="differs from"):
+        accuracy.merge([dq, other], str(out))
+    start = _study(tmp_path / "start.json", {"latent_ste_w2a2": [_run_row(0.8, 0)]}, {},
+                   float_workdir="/elsewhere")
+    with pytest.raises(SystemExit, match="differs from"):
+        accuracy.merge([dq, start], str(out))
+    with pytest.raises(SystemExit, match="w2a2 is in both"):
+        accuracy.merge([dq, dq], str(out))
+    with pytest.raises(SystemExit, match="no such file"):
+        accuracy.merge([str(tmp_path / "missing.json")], str(out))
+    with pytest.raises(SystemExit, match="needs --out"):
+        accuracy.merge([dq], "")
