@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.step_decay = 0.1
     c.label_smoothing = 0.0
     c.rounding = "stochastic"                      # DQ-W code re-assignment
+    c.rounding_anneal = False                      # stochastic -> nearest as the LR decays
     c.code_momentum_dtype = "float32"              # or bfloat16: half the DQ train state
 
     c.quant = ml_collections.ConfigDict(dataclasses.asdict(QuantConfig.float()))
@@ -98,7 +99,8 @@ def _not_applicable(d: dict) -> set[str]:
     if d.get("schedule") != "step":
         out |= {"step_boundaries", "step_decay"}
     if weights != "dq":
-        out |= {"code_learning_rate", "code_momentum", "code_momentum_dtype", "rounding"}
+        out |= {"code_learning_rate", "code_momentum", "code_momentum_dtype", "rounding",
+                "rounding_anneal"}
     if weights not in ("dq", "latent_ste"):
         out |= {"levels_learning_rate", "quant.lloyd_iters"}
     if weights == "float":
@@ -183,6 +185,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
     if config.rounding not in ROUNDINGS:
         _fail(f"config.rounding={config.rounding!r}; allowed: "
               f"{', '.join(repr(r) for r in ROUNDINGS)}.")
+    if config.rounding_anneal and config.rounding != "stochastic":
+        _fail(f"config.rounding_anneal=True anneals stochastic rounding toward nearest, but "
+              f"config.rounding={config.rounding!r}; set rounding='stochastic' or drop the "
+              "anneal.")
     if config.code_momentum_dtype not in ("float32", "bfloat16"):
         _fail(f"config.code_momentum_dtype={config.code_momentum_dtype!r}; allowed: "
               "'float32', 'bfloat16'.")

@@ -197,6 +197,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
                  rounding: str = "stochastic", code_momentum_dtype: str = "float32",
                  code_learning_rate: ScalarOrSchedule | None = None,
                  code_momentum: float | None = None,
+                 rounding_temperature: ScalarOrSchedule | None = None,
                  key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
     """The DQ update as one optax transformation over `{"params": params, "codes": codes}`.
 
@@ -214,6 +215,10 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         gap is large next to a float-LR step, so the codes may want another step.
       code_momentum: SGD momentum of the code update; None = `momentum`. A larger one averages
         the per-weight gradient over more steps before stochastic re-assignment acts on it.
+      rounding_temperature: None (default: the unbiased stochastic rule), or a float in
+        [0, 1] (a schedule through `optax.inject_hyperparams`) that sharpens the re-assignment probability toward nearest
+        rounding (0 = nearest; see `quant.weights.stochastic_codes`), e.g. annealed with the
+        learning rate to cut the re-assignment's variance late in training.
       key: PRNG key (or int seed, made into `jax.random.PRNGKey(seed)` at `init`) of the
         stochastic re-assignment. It lives in the state and is split once per update, so a
         resumed state continues the same random stream.
@@ -240,6 +245,13 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
     # A typed key (e.g. jax.random.key(0, impl='unsafe_rbg')) is stored as its data and
     # re-wrapped with its impl at each update; a raw key or an int seed needs no impl.
     impl = None if isinstance(key, (int, np.integer)) else _key_data(key)[1]
+    if rounding_temperature is not None and rounding != "stochastic":
+        raise ValueError(f"rounding_temperature applies to rounding='stochastic' only (got "
+                         f"rounding={rounding!r}); pass rounding_temperature=None.")
+    if callable(rounding_temperature):
+        raise ValueError("rounding_temperature is a schedule: wrap the optimizer in "
+                         "optax.inject_hyperparams(dq_optimizer, ...)(rounding_temperature="
+                         "schedule, ...), which evaluates it at each update.")
     code_lr = learning_rate if code_learning_rate is None else code_learning_rate
     code_mom = momentum if code_momentum is None else code_momentum
 
@@ -305,7 +317,8 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         for i, module in enumerate(dq_layer_paths(c)):
             path = module + ("kernel",)
             new_codes[path] = _reassign(flat_p[module + (LEVELS,)], flat_wq[path] + flat_u[path],
-                                        jax.random.fold_in(step_key, i), rounding)
+                                        jax.random.fold_in(step_key, i), rounding,
+                                        rounding_temperature)
 
         # 4: levels (and everything float) take their optax update, then sort.
         p_updates, params_state = params_tx.update(g, state.params, p)
@@ -346,16 +359,17 @@ def _w_q_tree(params: PyTree, codes: PyTree) -> dict:
     return _replace_leaves(codes, flat) if flat else {}
 
 
-def _reassign(levels: jax.Array, target: jax.Array, key: jax.Array, rounding: str) -> jax.Array:
+def _reassign(levels: jax.Array, target: jax.Array, key: jax.Array, rounding: str,
+              temperature: jax.Array | float | None = None) -> jax.Array:
     """`wq.reassign_codes`, over the leading stack axes of `levels` too (one key per slice)."""
     n = _stack_dims(levels)
     if n == 0:
-        return wq.reassign_codes(levels, target, key, rounding)
+        return wq.reassign_codes(levels, target, key, rounding, temperature)
     if target.shape[:n] != levels.shape[:n]:
         raise ValueError(f"stacked levels {levels.shape} and codes {target.shape} disagree on "
                          "their leading (stack) axes.")
     keys = jax.random.split(key, levels.shape[:n])
-    return _over_stack(lambda lv, t, k: wq.reassign_codes(lv, t, k, rounding), n)(
+    return _over_stack(lambda lv, t, k: wq.reassign_codes(lv, t, k, rounding, temperature), n)(
         levels, target, keys)
 
 

@@ -51,8 +51,9 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
 
 
 def make_schedule_shape(config: ml_collections.ConfigDict, total_steps: int,
-                        steps_per_epoch: int) -> optax.Schedule:
-    """Step -> LR multiplier with peak 1.0 (shared by params, levels and codes)."""
+                        steps_per_epoch: int, warmup_from: float = 0.0) -> optax.Schedule:
+    """Step -> LR multiplier with peak 1.0 (shared by params, levels and codes); the warm-up
+    (if any) rises linearly from `warmup_from`."""
     warmup = int(config.warmup_epochs * steps_per_epoch)
     decay_steps = max(1, total_steps - warmup)
     if config.schedule == "cosine":
@@ -64,7 +65,8 @@ def make_schedule_shape(config: ml_collections.ConfigDict, total_steps: int,
         main = optax.constant_schedule(1.0)
     if warmup <= 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup])
+    return optax.join_schedules([optax.linear_schedule(warmup_from, 1.0, warmup), main],
+                                [warmup])
 
 
 def learning_rate_schedules(config: ml_collections.ConfigDict, total_steps: int,
@@ -82,6 +84,17 @@ def learning_rate_schedules(config: ml_collections.ConfigDict, total_steps: int,
             if config.code_learning_rate > 0 else None}
 
 
+def rounding_temperature_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                                  steps_per_epoch: int) -> optax.Schedule | None:
+    """With `config.rounding_anneal`: the stochastic re-assignment's temperature (see
+    `quant.weights.stochastic_codes`), the LR schedule's shape but 1 through the warm-up: the
+    unbiased rule at the peak, sharpening toward nearest as the LR decays (0 at the end of a
+    cosine). None without the anneal (the plain unbiased rule, no temperature computed)."""
+    if not config.rounding_anneal:
+        return None
+    return make_schedule_shape(config, total_steps, steps_per_epoch, warmup_from=1.0)
+
+
 def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
                      steps_per_epoch: int) -> optax.GradientTransformationExtraArgs:
     """`dq_optimizer` with its learning-rate schedules injected (read back from
@@ -92,8 +105,11 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
     the schedules count updates (total_steps / k), so the LR curve is the same as at k = 1.
     """
     k = int(config.grad_accum_steps)
+    temperature = rounding_temperature_schedule(config, total_steps // k,
+                                                max(1, steps_per_epoch // k))
     tx = optax.inject_hyperparams(optim.dq_optimizer, static_args=STATIC_ARGS)(
         **learning_rate_schedules(config, total_steps // k, max(1, steps_per_epoch // k)),
+        **({"rounding_temperature": temperature} if temperature else {}),
         momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay, rounding=config.rounding,
         code_momentum_dtype=config.code_momentum_dtype,

@@ -968,3 +968,40 @@ def test_readme_flax_imagenet_train_step_diff_trains(small):
     assert state.codes["QuantConv_0"]["kernel"].dtype == jnp.uint8
     assert not np.array_equal(state.codes["QuantConv_0"]["kernel"], codes["QuantConv_0"]["kernel"])
     assert losses[-1] < losses[0], losses
+
+
+def test_rounding_temperature_one_is_the_unbiased_rule_and_zero_is_nearest(np_rng):
+    """On the exact problem (dyadic targets, levels a unit apart): temperature 1 gives the
+    codes of the plain stochastic rule bitwise (p' = (p - 1/2) + 1/2 = p exactly here), and a
+    schedule at 0, evaluated by inject_hyperparams, gives nearest rounding's codes wherever the
+    target is not exactly on a mid-point (there it stays a coin flip between the two)."""
+    trainable, grads = _exact_problem(np_rng)
+    g = jax.tree.map(lambda a: a * 4, grads(3))  # steps of up to 1.25 gaps: many crossings
+    plain, _, _ = _run(_tx(), trainable, g)
+    one, _, _ = _run(_tx(rounding_temperature=1.0), trainable, g)
+    _assert_trees_equal(one, plain)
+
+    injected = optax.inject_hyperparams(dq_optimizer, static_args=("momentum", "key"))
+    zero_tx = injected(learning_rate=0.25, levels_learning_rate=0.0, momentum=0.5,
+                       weight_decay=0.125, key=jax.random.PRNGKey(7),
+                       rounding_temperature=lambda count: 0.0)
+    zero, zero_state, _ = _run(zero_tx, trainable, g)
+    assert float(zero_state.hyperparams["rounding_temperature"]) == 0.0
+    nearest, _, _ = _run(_tx(rounding="nearest"), trainable, g)
+    lv = np.float64([-1.5, -0.5, 0.5, 1.5])
+    for path, c in flatten(trainable["codes"]).items():
+        w_q = lv[np.asarray(c)]
+        target = w_q - 0.25 * (np.asarray(flatten(g["codes"])[path]) + 0.125 * w_q)  # exact
+        on_mid = np.isin(target, [-1.0, 0.0, 1.0])
+        got = np.asarray(flatten(zero["codes"])[path])
+        want = np.asarray(flatten(nearest["codes"])[path])
+        assert on_mid.sum() < on_mid.size and np.any(got != np.asarray(c))
+        np.testing.assert_array_equal(got[~on_mid], want[~on_mid])
+        assert np.all((got[on_mid] == want[on_mid]) | (got[on_mid] == want[on_mid] + 1))
+
+
+def test_rounding_temperature_rejects_nearest_and_a_bare_schedule():
+    with pytest.raises(ValueError, match="rounding='stochastic' only"):
+        dq_optimizer(0.1, 0.0, rounding="nearest", rounding_temperature=0.5)
+    with pytest.raises(ValueError, match="inject_hyperparams"):
+        dq_optimizer(0.1, 0.0, rounding_temperature=lambda count: 1.0)

@@ -724,3 +724,21 @@ def test_default_lloyd_iterations_reach_the_converged_error(np_rng):
     converged = err(500)
     assert err(QuantConfig().lloyd_iters) <= converged * 1.01
     assert err(5) > converged * 1.05  # the case is one where iterations matter
+
+
+def test_stochastic_codes_temperature_sharpens_toward_nearest_hand_computed():
+    """Levels 0..3 (gap 1), so p = target - floor(target). Temperature 0.5:
+    p' = clip(2 (p - 1/2) + 1/2, 0, 1): p = 0.25 -> 0 (always down), 0.75 -> 1 (always up),
+    0.5 -> 0.5, 0.4 -> 0.3. The draws are chosen away from every p and p' (no boundary)."""
+    levels = jnp.float32([[0.0, 1.0, 2.0, 3.0]])
+    target = jnp.float32([0.25, 0.25, 1.75, 1.75, 2.5, 2.5, 0.4, 0.4, 0.4])
+    uniform = jnp.float32([0.1, 0.5, 0.5, 0.9, 0.45, 0.55, 0.2, 0.35, 0.6])
+    plain = np.asarray(wq.stochastic_codes(levels, target, None, uniform))
+    sharp = np.asarray(wq.stochastic_codes(levels, target, None, uniform, temperature=0.5))
+    np.testing.assert_array_equal(plain, [1, 0, 2, 1, 3, 2, 1, 1, 0])
+    np.testing.assert_array_equal(sharp, [0, 0, 2, 2, 3, 2, 1, 0, 0])
+    zero = np.asarray(wq.stochastic_codes(levels, target, None, uniform, temperature=0.0))
+    nearest = np.asarray(wq.nearest_codes(levels, target))
+    off_mid = np.asarray(target) != 2.5
+    np.testing.assert_array_equal(zero[off_mid], nearest[off_mid])
+    np.testing.assert_array_equal(zero[~off_mid], [3, 2])  # half-way: still a coin flip

@@ -421,3 +421,27 @@ def test_half_precision_step_keeps_each_collection_in_its_own_dtype(tmp_path):
     for path, leaf in flat(state.opt_state):
         if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim:
             assert leaf.dtype == jnp.float32, path
+
+
+def test_rounding_anneal_temperature_follows_the_lr_shape_after_warmup():
+    """1 through the warm-up (the unbiased rule), then the cosine shape down to 0 (nearest);
+    the program's optimizer injects it and reads it back; no temperature without the anneal;
+    an anneal of nearest rounding is a one-line config error."""
+    config = configlib.base_config()
+    config.schedule, config.warmup_epochs = "cosine", 1.0
+    assert train.rounding_temperature_schedule(config, 110, 10) is None
+    config.rounding_anneal = True
+    t = train.rounding_temperature_schedule(config, 110, 10)
+    assert [float(t(s)) for s in (0, 5, 10, 60, 110)] == pytest.approx([1, 1, 1, 0.5, 0],
+                                                                       abs=1e-6)
+    trainable = {"params": {"layer": {"kernel_levels": jnp.float32([[-1.0, 1.0]])}},
+                 "codes": {"layer": {"kernel": jnp.zeros((2, 2), jnp.uint8)}}}
+    tx = train.create_optimizer(config, 110, 10)
+    state = tx.init(trainable)
+    grads = {"params": {"layer": {"kernel_levels": jnp.zeros((1, 2))}},
+             "codes": {"layer": {"kernel": jnp.zeros((2, 2))}}}
+    _, state = tx.update(grads, state, trainable)
+    assert float(state.hyperparams["rounding_temperature"]) == pytest.approx(1.0)
+    config.rounding = "nearest"
+    with pytest.raises(ValueError, match="rounding_anneal=True.*rounding='nearest'"):
+        configlib.validate(config, device_count=1)

@@ -172,13 +172,20 @@ def nearest_codes(levels: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def stochastic_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
-                     uniform: jax.Array | None = None) -> jax.Array:
+                     uniform: jax.Array | None = None,
+                     temperature: jax.Array | float | None = None) -> jax.Array:
     """Unbiased re-assignment between the two levels that bracket `target`.
 
     With `l_k <= t < l_{k+1}`, picks `k+1` with probability
     `(t - l_k) / (l_{k+1} - l_k)`, so `E[level] = t` inside the range; outside
     it the nearest end level is taken (clipping). Tied levels pick the lower.
     `uniform` (optional) supplies the U[0,1) draws, for tests.
+
+    `temperature` (optional, in [0, 1]) sharpens that probability toward nearest rounding:
+    `p' = clip((p - 1/2) / temperature + 1/2, 0, 1)`; 1 is the unbiased rule, 0 nearest (a
+    target exactly half-way stays a coin flip). Annealing it with the learning rate trades
+    the re-assignment's variance (which sets the accuracy floor of training on the grid, Li et
+    al. 2017) for bias late in training. None (default) skips it: the unbiased rule exactly.
     """
     chex.assert_rank(levels, 2)
     num_levels = levels.shape[-1]
@@ -189,6 +196,9 @@ def stochastic_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
     gap = hi - lo
     p = jnp.where(gap > 0, (target - lo) / jnp.where(gap > 0, gap, 1.0), 0.0)
     p = jnp.clip(p, 0.0, 1.0)
+    if temperature is not None:
+        t = jnp.asarray(temperature, jnp.float32)
+        p = jnp.clip((p - 0.5) / jnp.maximum(t, jnp.finfo(jnp.float32).tiny) + 0.5, 0.0, 1.0)
     if uniform is None:
         # A flat draw, reshaped: XLA compiles rank-1 threefry far faster than rank-4.
         uniform = jax.random.uniform(key, (target.size,), jnp.float32).reshape(target.shape)
@@ -196,10 +206,11 @@ def stochastic_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
 
 
 def reassign_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
-                   rounding: str) -> jax.Array:
-    """Direct re-assignment of codes to the target values `W~` (DESIGN §1.1 step 3)."""
+                   rounding: str, temperature: jax.Array | float | None = None) -> jax.Array:
+    """Direct re-assignment of codes to the target values `W~` (DESIGN §1.1 step 3);
+    `temperature`: see `stochastic_codes` (stochastic rounding only)."""
     if rounding == "stochastic":
-        return stochastic_codes(levels, target, key)
+        return stochastic_codes(levels, target, key, temperature=temperature)
     if rounding == "nearest":
         return nearest_codes(levels, target)
     raise ValueError(
