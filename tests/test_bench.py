@@ -191,3 +191,26 @@ def test_accuracy_merge_combines_invocations_and_refuses_mixed_protocols(tmp_pat
         accuracy.merge([str(tmp_path / "missing.json")], str(out))
     with pytest.raises(SystemExit, match="needs --out"):
         accuracy.merge([dq], "")
+
+
+def test_protocol_plans_every_row_first_seeds_first_and_resumes_into_one_json_per_row():
+    from bench import protocol
+    args = protocol.parse_args(["--float_workdir=/ckpt/float", "--dry_run"])
+    steps = protocol.plan(args)
+    rows = [r for r, _ in steps]
+    assert rows[:len(protocol.GRID)] == list(protocol.GRID)  # every row's first seed first
+    assert rows[len(protocol.GRID):] == ["w2a2", "lsq_w2a2", "latent_ste_w2a2"]  # then 3 seeds
+    cmd = dict((r, c) for r, c in steps[:len(protocol.GRID)])
+    for row, c in cmd.items():
+        assert f"--methods={row}" in c and "--seeds=1" in c and "--resume" in c
+        assert "--finetune_steps=1955" in c and "--float_workdir=/ckpt/float" in c
+        assert any(a.endswith(f"{row}.json") for a in c if a.startswith("--out="))
+        assert ("--set=quant.granularity=per_layer" in c) == row.startswith(("lsq", "latent"))
+    assert "--seeds=3" in steps[-1][1]
+    capped = protocol.plan(protocol.parse_args(["--float_workdir=F", "--max_seeds=1",
+                                                "--only=w2a2,lsq_w2a2"]))
+    assert [r for r, _ in capped] == ["w2a2", "lsq_w2a2"]
+    with pytest.raises(SystemExit, match="unknown row"):
+        protocol.plan(protocol.parse_args(["--float_workdir=F", "--only=w9a9"]))
+    proc = _run("bench/protocol.py", timeout=60)  # no float model named: a one-line error
+    assert proc.returncode != 0 and "--float_workdir=FLOAT is required" in proc.stderr
