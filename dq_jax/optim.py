@@ -216,9 +216,10 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
       code_momentum: SGD momentum of the code update; None = `momentum`. A larger one averages
         the per-weight gradient over more steps before stochastic re-assignment acts on it.
       rounding_temperature: None (default: the unbiased stochastic rule), or a float in
-        [0, 1] (a schedule through `optax.inject_hyperparams`) that sharpens the re-assignment probability toward nearest
-        rounding (0 = nearest; see `quant.weights.stochastic_codes`), e.g. annealed with the
-        learning rate to cut the re-assignment's variance late in training.
+        [0, 1] (a schedule through `optax.inject_hyperparams`) that sharpens the
+        re-assignment probability toward nearest rounding (0 = nearest; see
+        `quant.weights.stochastic_codes`), e.g. annealed with the learning rate to cut the
+        re-assignment's variance late in training.
       key: PRNG key (or int seed, made into `jax.random.PRNGKey(seed)` at `init`) of the
         stochastic re-assignment. It lives in the state and is split once per update, so a
         resumed state continues the same random stream.
@@ -248,6 +249,9 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
     if rounding_temperature is not None and rounding != "stochastic":
         raise ValueError(f"rounding_temperature applies to rounding='stochastic' only (got "
                          f"rounding={rounding!r}); pass rounding_temperature=None.")
+    if isinstance(rounding_temperature, (int, float)) and not 0 <= rounding_temperature <= 1:
+        raise ValueError(f"rounding_temperature={rounding_temperature} must lie in [0, 1] "
+                         "(1 = unbiased stochastic rounding, 0 = nearest).")
     if callable(rounding_temperature):
         raise ValueError("rounding_temperature is a schedule: wrap the optimizer in "
                          "optax.inject_hyperparams(dq_optimizer, ...)(rounding_temperature="

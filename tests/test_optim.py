@@ -1005,3 +1005,5 @@ def test_rounding_temperature_rejects_nearest_and_a_bare_schedule():
         dq_optimizer(0.1, 0.0, rounding="nearest", rounding_temperature=0.5)
     with pytest.raises(ValueError, match="inject_hyperparams"):
         dq_optimizer(0.1, 0.0, rounding_temperature=lambda count: 1.0)
+    with pytest.raises(ValueError, match=r"rounding_temperature=1.5 must lie in \[0, 1\]"):
+        dq_optimizer(0.1, 0.0, rounding_temperature=1.5)
