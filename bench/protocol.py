@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--finetune_steps", type=int, default=1955, help="per run (5 epochs)")
     p.add_argument("--only", default="", help=f"comma-separated rows of {','.join(GRID)}")
     p.add_argument("--max_seeds", type=int, default=3, help="cap on seeds per row")
-    p.add_argument("--workdir", default="/tmp/dq_protocol", help="runs' work directories")
+    p.add_argument("--workdir", default="/tmp/dq_protocol",
+                   help="the runs' work directories (and --full's float pre-training)")
     p.add_argument("--out_dir", default=str(ROOT / "results" / "protocol"),
                    help="one <row>.json per row")
     p.add_argument("--merged", default=str(ROOT / "results" / "accuracy_cifar10.json"),
@@ -76,7 +77,9 @@ def row_command(args, method: str, seeds: int) -> list[str]:
     """The `bench/accuracy.py` invocation of one row, up to `seeds` seeds."""
     cmd = [sys.executable, str(ROOT / "bench" / "accuracy.py"), "--dataset=cifar10", "--resume",
            f"--methods={method}", f"--seeds={seeds}",
-           f"--workdir={os.path.join(args.workdir, method)}",
+           # one workdir for all rows: runs are <method>_seed<k> inside it, and with --full
+           # every row reuses the one float pre-training there
+           f"--workdir={args.workdir}",
            f"--out={os.path.join(args.out_dir, method + '.json')}"]
     if args.full:
         cmd.append("--full")

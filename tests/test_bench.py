@@ -204,9 +204,14 @@ def test_protocol_plans_every_row_first_seeds_first_and_resumes_into_one_json_pe
     for row, c in cmd.items():
         assert f"--methods={row}" in c and "--seeds=1" in c and "--resume" in c
         assert "--finetune_steps=1955" in c and "--float_workdir=/ckpt/float" in c
+        assert "--workdir=/tmp/dq_protocol" in c  # shared: runs are named by method inside
         assert any(a.endswith(f"{row}.json") for a in c if a.startswith("--out="))
         assert ("--set=quant.granularity=per_layer" in c) == row.startswith(("lsq", "latent"))
     assert "--seeds=3" in steps[-1][1]
+    full = protocol.plan(protocol.parse_args(["--full", "--only=w2a2"]))[0][1]
+    assert "--full" in full and not any(a.startswith("--float_workdir") for a in full)
+    with pytest.raises(SystemExit):  # --full trains its own float model
+        protocol.parse_args(["--full", "--float_workdir=F"])
     capped = protocol.plan(protocol.parse_args(["--float_workdir=F", "--max_seeds=1",
                                                 "--only=w2a2,lsq_w2a2"]))
     assert [r for r, _ in capped] == ["w2a2", "lsq_w2a2"]
