@@ -466,6 +466,32 @@ def merge(paths: list[str], out: str) -> dict:
     return merged
 
 
+def cifar10_configs(args, overrides: dict):
+    """(quantized runs' base config, float pre-training config) of the CIFAR-10 study.
+
+    --set overrides go to the quantized runs only (as documented): the float pre-training
+    stays one model whichever row's overrides trained it (bench/protocol.py --full shares it).
+    """
+    from dq_jax.configlib import load_config_file
+    base = load_config_file(ROOT / "configs" / "cifar10_resnet20.py")
+    use_cifar10_npz(base)  # the benchmark copy, not TFDS
+    base.log_every_steps = 50
+    fl = method_config(base, "float")
+    apply_overrides(base, overrides)
+    fl.learning_rate, fl.weight_decay, fl.levels_learning_rate = 0.1, 1e-4, 1e-4
+    if args.full:
+        fl.num_epochs = 200.0
+        base.num_epochs = 60.0
+    else:
+        fl.num_train_steps = args.float_steps
+        fl.eval_every_steps = 10 ** 9
+        fl.checkpoint_every_steps = 10 ** 9
+        base.num_train_steps = args.finetune_steps
+        base.eval_every_steps = 10 ** 9
+        base.checkpoint_every_steps = 200  # resumable if the session ends mid-run
+    return base, fl
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.merge:
@@ -525,22 +551,7 @@ def main(argv=None):
             base.num_train_steps = args.steps
         note = f"{base.num_train_steps} steps from scratch"
     else:
-        base = load("cifar10_resnet20")
-        use_cifar10_npz(base)  # the benchmark copy, not TFDS
-        base.log_every_steps = 50
-        apply_overrides(base, overrides)
-        fl = method_config(base, "float")
-        fl.learning_rate, fl.weight_decay, fl.levels_learning_rate = 0.1, 1e-4, 1e-4
-        if args.full:
-            fl.num_epochs = 200.0
-            base.num_epochs = 60.0
-        else:
-            fl.num_train_steps = args.float_steps
-            fl.eval_every_steps = 10 ** 9
-            fl.checkpoint_every_steps = 10 ** 9
-            base.num_train_steps = args.finetune_steps
-            base.eval_every_steps = 10 ** 9
-            base.checkpoint_every_steps = 200  # resumable if the session ends mid-run
+        base, fl = cifar10_configs(args, overrides)
         float_dir = args.float_workdir or os.path.join(args.workdir, f"{suffix}_float_pretrain")
         if args.float_workdir:
             prev = json.loads((pathlib.Path(float_dir) / "results.json").read_text())

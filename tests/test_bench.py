@@ -219,3 +219,17 @@ def test_protocol_plans_every_row_first_seeds_first_and_resumes_into_one_json_pe
         protocol.plan(protocol.parse_args(["--float_workdir=F", "--only=w9a9"]))
     proc = _run("bench/protocol.py", timeout=60)  # no float model named: a one-line error
     assert proc.returncode != 0 and "--float_workdir=FLOAT is required" in proc.stderr
+
+
+def test_accuracy_overrides_reach_the_quantized_runs_not_the_float_pretraining():
+    """--set is the quantized runs' (e.g. the baselines' per-layer levels): the float model all
+    rows start from stays one config, so protocol rows can share its pre-training (--full)."""
+    from bench import accuracy
+    overrides = {"quant.granularity": "per_layer", "levels_learning_rate": 0.5}
+    for full in (False, True):
+        args = accuracy.parse_args(["--dataset=cifar10"] + (["--full"] if full else []))
+        base, fl = accuracy.cifar10_configs(args, overrides)
+        _, fl_plain = accuracy.cifar10_configs(args, {})
+        assert base.quant.granularity == "per_layer" and base.levels_learning_rate == 0.5
+        assert fl.to_dict() == fl_plain.to_dict()
+        assert fl.quant.weights == "float" and fl.learning_rate == 0.1
