@@ -38,6 +38,16 @@ def test_step_time_tiny_prints_ratio():
         assert re.search(rf"^{method}\s+[0-9.]+\s+[0-9]+", proc.stdout, flags=re.M), method
 
 
+def test_init_time_tiny_prints_ratio():
+    proc = _run("bench/init_time.py", "--model=digits_cnn", "--rounds=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [l for l in proc.stdout.splitlines() if l.strip()][-1].startswith(
+        "dq_init_over_float=")
+    assert _last_value(proc.stdout, "dq_init_over_float") > 0
+    for method in ("float", "dq_w2a2"):
+        assert re.search(rf"^{method}\s+[0-9.]+ s init$", proc.stdout, flags=re.M), method
+
+
 def test_state_memory_dq_below_latent_ste():
     """DQ stores uint8 codes instead of a float latent kernel: its state is smaller."""
     sys.path.insert(0, str(ROOT))
