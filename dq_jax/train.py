@@ -105,11 +105,11 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
     the schedules count updates (total_steps / k), so the LR curve is the same as at k = 1.
     """
     k = int(config.grad_accum_steps)
-    temperature = rounding_temperature_schedule(config, total_steps // k,
-                                                max(1, steps_per_epoch // k))
+    updates, updates_per_epoch = total_steps // k, max(1, steps_per_epoch // k)
+    temperature = rounding_temperature_schedule(config, updates, updates_per_epoch)
     tx = optax.inject_hyperparams(optim.dq_optimizer, static_args=STATIC_ARGS)(
-        **learning_rate_schedules(config, total_steps // k, max(1, steps_per_epoch // k)),
-        **({"rounding_temperature": temperature} if temperature else {}),
+        **learning_rate_schedules(config, updates, updates_per_epoch),
+        **({"rounding_temperature": temperature} if temperature is not None else {}),
         momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay, rounding=config.rounding,
         code_momentum_dtype=config.code_momentum_dtype,
