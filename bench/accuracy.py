@@ -129,17 +129,21 @@ def method_config(base, method: str):
 
 
 def read_layer_scalars(workdir: str) -> dict:
-    """Per-layer flip_rate / code_entropy (mean over the logged points) from TensorBoard events."""
+    """Per-layer flip_rate / code_entropy (mean over the logged points) from TensorBoard events.
+
+    Reads with TensorBoard's own event loader (no TensorFlow needed, e.g. on a JAX GPU image)."""
     try:
-        import tensorflow as tf
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+        from tensorboard.util import tensor_util
     except ImportError:
         return {}
     out: dict[str, list] = {}
     for ev_file in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
-        for ev in tf.compat.v1.train.summary_iterator(str(ev_file)):
+        for ev in EventFileLoader(str(ev_file)).Load():
             for v in ev.summary.value:
                 if v.tag.startswith("layers/"):
-                    val = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+                    val = (float(tensor_util.make_ndarray(v.tensor)) if v.HasField("tensor")
+                           else v.simple_value)
                     out.setdefault(v.tag, []).append((ev.step, val))
     return out
 
@@ -323,7 +327,7 @@ def fmt_table(results: dict, methods, epochs_note: str) -> str:
         lines.append(
             f"| {m} | {bits} | {t.mean():.2f} | {spread} | {len(t)} | {epochs_note} "
             f"| {np.mean([r['wall_seconds'] for r in runs]):.0f} "
-            f"| {'—' if np.isnan(flip) else f'{flip:.4f}'} "
+            f"| {'—' if np.isnan(flip) else f'{flip:.1e}'} "
             f"| {'—' if np.isnan(drift) else f'{drift:.3f}'} |")
     return "\n".join(lines)
 

@@ -1,0 +1,224 @@
+"""The CIFAR-10 protocol (bench/protocol.py's grid) as parallel processes on one accelerator.
+
+  python bench/gpu_grid.py run --float_workdir=FLOAT --rows=ROWS [--variants] [--limit=540]
+  python bench/gpu_grid.py collect --rows=ROWS --float_workdir=FLOAT \
+      [--out_dir=results/protocol_h200 --merged=results/accuracy_cifar10_h200.json]
+
+ResNet-20 at batch 128 fills a fraction of a GPU, so `run` starts every (row, seed) of the
+grid at once, each its own process (`one`, a single bench/accuracy.py run: same configs, same
+diagnostics, same --set overrides as protocol.py's invocations) writing `ROWS/<row>_s<seed>.json`
+as it finishes. `--variants` adds the DQ ablations of VARIANTS (seed 0 unless stated). On a
+machine without TensorFlow (a JAX GPU image) clu's writer cannot import: the TF-free stand-in
+in bench/no_tf/ is put on the path, so the per-layer TensorBoard diagnostics are still written.
+`collect` groups the rows into one `accuracy.py`-format JSON per row of the grid (and per
+variant) and merges the grid's rows into one table with plots (`accuracy.py --merge`).
+Data: `$DQ_JAX_SHARED_DATA/cifar10.npz` (see bench/__init__.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import protocol  # noqa: E402  (after the path set-up)
+
+# DQ W2A2 ablations: name -> (seeds, extra --set overrides on top of the `w2a2` row).
+VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "bf16mom": (3, ("code_momentum_dtype=bfloat16",)),
+    "clr3e-5": (3, ("code_learning_rate=3e-5",)),
+    "clr1e-5": (1, ("code_learning_rate=1e-5",)),
+    "clr3e-4": (1, ("code_learning_rate=3e-4",)),
+    "mom995": (1, ("code_momentum=0.995", "code_learning_rate=5e-5")),
+    "wd0": (1, ("weight_decay=0.0",)),
+    "lvl1e-2": (1, ("levels_learning_rate=1e-2",)),
+    "perlayer": (1, ("quant.granularity=per_layer",)),
+    "lr2e-2": (1, ("learning_rate=0.02",)),
+    "lr5e-3": (1, ("learning_rate=0.005",)),
+}
+ROW_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
+
+
+def jobs(variants: bool, only: str = "") -> list[tuple[str, str, int, tuple[str, ...]]]:
+    """(row name, accuracy.py method, seed, --set overrides), first seeds first."""
+    out = [(f"{m}_s{s}", m, s, protocol.COMMON + sets)
+           for m, (n, sets) in protocol.GRID.items() for s in range(n)]
+    if variants:
+        out += [(f"v_{v}_s{s}", "w2a2", s, protocol.COMMON + sets)
+                for v, (n, sets) in VARIANTS.items() for s in range(n)]
+    if only:
+        keep = set(only.split(","))
+        unknown = keep - {ROW_NAME.match(name)["group"] for name, *_ in out}
+        if unknown:
+            sys.exit(f"--only: unknown rows {sorted(unknown)}; choose from "
+                     f"{list(protocol.GRID)} (and v_<name> for {list(VARIANTS)} with --variants)")
+        out = [j for j in out if ROW_NAME.match(j[0])["group"] in keep]
+    return sorted(out, key=lambda j: j[2])
+
+
+def accuracy_args(method: str, float_workdir: str, sets, steps: int, workdir: str):
+    from bench import accuracy
+    return accuracy.parse_args(
+        ["--dataset=cifar10", "--resume", f"--methods={method}",
+         f"--float_workdir={float_workdir}", f"--finetune_steps={steps}",
+         f"--workdir={workdir}"] + [f"--set={s}" for s in sets])
+
+
+def one(a) -> None:
+    """One (row, seed): bench/accuracy.py's run, its row JSON written when it finishes."""
+    import jax
+    from bench import accuracy
+    args = accuracy_args(a.method, a.float_workdir, a.set, a.steps, a.workdir)
+    overrides = accuracy.parse_overrides(args.set)
+    base, _ = accuracy.cifar10_configs(args, overrides)
+    base.init_from = a.float_workdir
+    cfg = accuracy.method_config(base, a.method)
+    cfg.seed = a.seed
+    t0 = time.time()
+    row = accuracy.run_one(cfg, os.path.join(a.workdir, a.name))
+    row["seed"] = a.seed
+    meta = {"name": a.name, "method": a.method, "seed": a.seed, "sets": list(a.set),
+            "overrides": overrides, "finetune_steps": a.steps, "devices": str(jax.devices()),
+            "jax": jax.__version__, "total_seconds": time.time() - t0}
+    pathlib.Path(a.rows, f"{a.name}.json").write_text(json.dumps({"meta": meta, "row": row},
+                                                                 indent=1))
+    print("DONE", a.name, row["top1"], flush=True)
+
+
+def run(a) -> None:
+    if not (pathlib.Path(a.float_workdir) / "results.json").exists():
+        sys.exit(f"--float_workdir={a.float_workdir!r} holds no finished float run "
+                 "(results.json); pass the float model every row starts from")
+    rows = pathlib.Path(a.rows)
+    rows.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.04")  # ~20 processes share one GPU
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "bench" / "no_tf"), str(ROOT), env.get("PYTHONPATH", "")])
+    procs = []
+    for name, method, seed, sets in jobs(a.variants, a.only):
+        if (rows / f"{name}.json").exists():
+            continue
+        cmd = [sys.executable, __file__, "one", name, method, str(seed),
+               f"--float_workdir={a.float_workdir}", f"--rows={rows}", f"--steps={a.steps}",
+               f"--workdir={a.workdir}"] + [f"--set={s}" for s in sets]
+        log = open(rows / f"{name}.log", "w")
+        procs.append((name, subprocess.Popen(["timeout", str(a.limit)] + cmd, stdout=log,
+                                             stderr=subprocess.STDOUT, env=env)))
+    for name, p in procs:
+        print(name, "ok" if p.wait() == 0 else f"FAILED (rc {p.returncode}; see its .log)",
+              flush=True)
+
+
+def collect(a) -> None:
+    """ROWS/*.json -> one accuracy.py-format JSON per row (and variant) + the merged grid."""
+    from bench import accuracy
+    fl = json.loads((pathlib.Path(a.float_workdir) / "results.json").read_text())
+    groups: dict[str, list[dict]] = {}
+    for f in sorted(pathlib.Path(a.rows).glob("*.json")):
+        d = json.loads(f.read_text())
+        m = ROW_NAME.match(d["meta"]["name"])
+        if m is None:
+            sys.exit(f"{f}: row name {d['meta']['name']!r} is not <row>_s<seed>")
+        groups.setdefault(m["group"], []).append(d)
+    if not groups:
+        sys.exit(f"--rows={a.rows}: no row JSONs (run `bench/gpu_grid.py run` first)")
+    out_dir = pathlib.Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for group, ds in sorted(groups.items()):
+        ds.sort(key=lambda d: d["meta"]["seed"])
+        metas = [d["meta"] for d in ds]
+        method = metas[0]["method"]
+        if any(m["method"] != method or m["overrides"] != metas[0]["overrides"]
+               or m["finetune_steps"] != metas[0]["finetune_steps"] for m in metas):
+            sys.exit(f"row {group}: its seeds differ in method/overrides/steps; rerun them alike")
+        seeds = [m["seed"] for m in metas]
+        if seeds != list(range(len(seeds))):
+            sys.exit(f"row {group}: seeds {seeds} are not 0..{len(seeds) - 1}")
+        steps = metas[0]["finetune_steps"]
+        args = accuracy_args(method, a.float_workdir, metas[0]["sets"], steps, "")
+        res = {"dataset": "cifar10", "full": False, "seeds": len(ds),
+               "command": f"python bench/gpu_grid.py run --float_workdir=FLOAT --rows=ROWS "
+                          f"(row {group})",
+               "jax": metas[0]["jax"], "devices": metas[0]["devices"],
+               "schedule": {"dataset": "cifar10", "full": False, "steps": None,
+                            "float_steps": args.float_steps, "finetune_steps": steps,
+                            "overrides": metas[0]["overrides"]},
+               "commands": [f"python bench/gpu_grid.py one {m['name']} {method} {m['seed']} "
+                            + " ".join(f"--set={s}" for s in m["sets"]) for m in metas],
+               "float_pretrain": {"top1": fl["eval_top1"], "top5": fl["eval_top5"],
+                                  "steps": fl["steps"], "train_seconds": fl["train_seconds"],
+                                  "workdir": a.float_label or a.float_workdir,
+                                  "learning_rate": fl["config"]["learning_rate"]},
+               "float_pretrain_epochs": fl["steps"] / 390,
+               "finetune_note": f"{steps / 390:.2f} ep ({steps} steps)",
+               "runs": {method: [d["row"] for d in ds]}}
+        path = out_dir / f"{group}.json"
+        path.write_text(json.dumps(res, indent=1))
+        if group in protocol.GRID:
+            written.append(str(path))
+    if written and a.merged:
+        accuracy.merge(written, a.merged)
+    lines = ["| variant (DQ W2A2 +) | overrides | top-1 per seed | mean | codes changed "
+             "| W_q rel. error end |", "|---|---|---|---|---|---|"]
+    for group, ds in sorted(groups.items()):
+        if group in protocol.GRID:
+            continue
+        t = [d["row"]["top1"] * 100 for d in ds]
+        extra = [s for s in ds[0]["meta"]["sets"] if s not in protocol.COMMON]
+        lines.append(f"| {group} | {', '.join(extra)} | {', '.join(f'{x:.2f}' for x in t)} "
+                     f"| {sum(t) / len(t):.2f} "
+                     f"| {sum(d['row'].get('codes_changed_by_end', 0) for d in ds) / len(ds):.4f} "
+                     f"| {sum(d['row'].get('weight_rel_error_end', 0) for d in ds) / len(ds):.3f} |")
+    if len(lines) > 2:
+        (out_dir / "variants.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="start every (row, seed) at once; rows -> --rows")
+    r.add_argument("--variants", action="store_true", help="add the DQ ablations (VARIANTS)")
+    r.add_argument("--only", default="", help="comma-separated row names")
+    r.add_argument("--limit", type=int, default=10 ** 6, help="seconds per run, then killed")
+    o = sub.add_parser("one", help="one (row, seed); what `run` starts")
+    o.add_argument("name")
+    o.add_argument("method")
+    o.add_argument("seed", type=int)
+    o.add_argument("--set", action="append", default=[])
+    for q in (r, o):
+        q.add_argument("--float_workdir", required=True)
+        q.add_argument("--rows", required=True)
+        q.add_argument("--steps", type=int, default=1955, help="fine-tuning steps per run")
+        q.add_argument("--workdir", default="/tmp/dq_gpu_grid")
+    c = sub.add_parser("collect", help="rows -> accuracy.py JSONs + merged table/plots")
+    c.add_argument("--rows", required=True)
+    c.add_argument("--float_workdir", required=True)
+    c.add_argument("--float_label", default="",
+                   help="the float start's name in the JSONs (default: --float_workdir)")
+    c.add_argument("--out_dir", default=str(ROOT / "results" / "protocol_h200"))
+    c.add_argument("--merged", default=str(ROOT / "results" / "accuracy_cifar10_h200.json"))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    {"run": run, "one": one, "collect": collect}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
