@@ -243,3 +243,85 @@ def test_accuracy_overrides_reach_the_quantized_runs_not_the_float_pretraining()
         assert base.quant.granularity == "per_layer" and base.levels_learning_rate == 0.5
         assert fl.to_dict() == fl_plain.to_dict()
         assert fl.quant.weights == "float" and fl.learning_rate == 0.1
+
+
+def test_gpu_grid_runs_every_row_and_seed_once_and_collects_accuracy_format_rows(tmp_path):
+    """bench/gpu_grid.py: one process per (row, seed) of protocol.GRID (+ VARIANTS); collect
+    groups the rows back into accuracy.py JSONs that --merge accepts, and refuses seed gaps."""
+    import json
+    from bench import gpu_grid, protocol
+    jobs = gpu_grid.jobs(variants=False)
+    assert len(jobs) == sum(n for n, _ in protocol.GRID.values()) == len({j[0] for j in jobs})
+    assert [j[2] for j in jobs] == sorted(j[2] for j in jobs)  # first seeds first
+    lsq = [j for j in jobs if j[0] == "lsq_w2a2_s2"][0]
+    assert lsq[1] == "lsq_w2a2" and "quant.granularity=per_layer" in lsq[3]
+    assert all(set(protocol.COMMON) <= set(j[3]) for j in jobs)
+    with_v = gpu_grid.jobs(variants=True)
+    assert len(with_v) == len(jobs) + sum(n for n, _ in gpu_grid.VARIANTS.values())
+    assert [j[0] for j in gpu_grid.jobs(True, only="v_wd0,w4a4")] == ["w4a4_s0", "v_wd0_s0"]
+    with pytest.raises(SystemExit, match="unknown rows"):
+        gpu_grid.jobs(False, only="w9a9")
+
+    float_dir = tmp_path / "float"
+    float_dir.mkdir()
+    (float_dir / "results.json").write_text(json.dumps({
+        "eval_top1": 0.86, "eval_top5": 0.99, "steps": 7800, "train_seconds": 1.0,
+        "config": {"learning_rate": 0.1}}))
+    rows = tmp_path / "rows"
+    rows.mkdir()
+
+    def row(name, method, seed, top1, sets=()):
+        sets = list(protocol.COMMON) + list(sets)
+        (rows / f"{name}.json").write_text(json.dumps({
+            "meta": {"name": name, "method": method, "seed": seed, "sets": sets,
+                     "overrides": {"levels_learning_rate": 1e-3, "x": sets[-1]},
+                     "finetune_steps": 1955, "devices": "gpu", "jax": "0"},
+            "row": {"top1": top1, "wall_seconds": 10.0, "seed": seed,
+                    "codes_changed_by_end": 0.05, "weight_rel_error_end": 0.2}}))
+
+    row("w2a2_s0", "w2a2", 0, 0.80)
+    row("w2a2_s1", "w2a2", 1, 0.82)
+    row("lsq_w2a2_s0", "lsq_w2a2", 0, 0.83, ["quant.granularity=per_layer"])
+    row("v_wd0_s0", "w2a2", 0, 0.81, ["weight_decay=0.0"])
+    out_dir, merged = tmp_path / "out", tmp_path / "merged.json"
+    args = ["collect", f"--rows={rows}", f"--float_workdir={float_dir}", f"--out_dir={out_dir}",
+            f"--merged={merged}"]
+    gpu_grid.main(args)
+    w2a2 = json.loads((out_dir / "w2a2.json").read_text())
+    assert [r["top1"] for r in w2a2["runs"]["w2a2"]] == [0.80, 0.82]
+    assert w2a2["schedule"]["finetune_steps"] == 1955 and w2a2["float_pretrain"]["top1"] == 0.86
+    table = json.loads(merged.read_text())["table_markdown"]
+    assert "| 81.00 | 80.00–82.00 | 2 |" in table and "lsq_w2a2" in table
+    assert "v_wd0" not in table  # variants are not rows of the grid
+    assert "| v_wd0 | weight_decay=0.0 | 81.00 | 81.00 |" in (out_dir / "variants.md").read_text()
+    (rows / "w2a2_s1.json").rename(rows / "w2a2_s2.json")
+    txt = (rows / "w2a2_s2.json").read_text().replace('"w2a2_s1"', '"w2a2_s2"')
+    (rows / "w2a2_s2.json").write_text(txt.replace('"seed": 1', '"seed": 2'))
+    with pytest.raises(SystemExit, match=r"seeds \[0, 2\]"):
+        gpu_grid.main(args)
+
+
+def test_read_layer_scalars_without_tensorflow(tmp_path):
+    """The per-layer diagnostics are read (and, via bench/no_tf, written) with TensorBoard's own
+    event code, so a GPU image without TensorFlow still gets them."""
+    import numpy as np
+    real = {n: sys.modules.pop(n) for n in list(sys.modules) if n == "clu" or
+            n.startswith("clu.")}  # the real clu, if a test imported it, comes back after
+    sys.path.insert(0, str(ROOT / "bench" / "no_tf"))
+    try:
+        from clu import metric_writers as mw  # the stand-in
+        assert "no_tf" in mw.__file__
+    finally:
+        sys.path.remove(str(ROOT / "bench" / "no_tf"))
+        for name in [n for n in sys.modules if n == "clu" or n.startswith("clu.")]:
+            del sys.modules[name]
+        sys.modules.update(real)
+    w = mw.create_default_writer(str(tmp_path), just_logging=False, asynchronous=True)
+    w.write_scalars(50, {"layers/conv1/flip_rate": np.float32(0.25), "train_loss": 1.0})
+    w.write_scalars(100, {"layers/conv1/flip_rate": 0.5})
+    w.write_histograms(100, {"h": np.zeros(3)})
+    w.flush()
+    w.close()
+    from bench import accuracy
+    assert accuracy.read_layer_scalars(str(tmp_path)) == {
+        "layers/conv1/flip_rate": [(50, 0.25), (100, 0.5)]}
