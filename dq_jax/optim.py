@@ -194,7 +194,7 @@ def with_key(opt_state: PyTree, key: jax.Array | int) -> PyTree:
 
 def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOrSchedule, *,
                  momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
-                 rounding: str = "stochastic", code_momentum_dtype: str = "float32",
+                 rounding: str = "stochastic", code_momentum_dtype: str = "bfloat16",
                  code_learning_rate: ScalarOrSchedule | None = None,
                  code_momentum: float | None = None,
                  rounding_temperature: ScalarOrSchedule | None = None,
@@ -210,7 +210,8 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
       weight_decay: L2 on float kernels and on W_q (not levels, BN, biases).
       rounding: 'stochastic' (default, unbiased) or 'nearest' (ablation).
       code_momentum_dtype: dtype of the per-weight momentum of W_q, most of a DQ model's train
-        state (uint8 codes are 1/4 of it); 'bfloat16' halves it.
+        state: 'bfloat16' (default; 2 bytes next to the 1-byte code) or 'float32' (twice the
+        buffer; no better on the CIFAR-10 protocol, RESULTS.md §1.1).
       code_learning_rate: LR of the direct code update; None = `learning_rate`. A 2-bit level
         gap is large next to a float-LR step, so the codes may want another step.
       code_momentum: SGD momentum of the code update; None = `momentum`. A larger one averages

@@ -533,7 +533,8 @@ def test_code_momentum_drives_only_the_code_update():
     g_w = {"l": {"kernel": jnp.full(w.shape, 0.01)}}
     traces = {}
     for beta in (None, 0.5, 0.99):
-        opt = Opt(0.1, 0.0, momentum=0.9, code_momentum=beta, rounding="nearest", key=key(0))
+        opt = Opt(0.1, 0.0, momentum=0.9, code_momentum=beta, rounding="nearest", key=key(0),
+                  code_momentum_dtype="float32")  # exact traces (bf16: 2^-8 relative)
         st = opt.init(params, codes)
         for _ in range(2):
             _, _, st, _ = opt.update(grads, g_w, st, params, codes)
@@ -585,9 +586,11 @@ def _to_new_state(ref_state, new_state):
                          key=jax.random.key_data(ref_state.key))
 
 
+@pytest.mark.parametrize("momentum_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 @pytest.mark.parametrize("via", ["dq_optimizer", "inject_hyperparams"])
-def test_new_transform_matches_frozen_reference_bitwise(small, small_grads, rounding, via):
+def test_new_transform_matches_frozen_reference_bitwise(small, small_grads, rounding, via,
+                                                         momentum_dtype):
     """5 updates of the frozen `QuantOptimizer` (tests/reference_optim.py) and of
     `dq_optimizer` (bare, and as train.py builds it: inject_hyperparams over explicit
     schedules) from the same inputs at every step, run eagerly (op by op, so no fusion
@@ -613,7 +616,7 @@ def test_new_transform_matches_frozen_reference_bitwise(small, small_grads, roun
     gap = min(float(np.diff(np.asarray(params[n]["kernel_levels"])).min()) for n in push)
     shape = lambda step: 1.0 - 0.1 * step  # a schedule shape the two must follow alike
     kw = dict(momentum=0.9, nesterov=True, weight_decay=0.05, rounding=rounding,
-              code_momentum=0.5)
+              code_momentum=0.5, code_momentum_dtype=momentum_dtype)
     lr, levels_lr, code_lr = 0.05, 0.6 * gap, 20.0  # code LR: nearest needs big moves to flip
     ref = reference_optim.QuantOptimizer(
         learning_rate=lr, levels_learning_rate=levels_lr, code_learning_rate=code_lr,
@@ -628,7 +631,8 @@ def test_new_transform_matches_frozen_reference_bitwise(small, small_grads, roun
     else:
         new = optax.inject_hyperparams(
             dq_optimizer, static_args=("momentum", "nesterov", "weight_decay", "rounding",
-                                       "code_momentum", "key"))(**scheds, key=key(3), **kw)
+                                       "code_momentum", "code_momentum_dtype", "key"))(
+            **scheds, key=key(3), **kw)
         inner = lambda st: st.inner_state
         wrap = lambda st, ref_st: st._replace(inner_state=_to_new_state(ref_st, st.inner_state))
 

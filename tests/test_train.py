@@ -88,6 +88,9 @@ from dq_jax import configlib, data, train
 from dq_jax.checkpoints import create_manager
 config = load_config('digits')
 config.rounding = sys.argv[2]
+# float32 momentum: a reduction-order (1-ulp) difference stays 1 ulp; bf16 would round it to
+# 2^-8 relative now and then (the buffer's dtype has nothing to do with sharding).
+config.code_momentum_dtype = 'float32'
 quant = configlib.validate(config, device_count=jax.device_count())
 ds = data.create_dataset(config, process_index=jax.process_index(), process_count=jax.process_count())
 total = train.total_train_steps(config, ds.steps_per_epoch)
@@ -407,7 +410,8 @@ def test_grad_accum_steps_must_divide_the_step_count():
 
 def test_half_precision_step_keeps_each_collection_in_its_own_dtype(tmp_path):
     """bf16 activations (half_precision) change no stored dtype: float32 params and levels,
-    uint8 codes, float32 code momentum and activation statistics, after real steps."""
+    uint8 codes, bfloat16 code momentum (the default code_momentum_dtype), float32 other
+    optimizer statistics and activation statistics, after real steps."""
     out = train.train_and_evaluate(small_digits(num_train_steps=8, half_precision=True),
                                    str(tmp_path))
     state = out["state"]
@@ -418,9 +422,13 @@ def test_half_precision_step_keeps_each_collection_in_its_own_dtype(tmp_path):
     assert {l.dtype for l in jax.tree.leaves(state.codes)} == {jnp.dtype(jnp.uint8)}
     for path, leaf in flat(state.quant_stats):
         assert leaf.dtype in (jnp.float32, jnp.bool_), path
+    code_traces = 0
     for path, leaf in flat(state.opt_state):
         if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim:
-            assert leaf.dtype == jnp.float32, path
+            in_codes = ".codes" in jax.tree_util.keystr(path)
+            assert leaf.dtype == (jnp.bfloat16 if in_codes else jnp.float32), path
+            code_traces += in_codes
+    assert code_traces == len(jax.tree.leaves(state.codes))  # one momentum per code tensor
 
 
 def test_rounding_anneal_temperature_follows_the_lr_shape_after_warmup():
