@@ -208,7 +208,11 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
       momentum, nesterov: SGD momentum of float params (and of W_q unless `code_momentum`).
         A Python 0 means no momentum buffer.
       weight_decay: L2 on float kernels and on W_q (not levels, BN, biases).
-      rounding: 'stochastic' (default, unbiased) or 'nearest' (ablation).
+      rounding: 'stochastic' (default, unbiased), 'nearest' (ablation: frozen codes), or
+        'error_feedback' (ablation, *not* the method: nearest rounding of `W_q + u + r`,
+        where the residual `r = target - new W_q` is carried per weight in float32 in the
+        state (`DQState.codes` becomes `(momentum state, residual)`): a float shadow weight
+        in all but name, which measures what DQ's missing accumulator is worth).
       code_momentum_dtype: dtype of the per-weight momentum of W_q, most of a DQ model's train
         state: 'bfloat16' (default; 2 bytes next to the 1-byte code) or 'float32' (twice the
         buffer; no better on the CIFAR-10 protocol, RESULTS.md §1.1).
@@ -286,8 +290,12 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
                 raise ValueError(f"codes/{'/'.join(path)} needs integer codes and a "
                                  f"params/{'/'.join(path[:-1])}/{LEVELS} table; pass the "
                                  "'params' and 'codes' collections model.init returned.")
-        return DQState(params=params_tx.init(params),
-                       codes=codes_tx.init(_w_q_tree(params, codes)),
+        w_q = _w_q_tree(params, codes)
+        codes_state = codes_tx.init(w_q)
+        if rounding == "error_feedback":
+            codes_state = (codes_state, jax.tree.map(
+                lambda w: jnp.zeros(w.shape, jnp.float32), w_q))
+        return DQState(params=params_tx.init(params), codes=codes_state,
                        key=_key_data(key)[0])
 
     def update_fn(updates: PyTree, state: DQState, params: PyTree = None,
@@ -316,14 +324,26 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
 
         # 1-3: momentum/wd on W_q, target, direct re-assignment (against the old levels).
         w_q = _w_q_tree(p, c)
-        u, codes_state = codes_tx.update(g_w, state.codes, w_q)
+        feedback = rounding == "error_feedback"
+        momentum_state, residual = state.codes if feedback else (state.codes, None)
+        u, codes_state = codes_tx.update(g_w, momentum_state, w_q)
         flat_p, flat_wq, flat_u = flatten(p), flatten(w_q), flatten(u)
-        new_codes = {}
+        flat_r = flatten(residual) if feedback else {}
+        new_codes, new_r = {}, {}
         for i, module in enumerate(dq_layer_paths(c)):
             path = module + ("kernel",)
-            new_codes[path] = _reassign(flat_p[module + (LEVELS,)], flat_wq[path] + flat_u[path],
-                                        jax.random.fold_in(step_key, i), rounding,
+            target = flat_wq[path] + flat_u[path]
+            if feedback:
+                target = target + flat_r[path]
+            new_codes[path] = _reassign(flat_p[module + (LEVELS,)], target,
+                                        jax.random.fold_in(step_key, i),
+                                        "nearest" if feedback else rounding,
                                         rounding_temperature)
+            if feedback:  # against the levels the codes were chosen from (before the update)
+                new_r[path] = (target - _lookup(flat_p[module + (LEVELS,)],
+                                                new_codes[path])).astype(jnp.float32)
+        if feedback:
+            codes_state = (codes_state, _replace_leaves(residual, new_r))
 
         # 4: levels (and everything float) take their optax update, then sort.
         p_updates, params_state = params_tx.update(g, state.params, p)

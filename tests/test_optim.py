@@ -1011,3 +1011,45 @@ def test_rounding_temperature_rejects_nearest_and_a_bare_schedule():
         dq_optimizer(0.1, 0.0, rounding_temperature=lambda count: 1.0)
     with pytest.raises(ValueError, match=r"rounding_temperature=1.5 must lie in \[0, 1\]"):
         dq_optimizer(0.1, 0.0, rounding_temperature=1.5)
+
+
+def test_error_feedback_ablation_carries_the_rounding_residual_hand_computed():
+    """rounding='error_feedback' (an ablation: a float residual per weight): nearest rounding
+    of W_q + u + r, r = target - new W_q. Levels [-1, 1], W_q = -1, u = +0.375 a step (exact
+    in binary): targets -0.625, -0.25, +0.125 (-> level 1, r = -0.875), 0.5 (stays at 1).
+    Plain nearest rounding never moves (every step is < half the gap)."""
+    levels = jnp.float32([[-1.0, 1.0]])
+    params = {"l": {"kernel_levels": levels}}
+    codes = {"l": {"kernel": jnp.zeros((2, 3), jnp.uint8)}}
+    grads = {"params": {"l": {"kernel_levels": jnp.zeros_like(levels)}},
+             "codes": {"l": {"kernel": jnp.full((2, 3), -0.375)}}}
+    seen = {}
+    for rounding in ("error_feedback", "nearest"):
+        tx = dq_optimizer(1.0, 0.0, momentum=0, rounding=rounding, key=0)
+        trainable = {"params": params, "codes": codes}
+        state = tx.init(trainable)
+        seen[rounding] = []
+        for _ in range(4):
+            updates, state = tx.update(grads, state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            c = trainable["codes"]["l"]["kernel"]
+            assert c.dtype == jnp.uint8 and len(set(np.asarray(c).ravel().tolist())) == 1
+            r = (np.asarray(state.codes[1]["l"]["kernel"]) if rounding == "error_feedback"
+                 else None)
+            if r is not None:
+                assert r.dtype == np.float32 and len(set(r.ravel().tolist())) == 1
+            seen[rounding].append((int(c[0, 0]), None if r is None else float(r[0, 0])))
+    assert seen["error_feedback"] == [(0, 0.375), (0, 0.75), (1, -0.875), (1, -0.5)]
+    assert seen["nearest"] == [(0, None)] * 4
+
+
+def test_error_feedback_is_a_config_choice_and_not_annealed():
+    from dq_jax import configlib
+    c = configlib.base_config()
+    c.quant.weights, c.quant.acts, c.rounding = "dq", "dq", "error_feedback"
+    configlib.validate(c, device_count=1)
+    c.rounding_anneal = True
+    with pytest.raises(ValueError, match="rounding_anneal"):
+        configlib.validate(c, device_count=1)
+    with pytest.raises(ValueError, match="rounding_temperature applies to rounding='stochastic'"):
+        dq_optimizer(0.1, 0.0, rounding="error_feedback", rounding_temperature=0.5)

@@ -14,7 +14,10 @@ ACT_METHODS = ("dq", "float")
 GRANULARITIES = ("per_layer", "per_channel")
 ACT_LEVELS = ("uniform", "learned")
 ACT_ERRORS = ("channel", "global")
-ROUNDINGS = ("stochastic", "nearest")  # DQ code re-assignment (optimizer, config); one home
+# DQ code re-assignment (optimizer, config); one home. 'error_feedback' is an ablation, not
+# the method: nearest rounding of W_q + u + r with the residual r carried per weight (a float
+# shadow weight in all but name), to measure what the missing accumulator is worth.
+ROUNDINGS = ("stochastic", "nearest", "error_feedback")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
