@@ -43,6 +43,10 @@ VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "perlayer": (1, ("quant.granularity=per_layer",)),
     "lr2e-2": (1, ("learning_rate=0.02",)),
     "lr5e-3": (1, ("learning_rate=0.005",)),
+    # The accumulator ablation (a float residual per weight: not the method), at DQ's code step
+    # and at latent-STE's (float LR 0.01, momentum 0.9).
+    "ef": (1, ("rounding=error_feedback",)),
+    "ef_floatlr": (1, ("rounding=error_feedback", "code_learning_rate=0.01", "code_momentum=0.9")),
 }
 ROW_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
 
