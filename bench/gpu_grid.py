@@ -117,9 +117,9 @@ def run(a) -> None:
         cmd = [sys.executable, __file__, "one", name, method, str(seed),
                f"--float_workdir={a.float_workdir}", f"--rows={rows}", f"--steps={a.steps}",
                f"--workdir={a.workdir}"] + [f"--set={s}" for s in sets]
-        log = open(rows / f"{name}.log", "w")
-        procs.append((name, subprocess.Popen(["timeout", str(a.limit)] + cmd, stdout=log,
-                                             stderr=subprocess.STDOUT, env=env)))
+        with open(rows / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+            procs.append((name, subprocess.Popen(["timeout", str(a.limit)] + cmd, stdout=log,
+                                                 stderr=subprocess.STDOUT, env=env)))
     for name, p in procs:
         print(name, "ok" if p.wait() == 0 else f"FAILED (rc {p.returncode}; see its .log)",
               flush=True)
@@ -153,6 +153,8 @@ def collect(a) -> None:
             sys.exit(f"row {group}: seeds {seeds} are not 0..{len(seeds) - 1}")
         steps = metas[0]["finetune_steps"]
         args = accuracy_args(method, a.float_workdir, metas[0]["sets"], steps, "")
+        base, _ = accuracy.cifar10_configs(args, metas[0]["overrides"])
+        per_epoch = 50000 // base.batch_size  # as accuracy.py counts epochs
         res = {"dataset": "cifar10", "full": False, "seeds": len(ds),
                "command": f"python bench/gpu_grid.py run --float_workdir=FLOAT --rows=ROWS "
                           f"(row {group})",
@@ -166,8 +168,8 @@ def collect(a) -> None:
                                   "steps": fl["steps"], "train_seconds": fl["train_seconds"],
                                   "workdir": a.float_label or a.float_workdir,
                                   "learning_rate": fl["config"]["learning_rate"]},
-               "float_pretrain_epochs": fl["steps"] / 390,
-               "finetune_note": f"{steps / 390:.2f} ep ({steps} steps)",
+               "float_pretrain_epochs": fl["steps"] / per_epoch,
+               "finetune_note": f"{steps / per_epoch:.2f} ep ({steps} steps)",
                "runs": {method: [d["row"] for d in ds]}}
         path = out_dir / f"{group}.json"
         path.write_text(json.dumps(res, indent=1))

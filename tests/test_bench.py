@@ -249,7 +249,7 @@ def test_gpu_grid_runs_every_row_and_seed_once_and_collects_accuracy_format_rows
     """bench/gpu_grid.py: one process per (row, seed) of protocol.GRID (+ VARIANTS); collect
     groups the rows back into accuracy.py JSONs that --merge accepts, and refuses seed gaps."""
     import json
-    from bench import gpu_grid, protocol
+    from bench import accuracy, gpu_grid, protocol
     jobs = gpu_grid.jobs(variants=False)
     assert len(jobs) == sum(n for n, _ in protocol.GRID.values()) == len({j[0] for j in jobs})
     assert [j[2] for j in jobs] == sorted(j[2] for j in jobs)  # first seeds first
@@ -274,7 +274,7 @@ def test_gpu_grid_runs_every_row_and_seed_once_and_collects_accuracy_format_rows
         sets = list(protocol.COMMON) + list(sets)
         (rows / f"{name}.json").write_text(json.dumps({
             "meta": {"name": name, "method": method, "seed": seed, "sets": sets,
-                     "overrides": {"levels_learning_rate": 1e-3, "x": sets[-1]},
+                     "overrides": accuracy.parse_overrides(sets),
                      "finetune_steps": 1955, "devices": "gpu", "jax": "0"},
             "row": {"top1": top1, "wall_seconds": 10.0, "seed": seed,
                     "codes_changed_by_end": 0.05, "weight_rel_error_end": 0.2}}))
