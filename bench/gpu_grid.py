@@ -47,6 +47,10 @@ VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
     # and at latent-STE's (float LR 0.01, momentum 0.9).
     "ef": (1, ("rounding=error_feedback",)),
     "ef_floatlr": (1, ("rounding=error_feedback", "code_learning_rate=0.01", "code_momentum=0.9")),
+    # The same residual held in weight space (the latent stays when levels move): latent-STE
+    # re-expressed in DQ's state, at latent-STE's step.
+    "lf_floatlr": (1, ("rounding=latent_feedback", "code_learning_rate=0.01",
+                       "code_momentum=0.9")),
 }
 ROW_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
 

@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.step_boundaries = (0.5, 0.75)                # fractions of training, schedule='step'
     c.step_decay = 0.1
     c.label_smoothing = 0.0
-    # DQ-W code re-assignment: stochastic (the method); nearest, error_feedback (ablations)
+    # DQ-W code re-assignment: stochastic (the method); nearest, error_feedback, latent_feedback (ablations)
     c.rounding = "stochastic"
     c.rounding_anneal = False                      # stochastic -> nearest as the LR decays
     c.code_momentum_dtype = "bfloat16"             # or float32: 2x the buffer, no gain

@@ -33,7 +33,7 @@ import optax
 
 from dq_jax.layers import CODES, PERTURBATIONS
 from dq_jax.quant import weights as wq
-from dq_jax.quant.config import ROUNDINGS
+from dq_jax.quant.config import FEEDBACK_ROUNDINGS, ROUNDINGS
 from dq_jax.trees import flatten
 
 LEVELS = wq.LEVELS
@@ -212,7 +212,12 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         'error_feedback' (ablation, *not* the method: nearest rounding of `W_q + u + r`,
         where the residual `r = target - new W_q` is carried per weight in float32 in the
         state (`DQState.codes` becomes `(momentum state, residual)`): a float shadow weight
-        in all but name, which measures what DQ's missing accumulator is worth).
+        in all but name, which measures what DQ's missing accumulator is worth; the residual
+        is relative to the code's level, so the implied latent `W_q + r` moves with it), or
+        'latent_feedback' (ablation: the same residual, re-measured after the levels' update
+        and sort, with the codes re-chosen as the nearest updated level, so the latent
+        `W_q + r` stays put when levels move: latent-STE re-expressed in DQ's state, except
+        that weight decay acts on W_q and the momentum has the code momentum's dtype).
       code_momentum_dtype: dtype of the per-weight momentum of W_q, most of a DQ model's train
         state: 'bfloat16' (default; 2 bytes next to the 1-byte code) or 'float32' (twice the
         buffer; no better on the CIFAR-10 protocol, RESULTS.md §1.1).
@@ -292,7 +297,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
                                  "'params' and 'codes' collections model.init returned.")
         w_q = _w_q_tree(params, codes)
         codes_state = codes_tx.init(w_q)
-        if rounding == "error_feedback":
+        if rounding in FEEDBACK_ROUNDINGS:
             codes_state = (codes_state, jax.tree.map(
                 lambda w: jnp.zeros(w.shape, jnp.float32), w_q))
         return DQState(params=params_tx.init(params), codes=codes_state,
@@ -324,7 +329,8 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
 
         # 1-3: momentum/wd on W_q, target, direct re-assignment (against the old levels).
         w_q = _w_q_tree(p, c)
-        feedback = rounding == "error_feedback"
+        feedback = rounding in FEEDBACK_ROUNDINGS
+        targets = {}
         momentum_state, residual = state.codes if feedback else (state.codes, None)
         u, codes_state = codes_tx.update(g_w, momentum_state, w_q)
         flat_p, flat_wq, flat_u = flatten(p), flatten(w_q), flatten(u)
@@ -334,7 +340,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
             path = module + ("kernel",)
             target = flat_wq[path] + flat_u[path]
             if feedback:
-                target = target + flat_r[path]
+                target = targets[path] = target + flat_r[path]
             new_codes[path] = _reassign(flat_p[module + (LEVELS,)], target,
                                         jax.random.fold_in(step_key, i),
                                         "nearest" if feedback else rounding,
@@ -342,8 +348,6 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
             if feedback:  # against the levels the codes were chosen from (before the update)
                 new_r[path] = (target - _lookup(flat_p[module + (LEVELS,)],
                                                 new_codes[path])).astype(jnp.float32)
-        if feedback:
-            codes_state = (codes_state, _replace_leaves(residual, new_r))
 
         # 4: levels (and everything float) take their optax update, then sort.
         p_updates, params_state = params_tx.update(g, state.params, p)
@@ -358,6 +362,13 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
                                        levels - flat_p[path])
             if remapped is not None:
                 new_codes[code_path] = remapped
+                if rounding == "latent_feedback":  # the latent stays; its nearest level moves
+                    new_codes[code_path] = _reassign(levels, targets[code_path], step_key,
+                                                     "nearest")
+                    new_r[code_path] = (targets[code_path] - _lookup(
+                        levels, new_codes[code_path])).astype(jnp.float32)
+        if feedback:
+            codes_state = (codes_state, _replace_leaves(residual, new_r))
         params_state = permute_level_statistics(params_state, perms)
         code_deltas = {k: (new.astype(jnp.int16) - flat_c[k].astype(jnp.int16)).astype(
             jnp.asarray(flat_gw[k]).dtype) for k, new in new_codes.items()}

@@ -1053,3 +1053,38 @@ def test_error_feedback_is_a_config_choice_and_not_annealed():
         configlib.validate(c, device_count=1)
     with pytest.raises(ValueError, match="rounding_temperature applies to rounding='stochastic'"):
         dq_optimizer(0.1, 0.0, rounding="error_feedback", rounding_temperature=0.5)
+
+
+def test_latent_feedback_keeps_the_latent_when_levels_move():
+    """rounding='latent_feedback' (ablation: latent-STE in DQ's state): the residual is
+    re-measured against the updated levels, so `W_q + r` is a latent that only `u` moves
+    (-0.625, -0.25, 0.125: dyadic, exact) and the code is its nearest *updated* level.
+    Level 1 moves down by Adam (~0.3 a step: 0.7, 0.4, 0.1). At step 2 the latent -0.25 is
+    nearer 0.4 than -1 (0.65 vs 0.75): latent_feedback moves the code; error_feedback, whose
+    residual is relative to the code's level and is rounded against the old levels
+    (-0.25 vs [-1, 0.7]: 0.75 vs 0.95), does not. No distance is within 0.05 of a tie."""
+    levels = jnp.float32([[-1.0, 1.0]])
+    params = {"l": {"kernel_levels": levels}}
+    codes = {"l": {"kernel": jnp.zeros((2, 3), jnp.uint8)}}
+    grads = {"params": {"l": {"kernel_levels": jnp.float32([[0.0, 1.0]])}},
+             "codes": {"l": {"kernel": jnp.full((2, 3), -0.375)}}}
+    seen = {}
+    for rounding in ("latent_feedback", "error_feedback"):
+        tx = dq_optimizer(1.0, 0.3, momentum=0, rounding=rounding, key=0)
+        trainable = {"params": params, "codes": codes}
+        state = tx.init(trainable)
+        seen[rounding] = []
+        for step, latent in enumerate((-0.625, -0.25, 0.125)):
+            updates, state = tx.update(grads, state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            lv = np.asarray(trainable["params"]["l"]["kernel_levels"])[0]
+            np.testing.assert_allclose(lv, [-1.0, 1.0 - 0.3 * (step + 1)], atol=1e-5)
+            c = np.asarray(trainable["codes"]["l"]["kernel"])
+            r = np.asarray(state.codes[1]["l"]["kernel"])
+            assert c.dtype == np.uint8 and r.dtype == np.float32
+            if rounding == "latent_feedback":
+                np.testing.assert_allclose(lv[c] + r, latent, atol=1e-6)
+                np.testing.assert_array_equal(c, np.full(c.shape, np.argmin(np.abs(lv - latent))))
+            seen[rounding].append(int(c[0, 0]))
+    assert seen["latent_feedback"] == [0, 1, 1]
+    assert seen["error_feedback"] == [0, 0, 1]

@@ -16,8 +16,10 @@ ACT_LEVELS = ("uniform", "learned")
 ACT_ERRORS = ("channel", "global")
 # DQ code re-assignment (optimizer, config); one home. 'error_feedback' is an ablation, not
 # the method: nearest rounding of W_q + u + r with the residual r carried per weight (a float
-# shadow weight in all but name), to measure what the missing accumulator is worth.
-ROUNDINGS = ("stochastic", "nearest", "error_feedback")
+# shadow weight in all but name), to measure what the missing accumulator is worth;
+# 'latent_feedback' keeps W_q + r fixed when levels move (latent-STE in DQ's state).
+FEEDBACK_ROUNDINGS = ("error_feedback", "latent_feedback")
+ROUNDINGS = ("stochastic", "nearest") + FEEDBACK_ROUNDINGS
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
