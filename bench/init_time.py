@@ -9,6 +9,10 @@ and assigns the codes, so its cost is mostly the compile of those per-layer fits
 variants are interleaved over --rounds (load from other processes hits both alike; the
 compilation cache is off so every round really compiles); the minimum is reported.
 Last line: `dq_init_over_float=<ratio>` (issue 12's target: <= 1.5 on ResNet-18).
+
+`--phases` also splits the jitted `model.init` alone (no optimizer init) into trace, compile
+and run seconds per method (one extra round, printed as `# phases <method>: ...`), which is
+what says whether a faster init needs fewer compiles or a cheaper Lloyd fit.
 """
 from __future__ import annotations
 
@@ -29,8 +33,11 @@ def main(argv=None) -> dict:
     p = bench.arg_parser(__doc__)
     p.add_argument("--model", default="resnet18")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; minimum kept")
+    p.add_argument("--phases", action="store_true",
+                   help="also time trace / compile / run of the jitted model.init alone")
     args = p.parse_args(argv)
     import jax
+    import jax.numpy as jnp
     from dq_jax import configlib, models, train
     from bench import step_time
     jax.config.update("jax_enable_compilation_cache", False)
@@ -49,6 +56,22 @@ def main(argv=None) -> dict:
             s = time.perf_counter() - t0
             seconds[method] = min(seconds.get(method, s), s)
             print(f"# {method}: init in {s:.1f} s (round {rnd + 1})", flush=True)
+    if args.phases:
+        for method in METHODS:
+            cfg = step_time.variant_config(step_time.base_config(args.model, 8), method)
+            model = train.create_model(cfg, configlib.validate(cfg, device_count=1), 10)
+            init = jax.jit(lambda rng, model=model: model.init(
+                rng, jnp.zeros((1, *shape), jnp.float32), train=False))
+            rng = jax.random.PRNGKey(cfg.seed)
+            t0 = time.perf_counter()
+            lowered = init.lower(rng)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+            jax.block_until_ready(compiled(rng))
+            t3 = time.perf_counter()
+            print(f"# phases {method}: model.init trace {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, "
+                  f"run {t3 - t2:.1f} s", flush=True)
     print(f"# model={args.model} input={shape} backend={jax.default_backend()} jax={jax.__version__}")
     for method in METHODS:
         print(f"{method:<12}{seconds[method]:>8.1f} s init")

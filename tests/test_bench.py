@@ -39,8 +39,11 @@ def test_step_time_tiny_prints_ratio():
 
 
 def test_init_time_tiny_prints_ratio():
-    proc = _run("bench/init_time.py", "--model=digits_cnn", "--rounds=1")
+    proc = _run("bench/init_time.py", "--model=digits_cnn", "--rounds=1", "--phases")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in ("float", "dq_w2a2"):
+        assert re.search(rf"^# phases {method}: model.init trace [0-9.]+ s, compile [0-9.]+ s, "
+                         r"run [0-9.]+ s$", proc.stdout, flags=re.M), method
     assert [l for l in proc.stdout.splitlines() if l.strip()][-1].startswith(
         "dq_init_over_float=")
     assert _last_value(proc.stdout, "dq_init_over_float") > 0
