@@ -1013,25 +1013,32 @@ def test_rounding_temperature_rejects_nearest_and_a_bare_schedule():
         dq_optimizer(0.1, 0.0, rounding_temperature=1.5)
 
 
+def _two_level_steps(rounding: str, level_grad: float, levels_lr: float, steps: int):
+    """(trainable, state) after each of `steps` updates of one layer with levels [-1, 1], all
+    six codes at level 0, code LR 1 without momentum and dL/dW_q = -0.375 (u = +0.375 a step,
+    exact in binary); level 1 gets gradient `level_grad` under Adam at `levels_lr`."""
+    levels = jnp.float32([[-1.0, 1.0]])
+    trainable = {"params": {"l": {"kernel_levels": levels}},
+                 "codes": {"l": {"kernel": jnp.zeros((2, 3), jnp.uint8)}}}
+    grads = {"params": {"l": {"kernel_levels": jnp.float32([[0.0, level_grad]])}},
+             "codes": {"l": {"kernel": jnp.full((2, 3), -0.375)}}}
+    tx = dq_optimizer(1.0, levels_lr, momentum=0, rounding=rounding, key=0)
+    state = tx.init(trainable)
+    for _ in range(steps):
+        updates, state = tx.update(grads, state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        yield trainable, state
+
+
 def test_error_feedback_ablation_carries_the_rounding_residual_hand_computed():
     """rounding='error_feedback' (an ablation: a float residual per weight): nearest rounding
     of W_q + u + r, r = target - new W_q. Levels [-1, 1], W_q = -1, u = +0.375 a step (exact
     in binary): targets -0.625, -0.25, +0.125 (-> level 1, r = -0.875), 0.5 (stays at 1).
     Plain nearest rounding never moves (every step is < half the gap)."""
-    levels = jnp.float32([[-1.0, 1.0]])
-    params = {"l": {"kernel_levels": levels}}
-    codes = {"l": {"kernel": jnp.zeros((2, 3), jnp.uint8)}}
-    grads = {"params": {"l": {"kernel_levels": jnp.zeros_like(levels)}},
-             "codes": {"l": {"kernel": jnp.full((2, 3), -0.375)}}}
     seen = {}
     for rounding in ("error_feedback", "nearest"):
-        tx = dq_optimizer(1.0, 0.0, momentum=0, rounding=rounding, key=0)
-        trainable = {"params": params, "codes": codes}
-        state = tx.init(trainable)
         seen[rounding] = []
-        for _ in range(4):
-            updates, state = tx.update(grads, state, trainable)
-            trainable = optax.apply_updates(trainable, updates)
+        for trainable, state in _two_level_steps(rounding, 0.0, 0.0, 4):
             c = trainable["codes"]["l"]["kernel"]
             assert c.dtype == jnp.uint8 and len(set(np.asarray(c).ravel().tolist())) == 1
             r = (np.asarray(state.codes[1]["l"]["kernel"]) if rounding == "error_feedback"
@@ -1063,20 +1070,11 @@ def test_latent_feedback_keeps_the_latent_when_levels_move():
     nearer 0.4 than -1 (0.65 vs 0.75): latent_feedback moves the code; error_feedback, whose
     residual is relative to the code's level and is rounded against the old levels
     (-0.25 vs [-1, 0.7]: 0.75 vs 0.95), does not. No distance is within 0.05 of a tie."""
-    levels = jnp.float32([[-1.0, 1.0]])
-    params = {"l": {"kernel_levels": levels}}
-    codes = {"l": {"kernel": jnp.zeros((2, 3), jnp.uint8)}}
-    grads = {"params": {"l": {"kernel_levels": jnp.float32([[0.0, 1.0]])}},
-             "codes": {"l": {"kernel": jnp.full((2, 3), -0.375)}}}
     seen = {}
     for rounding in ("latent_feedback", "error_feedback"):
-        tx = dq_optimizer(1.0, 0.3, momentum=0, rounding=rounding, key=0)
-        trainable = {"params": params, "codes": codes}
-        state = tx.init(trainable)
         seen[rounding] = []
-        for step, latent in enumerate((-0.625, -0.25, 0.125)):
-            updates, state = tx.update(grads, state, trainable)
-            trainable = optax.apply_updates(trainable, updates)
+        steps = _two_level_steps(rounding, 1.0, 0.3, 3)
+        for step, ((trainable, state), latent) in enumerate(zip(steps, (-0.625, -0.25, 0.125))):
             lv = np.asarray(trainable["params"]["l"]["kernel_levels"])[0]
             np.testing.assert_allclose(lv, [-1.0, 1.0 - 0.3 * (step + 1)], atol=1e-5)
             c = np.asarray(trainable["codes"]["l"]["kernel"])
