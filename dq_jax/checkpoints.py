@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from dq_jax.optim import CODES, LEVELS, PARAMS
+from dq_jax.optim import CODES, LEVELS, PARAMS, with_feedback_residual
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
@@ -529,7 +529,8 @@ def load_float_variables(path: str) -> dict:
 
 
 def init_from_float(path: str, state: Any, quant: QuantConfig,
-                    optimizer: optax.GradientTransformation) -> Any:
+                    optimizer: optax.GradientTransformation, *,
+                    float_residual: bool = False) -> Any:
     """Quantized state initialised from a float checkpoint (DESIGN §1.1 "Initialisation").
 
     Float kernels become: DQ-W levels by Lloyd + nearest codes; latent-STE the
@@ -537,6 +538,9 @@ def init_from_float(path: str, state: Any, quant: QuantConfig,
     Every other leaf (biases, BN, float first/last layers) is copied; shapes
     must match exactly. The optimizer state is `optimizer.init` of the new values (the
     state's `tx`; its code-update key is the optimizer's own, as at `train.init_state`).
+    `float_residual` (feedback-rounding ablations only): the optimizer's residual starts at
+    float kernel - W_q instead of 0, so the implied latent `W_q + r` is the float kernel, as
+    latent-STE's is.
     """
     src = load_float_variables(path)
     float_params = flax.traverse_util.flatten_dict(src["params"])
@@ -574,5 +578,12 @@ def init_from_float(path: str, state: Any, quant: QuantConfig,
     params = flax.traverse_util.unflatten_dict(new_params)
     codes_tree = flax.traverse_util.unflatten_dict(new_codes) if new_codes else state.codes
     batch_stats = jax.tree.map(jnp.asarray, src["batch_stats"]) or state.batch_stats
+    opt_state = optimizer.init({PARAMS: params, CODES: codes_tree})
+    if float_residual:
+        residual = {k: jnp.asarray(source(k), jnp.float32)
+                    - wq.gather_levels(new_params[k[:-1] + (LEVELS,)], c)
+                    for k, c in new_codes.items()}
+        opt_state = with_feedback_residual(
+            opt_state, flax.traverse_util.unflatten_dict(residual))
     return state.replace(params=params, codes=codes_tree, batch_stats=batch_stats,
-                         opt_state=optimizer.init({PARAMS: params, CODES: codes_tree}))
+                         opt_state=opt_state)

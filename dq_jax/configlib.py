@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from dq_jax.quant.config import ROUNDINGS, QuantConfig
+from dq_jax.quant.config import FEEDBACK_ROUNDINGS, ROUNDINGS, QuantConfig
 
 DATASETS = ("digits", "cifar10_npz", "npz", "cifar10", "cifar100", "imagenet2012")
 SCHEDULES = ("cosine", "step", "constant")
@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     # DQ-W code re-assignment: stochastic (the method); nearest, error_feedback, latent_feedback (ablations)
     c.rounding = "stochastic"
     c.rounding_anneal = False                      # stochastic -> nearest as the LR decays
+    # feedback roundings only: the residual at init_from, 'zero' or 'float' (float kernel - W_q,
+    # the float model's position inside each cell: latent-STE's start; an ablation)
+    c.feedback_residual = "zero"
     c.code_momentum_dtype = "bfloat16"             # or float32: 2x the buffer, no gain
 
     c.quant = ml_collections.ConfigDict(dataclasses.asdict(QuantConfig.float()))
@@ -101,7 +104,7 @@ def _not_applicable(d: dict) -> set[str]:
         out |= {"step_boundaries", "step_decay"}
     if weights != "dq":
         out |= {"code_learning_rate", "code_momentum", "code_momentum_dtype", "rounding",
-                "rounding_anneal"}
+                "rounding_anneal", "feedback_residual"}
     if weights not in ("dq", "latent_ste"):
         out |= {"levels_learning_rate", "quant.lloyd_iters"}
     if weights == "float":
@@ -186,6 +189,13 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
     if config.rounding not in ROUNDINGS:
         _fail(f"config.rounding={config.rounding!r}; allowed: "
               f"{', '.join(repr(r) for r in ROUNDINGS)}.")
+    if config.feedback_residual not in ("zero", "float"):
+        _fail(f"config.feedback_residual={config.feedback_residual!r}; allowed: 'zero', 'float'.")
+    if config.feedback_residual == "float" and (config.rounding not in FEEDBACK_ROUNDINGS
+                                                 or not config.init_from):
+        _fail("config.feedback_residual='float' seeds the residual of a feedback rounding from "
+              f"a float checkpoint: set config.rounding to one of {FEEDBACK_ROUNDINGS} and "
+              "config.init_from, or feedback_residual='zero'.")
     if config.rounding_anneal and config.rounding != "stochastic":
         _fail(f"config.rounding_anneal=True anneals stochastic rounding toward nearest, but "
               f"config.rounding={config.rounding!r}; set rounding='stochastic' or drop the "

@@ -192,6 +192,35 @@ def with_key(opt_state: PyTree, key: jax.Array | int) -> PyTree:
                         is_leaf=is_dq)
 
 
+def with_feedback_residual(opt_state: PyTree, residual: PyTree) -> PyTree:
+    """`opt_state` with the residual of every feedback-rounding `DQState` replaced by
+    `residual` (float32, the codes' tree), e.g. the float kernel minus `W_q` when fine-tuning
+    from a float checkpoint, so the implied latent starts at the float weights."""
+    is_dq = lambda x: isinstance(x, DQState)
+    residual = jax.tree.map(lambda r: jnp.asarray(r, jnp.float32), residual)
+    found = []
+
+    def replace(x):
+        if not is_dq(x):
+            return x
+        ok = (isinstance(x.codes, tuple) and len(x.codes) == 2
+              and jax.tree.structure(x.codes[1]) == jax.tree.structure(residual)
+              and all(np.shape(a) == np.shape(b) for a, b in
+                      zip(jax.tree.leaves(x.codes[1]), jax.tree.leaves(residual))))
+        if not ok:
+            raise ValueError("with_feedback_residual: the DQState holds no residual shaped like "
+                             "the given one; build dq_optimizer with rounding='error_feedback' or "
+                             "'latent_feedback' and pass a residual per code leaf.")
+        found.append(True)
+        return x._replace(codes=(x.codes[0], residual))
+
+    out = jax.tree.map(replace, opt_state, is_leaf=is_dq)
+    if not found:
+        raise ValueError("with_feedback_residual: opt_state holds no DQState (not a "
+                         "dq_optimizer state).")
+    return out
+
+
 def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOrSchedule, *,
                  momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
                  rounding: str = "stochastic", code_momentum_dtype: str = "bfloat16",

@@ -497,7 +497,9 @@ def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> Train
         logging.info("Resuming from %s at step %d.", manager.directory, start)
         return checkpoints.restore(manager, start, state, steps.replicated)
     if config.init_from:
-        state = checkpoints.init_from_float(config.init_from, state, quant, optimizer)
+        state = checkpoints.init_from_float(
+            config.init_from, state, quant, optimizer,
+            float_residual=config.feedback_residual == "float")
         logging.info("Initialised quantized model from float checkpoint %s.", config.init_from)
     state = steps.place(state)
     calib = ds.train_batches(0)

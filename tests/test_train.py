@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,8 @@ import optax
 
 from dq_jax import checkpoints, configlib, data, train
 from dq_jax.main import apply_variant
+from dq_jax.optim import DQState
+from dq_jax.quant import weights as wq
 from tests.helpers import REPO, load_config, run_python
 
 
@@ -196,6 +200,69 @@ def test_init_from_float_checkpoint_is_really_initialised(tmp_path):
     assert dq == pytest.approx(ptq, abs=1e-6)
     assert dq > float_res["eval_top1"] - 0.15, (dq, float_res["eval_top1"])
     assert scratch < 0.5, scratch
+
+
+def test_feedback_residual_float_starts_the_latent_at_the_float_kernel(tmp_path):
+    """feedback_residual='float' (ablation): at init_from, the feedback residual is
+    float kernel - W_q (one float32 subtraction of the same numbers: exact), so the implied
+    latent W_q + r is the float kernel, as latent-STE's is; levels, codes and every other
+    leaf are those of the zero-residual start; the program then trains from it."""
+    float_cfg = apply_variant(small_digits(num_train_steps=8), "float")
+    train.train_and_evaluate(float_cfg, str(tmp_path / "float"))
+    cfg = apply_variant(small_digits(num_train_steps=8), "w2a2")
+    cfg.init_from, cfg.rounding = str(tmp_path / "float"), "latent_feedback"
+    quant = configlib.validate(cfg, device_count=jax.device_count())
+    ds = data.create_dataset(cfg)
+    model = train.create_model(cfg, quant, ds.num_classes)
+    opt = train.create_optimizer(cfg, 10, ds.steps_per_epoch)
+    state0 = train.init_state(model, opt, ds.image_shape, cfg.seed)
+    zero, seeded = (checkpoints.init_from_float(cfg.init_from, state0, quant, opt,
+                                                float_residual=f) for f in (False, True))
+    float_params = flax.traverse_util.flatten_dict(
+        checkpoints.load_float_variables(cfg.init_from)["params"])
+    dq_state = lambda s: [x for x in jax.tree.leaves(
+        s.opt_state, is_leaf=lambda x: isinstance(x, DQState)) if isinstance(x, DQState)][0]
+    flat_codes = flax.traverse_util.flatten_dict(seeded.codes)
+    r_zero = flax.traverse_util.flatten_dict(dq_state(zero).codes[1])
+    r_seeded = flax.traverse_util.flatten_dict(dq_state(seeded).codes[1])
+    assert set(r_seeded) == set(flat_codes) and flat_codes
+    for k, c in flat_codes.items():
+        levels = flax.traverse_util.flatten_dict(seeded.params)[k[:-1] + ("kernel_levels",)]
+        w_q = np.asarray(wq.gather_levels(levels, c))
+        kernel = np.asarray(float_params[k], np.float32)
+        np.testing.assert_array_equal(np.asarray(r_seeded[k]), kernel - w_q)
+        assert np.all(np.asarray(r_zero[k]) == 0) and np.any(np.asarray(r_seeded[k]) != 0)
+    chex.assert_trees_all_equal((zero.params, zero.codes, zero.batch_stats),
+                                (seeded.params, seeded.codes, seeded.batch_stats))
+    cfg.feedback_residual = "float"
+    result = train.train_and_evaluate(cfg, str(tmp_path / "w2a2"))
+    assert result["steps"] == 8 and result["eval_top1"] > 0.1, result["eval_top1"]
+    residual_after = jax.tree.leaves(dq_state(result["state"]).codes[1])
+    assert any(np.any(np.asarray(r) != 0) for r in residual_after)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"feedback_residual": "latent"}, r"config.feedback_residual='latent'; allowed: 'zero', 'float'"),
+    ({"feedback_residual": "float"}, r"feedback_residual='float' seeds the residual.*rounding"),
+    ({"feedback_residual": "float", "rounding": "latent_feedback"}, r"and config.init_from"),
+])
+def test_feedback_residual_config_errors(override, match):
+    with pytest.raises(ValueError, match=match):
+        configlib.validate(apply_variant(small_digits(**override), "w2a2"), device_count=1)
+
+
+def test_with_feedback_residual_needs_a_feedback_state():
+    from dq_jax.optim import dq_optimizer, with_feedback_residual
+    trainable = {"params": {"l": {"kernel_levels": jnp.float32([[-1.0, 1.0]])}},
+                 "codes": {"l": {"kernel": jnp.zeros((2, 3), jnp.uint8)}}}
+    residual = {"l": {"kernel": jnp.full((2, 3), 0.25)}}
+    with pytest.raises(ValueError, match="holds no residual"):
+        with_feedback_residual(dq_optimizer(0.1, 0.0).init(trainable), residual)
+    state = with_feedback_residual(
+        dq_optimizer(0.1, 0.0, rounding="latent_feedback").init(trainable), residual)
+    np.testing.assert_array_equal(state.codes[1]["l"]["kernel"], np.full((2, 3), 0.25))
+    with pytest.raises(ValueError, match="no DQState"):
+        with_feedback_residual(optax.sgd(0.1).init(trainable), residual)
 
 
 @pytest.mark.parametrize("override, match", [
