@@ -51,6 +51,9 @@ VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
     # re-expressed in DQ's state, at latent-STE's step.
     "lf_floatlr": (1, ("rounding=latent_feedback", "code_learning_rate=0.01",
                        "code_momentum=0.9")),
+    # ... with the latent starting at the float kernel (residual = float kernel - W_q).
+    "lf_floatres": (1, ("rounding=latent_feedback", "code_learning_rate=0.01",
+                        "code_momentum=0.9", "feedback_residual=float")),
 }
 ROW_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
 
