@@ -328,3 +328,20 @@ def test_read_layer_scalars_without_tensorflow(tmp_path):
     from bench import accuracy
     assert accuracy.read_layer_scalars(str(tmp_path)) == {
         "layers/conv1/flip_rate": [(50, 0.25), (100, 0.5)]}
+
+
+def test_every_gpu_grid_row_and_variant_is_a_valid_config():
+    """A typo in a grid row or variant would cost a lent GPU's few minutes: every job's
+    overrides must name known keys and pass the program's own validation (fine-tuning from a
+    float checkpoint, as the grid does)."""
+    from dq_jax import configlib
+    from dq_jax.configlib import load_config_file
+    from bench import accuracy, gpu_grid
+    jobs = gpu_grid.jobs(variants=True)
+    assert {"v_lf_floatres_s0", "v_ef_floatlr_s0"} <= {j[0] for j in jobs}
+    for name, method, _, sets in jobs:
+        c = accuracy.method_config(load_config_file(ROOT / "configs" / "cifar10_resnet20.py"),
+                                   method)
+        accuracy.apply_overrides(c, accuracy.parse_overrides(list(sets)))
+        c.init_from = "/float/workdir"
+        configlib.validate(c, device_count=1)
