@@ -61,6 +61,12 @@ def base_config() -> ml_collections.ConfigDict:
     # feedback roundings only: the residual at init_from, 'zero' or 'float' (float kernel - W_q,
     # the float model's position inside each cell: latent-STE's start; an ablation)
     c.feedback_residual = "zero"
+    # DQ codes at init_from: the nearest level (default), or 'adaround': each weight the level
+    # just below/above its float value, chosen by its layer's output error on calibration
+    # images (float inputs; nothing of the float kernel is kept afterwards)
+    c.conversion_rounding = "nearest"
+    c.adaround_steps = 500                         # Adam steps per layer
+    c.adaround_images = 256                        # calibration images (first train batches)
     c.code_momentum_dtype = "bfloat16"             # or float32: 2x the buffer, no gain
 
     c.quant = ml_collections.ConfigDict(dataclasses.asdict(QuantConfig.float()))
@@ -104,7 +110,8 @@ def _not_applicable(d: dict) -> set[str]:
         out |= {"step_boundaries", "step_decay"}
     if weights != "dq":
         out |= {"code_learning_rate", "code_momentum", "code_momentum_dtype", "rounding",
-                "rounding_anneal", "feedback_residual"}
+                "rounding_anneal", "feedback_residual", "conversion_rounding",
+                "adaround_steps", "adaround_images"}
     if weights not in ("dq", "latent_ste"):
         out |= {"levels_learning_rate", "quant.lloyd_iters"}
     if weights == "float":
@@ -189,6 +196,19 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
     if config.rounding not in ROUNDINGS:
         _fail(f"config.rounding={config.rounding!r}; allowed: "
               f"{', '.join(repr(r) for r in ROUNDINGS)}.")
+    if config.conversion_rounding not in ("nearest", "adaround"):
+        _fail(f"config.conversion_rounding={config.conversion_rounding!r}; allowed: 'nearest', "
+              "'adaround'.")
+    if config.conversion_rounding == "adaround":
+        if not config.init_from or config.quant.weights != "dq":
+            _fail("config.conversion_rounding='adaround' rounds a float checkpoint into DQ "
+                  "codes: set config.init_from and quant.weights='dq', or use 'nearest'.")
+        if config.feedback_residual == "float":
+            _fail("config.conversion_rounding='adaround' and feedback_residual='float' both "
+                  "decide what the float positions do; use one of them.")
+        for key in ("adaround_steps", "adaround_images"):
+            if int(config[key]) < 1:
+                _fail(f"config.{key}={config[key]} must be >= 1.")
     if config.feedback_residual not in ("zero", "float"):
         _fail(f"config.feedback_residual={config.feedback_residual!r}; allowed: 'zero', 'float'.")
     if config.feedback_residual == "float" and (config.rounding not in FEEDBACK_ROUNDINGS
