@@ -5,6 +5,7 @@ nearest codes (DQ, latent-STE) or LSQ's initial step, one calibration batch for 
 quantizers, evaluated as is and after re-estimating BatchNorm statistics on 50 batches.
 
   python bench/ptq.py --init_from=/path/to/float_workdir --methods=w2a2,lsq_w2a2
+  python bench/ptq.py --init_from=... --methods=w2a2,adaround_w2a2   # nearest vs AdaRound codes
 """
 from __future__ import annotations
 
@@ -34,14 +35,21 @@ def main(argv=None):
     use_cifar10_npz(base)
     out = {"init_from": args.init_from, "bn_batches": args.bn_batches, "runs": {}}
     for method in args.methods.split(","):
-        c = apply_variant(base, method)
+        # 'adaround_<variant>': the same start with output-aware instead of nearest codes
+        c = apply_variant(base, method.removeprefix("adaround_"))
+        if method.startswith("adaround_"):
+            c.init_from, c.conversion_rounding = args.init_from, "adaround"
+
         quant = configlib.validate(c, device_count=jax.device_count())
         ds = data.create_dataset(c)
         model = train.create_model(c, quant, ds.num_classes)
         opt = train.create_optimizer(c, 1, ds.steps_per_epoch)
         steps = train.Steps(model, opt, train.create_mesh(c))
         state = train.init_state(model, opt, ds.image_shape, c.seed)
-        state = steps.place(checkpoints.init_from_float(args.init_from, state, quant, opt))
+        state = checkpoints.init_from_float(args.init_from, state, quant, opt)
+        if method.startswith("adaround_"):
+            state = train.adaround_conversion(c, state, opt, ds)
+        state = steps.place(state)
         batches = ds.train_batches(0)
         state = steps.calibrate(state, train.to_global(next(batches), steps.batch))
         plain = train.evaluate(steps, state, ds.eval_batches())["eval_top1"]

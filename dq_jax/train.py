@@ -502,7 +502,7 @@ def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> Train
             float_residual=config.feedback_residual == "float")
         logging.info("Initialised quantized model from float checkpoint %s.", config.init_from)
         if config.conversion_rounding == "adaround":
-            state = _adaround_state(config, state, optimizer, ds)
+            state = adaround_conversion(config, state, optimizer, ds)
     state = steps.place(state)
     calib = ds.train_batches(0)
     for _ in range(config.calibration_batches if quant.acts != "float" else 0):
@@ -510,7 +510,7 @@ def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> Train
     return state
 
 
-def _adaround_state(config, state: TrainState, optimizer, ds) -> TrainState:
+def adaround_conversion(config, state: TrainState, optimizer, ds) -> TrainState:
     """`state` with its DQ codes re-chosen by `adaround.round_from_float` on the first
     `config.adaround_images` training images (float-model inputs per layer)."""
     images, batches = [], ds.train_batches(0)
