@@ -374,7 +374,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
                                         jax.random.fold_in(step_key, i),
                                         "nearest" if feedback else rounding,
                                         rounding_temperature)
-            if feedback:  # against the levels the codes were chosen from (before the update)
+            if rounding == "error_feedback":  # against the levels the codes were chosen from
                 new_r[path] = (target - _lookup(flat_p[module + (LEVELS,)],
                                                 new_codes[path])).astype(jnp.float32)
 
