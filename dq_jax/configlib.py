@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     # feedback roundings only: the residual at init_from, 'zero' or 'float' (float kernel - W_q,
     # the float model's position inside each cell: latent-STE's start; an ablation)
     c.feedback_residual = "zero"
+    # feedback roundings only: 0 = the float32 residual; b >= 1 = only its b-bit position
+    # inside the cell is used (how many bits of position DQ's state would need; an ablation)
+    c.feedback_residual_bits = 0
     # DQ codes at init_from: the nearest level (default), or 'adaround': each weight the level
     # just below/above its float value, chosen by its layer's output error on calibration
     # images (float inputs; nothing of the float kernel is kept afterwards)
@@ -110,7 +113,8 @@ def _not_applicable(d: dict) -> set[str]:
         out |= {"step_boundaries", "step_decay"}
     if weights != "dq":
         out |= {"code_learning_rate", "code_momentum", "code_momentum_dtype", "rounding",
-                "rounding_anneal", "feedback_residual", "conversion_rounding",
+                "rounding_anneal", "feedback_residual", "feedback_residual_bits",
+                "conversion_rounding",
                 "adaround_steps", "adaround_images"}
     if weights not in ("dq", "latent_ste"):
         out |= {"levels_learning_rate", "quant.lloyd_iters"}
@@ -216,6 +220,14 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
         _fail("config.feedback_residual='float' seeds the residual of a feedback rounding from "
               f"a float checkpoint: set config.rounding to one of {FEEDBACK_ROUNDINGS} and "
               "config.init_from, or feedback_residual='zero'.")
+    bits = config.feedback_residual_bits
+    if not isinstance(bits, int) or bits < 0:
+        _fail(f"config.feedback_residual_bits={bits!r} must be an int >= 0 (0 = the float32 "
+              "residual).")
+    if bits and config.rounding not in FEEDBACK_ROUNDINGS:
+        _fail(f"config.feedback_residual_bits={bits} keeps a feedback rounding's residual to "
+              f"{bits} bits: set config.rounding to one of {FEEDBACK_ROUNDINGS}, or "
+              "feedback_residual_bits=0.")
     if config.rounding_anneal and config.rounding != "stochastic":
         _fail(f"config.rounding_anneal=True anneals stochastic rounding toward nearest, but "
               f"config.rounding={config.rounding!r}; set rounding='stochastic' or drop the "

@@ -227,6 +227,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
                  code_learning_rate: ScalarOrSchedule | None = None,
                  code_momentum: float | None = None,
                  rounding_temperature: ScalarOrSchedule | None = None,
+                 feedback_residual_bits: int = 0,
                  key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
     """The DQ update as one optax transformation over `{"params": params, "codes": codes}`.
 
@@ -259,6 +260,11 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         re-assignment probability toward nearest rounding (0 = nearest; see
         `quant.weights.stochastic_codes`), e.g. annealed with the learning rate to cut the
         re-assignment's variance late in training.
+      feedback_residual_bits: feedback roundings only (ablation): 0 (default) uses the float32
+        residual as it is; b >= 1 uses only its b-bit position inside the cell
+        (`quant.weights.quantize_cell_residual`, stochastic, unbiased) at every update, so
+        the carried information is that of a b-bit memory per weight (stored in float32
+        here): how many bits of the within-cell position DQ's state would need.
       key: PRNG key (or int seed, made into `jax.random.PRNGKey(seed)` at `init`) of the
         stochastic re-assignment. It lives in the state and is split once per update, so a
         resumed state continues the same random stream.
@@ -295,6 +301,13 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         raise ValueError("rounding_temperature is a schedule: wrap the optimizer in "
                          "optax.inject_hyperparams(dq_optimizer, ...)(rounding_temperature="
                          "schedule, ...), which evaluates it at each update.")
+    if not isinstance(feedback_residual_bits, (int, np.integer)) or feedback_residual_bits < 0:
+        raise ValueError(f"feedback_residual_bits={feedback_residual_bits!r} must be an int "
+                         ">= 0 (0 = the float32 residual as it is).")
+    if feedback_residual_bits and rounding not in FEEDBACK_ROUNDINGS:
+        raise ValueError(f"feedback_residual_bits={feedback_residual_bits} applies to the "
+                         f"feedback roundings {FEEDBACK_ROUNDINGS} only (got rounding="
+                         f"{rounding!r}); pass feedback_residual_bits=0.")
     code_lr = learning_rate if code_learning_rate is None else code_learning_rate
     code_mom = momentum if code_momentum is None else code_momentum
 
@@ -369,7 +382,12 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
             path = module + ("kernel",)
             target = flat_wq[path] + flat_u[path]
             if feedback:
-                target = targets[path] = target + flat_r[path]
+                r = flat_r[path]
+                if feedback_residual_bits:
+                    r = _quantize_residual(flat_p[module + (LEVELS,)], flat_c[path], r,
+                                           feedback_residual_bits,
+                                           jax.random.fold_in(step_key, i))
+                target = targets[path] = target + r
             new_codes[path] = _reassign(flat_p[module + (LEVELS,)], target,
                                         jax.random.fold_in(step_key, i),
                                         "nearest" if feedback else rounding,
@@ -436,6 +454,16 @@ def _reassign(levels: jax.Array, target: jax.Array, key: jax.Array, rounding: st
     keys = jax.random.split(key, levels.shape[:n])
     return _over_stack(lambda lv, t, k: wq.reassign_codes(lv, t, k, rounding, temperature), n)(
         levels, target, keys)
+
+
+def _quantize_residual(levels: jax.Array, codes: jax.Array, residual: jax.Array, bits: int,
+                       key: jax.Array) -> jax.Array:
+    """`wq.quantize_cell_residual` over the leading stack axes of `levels` too (one key per
+    slice). The feedback roundings draw no other random numbers, so `key` is free."""
+    n = _stack_dims(levels)
+    keys = jax.random.split(key, levels.shape[:n]) if n else key
+    return _over_stack(lambda lv, c, r, k: wq.quantize_cell_residual(lv, c, r, bits, k), n)(
+        levels, codes, residual, keys)
 
 
 def _sort(levels: jax.Array, codes: jax.Array | None):

@@ -37,7 +37,7 @@ from dq_jax.train_state import TrainState  # everything a step reads and writes;
 PyTree = Any
 # dq_optimizer's arguments that are not learning rates: fixed, not injected hyperparameters.
 STATIC_ARGS = ("momentum", "nesterov", "weight_decay", "rounding", "code_momentum_dtype",
-               "code_momentum", "key")
+               "code_momentum", "feedback_residual_bits", "key")
 
 
 # --------------------------------------------------------------------------- setup
@@ -114,6 +114,7 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
         weight_decay=config.weight_decay, rounding=config.rounding,
         code_momentum_dtype=config.code_momentum_dtype,
         code_momentum=config.code_momentum if config.code_momentum >= 0 else None,
+        feedback_residual_bits=int(config.feedback_residual_bits),
         key=int(config.seed) + 1)
     return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
 

@@ -7,6 +7,7 @@ inject_hyperparams, MultiSteps) and Flax's TrainState, and stacked (nn.scan) lay
 """
 from functools import partial
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -19,7 +20,7 @@ from dq_jax.layers import QuantConv, QuantDense
 from dq_jax import optim
 from dq_jax.optim import code_histogram_entropy, dq_optimizer, effective_kernels
 from dq_jax.quant import weights as wq
-from dq_jax.quant.config import QuantConfig
+from dq_jax.quant.config import FEEDBACK_ROUNDINGS, QuantConfig
 from dq_jax.trees import flatten
 
 
@@ -1013,16 +1014,17 @@ def test_rounding_temperature_rejects_nearest_and_a_bare_schedule():
         dq_optimizer(0.1, 0.0, rounding_temperature=1.5)
 
 
-def _two_level_steps(rounding: str, level_grad: float, levels_lr: float, steps: int):
+def _two_level_steps(rounding: str, level_grad: float, levels_lr: float, steps: int,
+                     shape=(2, 3), **kwargs):
     """(trainable, state) after each of `steps` updates of one layer with levels [-1, 1], all
     six codes at level 0, code LR 1 without momentum and dL/dW_q = -0.375 (u = +0.375 a step,
     exact in binary); level 1 gets gradient `level_grad` under Adam at `levels_lr`."""
     levels = jnp.float32([[-1.0, 1.0]])
     trainable = {"params": {"l": {"kernel_levels": levels}},
-                 "codes": {"l": {"kernel": jnp.zeros((2, 3), jnp.uint8)}}}
+                 "codes": {"l": {"kernel": jnp.zeros(shape, jnp.uint8)}}}
     grads = {"params": {"l": {"kernel_levels": jnp.float32([[0.0, level_grad]])}},
-             "codes": {"l": {"kernel": jnp.full((2, 3), -0.375)}}}
-    tx = dq_optimizer(1.0, levels_lr, momentum=0, rounding=rounding, key=0)
+             "codes": {"l": {"kernel": jnp.full(shape, -0.375)}}}
+    tx = dq_optimizer(1.0, levels_lr, momentum=0, rounding=rounding, key=0, **kwargs)
     state = tx.init(trainable)
     for _ in range(steps):
         updates, state = tx.update(grads, state, trainable)
@@ -1086,3 +1088,27 @@ def test_latent_feedback_keeps_the_latent_when_levels_move():
             seen[rounding].append(int(c[0, 0]))
     assert seen["latent_feedback"] == [0, 1, 1]
     assert seen["error_feedback"] == [0, 0, 1]
+
+
+def test_feedback_residual_bits_keeps_only_the_cells_position():
+    """feedback_residual_bits=b (ablation): only a b-bit position of the residual inside its
+    cell is used. Levels [-1, 1] (gap 2), u = +0.375 a step: residuals 0, 0.375, 0.75 and,
+    after the flip, -0.875 are multiples of 2/16, so at b=4 the path is the float one
+    bitwise; at b=1 (grid 1) the step-2 residual 0.375 is used as 1 with probability 0.375
+    (latent -1 + 0.375 + 1 = 0.375: nearer level 1) and as 0 otherwise, so about 37.5% of
+    4096 weights flip at step 2, where the float residual flips none (latent -0.25)."""
+    for rounding in FEEDBACK_ROUNDINGS:
+        exact = list(_two_level_steps(rounding, 0.0, 0.0, 4))
+        four = list(_two_level_steps(rounding, 0.0, 0.0, 4, feedback_residual_bits=4))
+        chex.assert_trees_all_equal(exact, four)
+        assert [int(t["codes"]["l"]["kernel"][0, 0]) for t, _ in four] == [0, 0, 1, 1]
+        one = list(_two_level_steps(rounding, 0.0, 0.0, 2, shape=(64, 64),
+                                    feedback_residual_bits=1))
+        step1 = np.asarray(one[0][0]["codes"]["l"]["kernel"])
+        step2 = np.asarray(one[1][0]["codes"]["l"]["kernel"])
+        assert np.all(step1 == 0) and set(np.unique(step2)) == {0, 1}
+        assert 0.34 < step2.mean() < 0.41, step2.mean()
+    with pytest.raises(ValueError, match="applies to the feedback roundings"):
+        dq_optimizer(0.1, 0.0, feedback_residual_bits=2)
+    with pytest.raises(ValueError, match="must be an int >= 0"):
+        dq_optimizer(0.1, 0.0, rounding="latent_feedback", feedback_residual_bits=-1)

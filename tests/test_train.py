@@ -206,7 +206,8 @@ def test_feedback_residual_float_starts_the_latent_at_the_float_kernel(tmp_path)
     """feedback_residual='float' (ablation): at init_from, the feedback residual is
     float kernel - W_q (one float32 subtraction of the same numbers: exact), so the implied
     latent W_q + r is the float kernel, as latent-STE's is; levels, codes and every other
-    leaf are those of the zero-residual start; the program then trains from it."""
+    leaf are those of the zero-residual start; the program then trains from it (with
+    feedback_residual_bits=2: that ablation's path through the program)."""
     float_cfg = apply_variant(small_digits(num_train_steps=8), "float")
     train.train_and_evaluate(float_cfg, str(tmp_path / "float"))
     cfg = apply_variant(small_digits(num_train_steps=8), "w2a2")
@@ -234,7 +235,8 @@ def test_feedback_residual_float_starts_the_latent_at_the_float_kernel(tmp_path)
         assert np.all(np.asarray(r_zero[k]) == 0) and np.any(np.asarray(r_seeded[k]) != 0)
     chex.assert_trees_all_equal((zero.params, zero.codes, zero.batch_stats),
                                 (seeded.params, seeded.codes, seeded.batch_stats))
-    cfg.feedback_residual = "float"
+    # the program trains from it, here with the residual kept to 2 bits of its cell
+    cfg.feedback_residual, cfg.feedback_residual_bits = "float", 2
     result = train.train_and_evaluate(cfg, str(tmp_path / "w2a2"))
     assert result["steps"] == 8 and result["eval_top1"] > 0.1, result["eval_top1"]
     residual_after = jax.tree.leaves(dq_state(result["state"]).codes[1])
@@ -245,6 +247,8 @@ def test_feedback_residual_float_starts_the_latent_at_the_float_kernel(tmp_path)
     ({"feedback_residual": "latent"}, r"config.feedback_residual='latent'; allowed: 'zero', 'float'"),
     ({"feedback_residual": "float"}, r"feedback_residual='float' seeds the residual.*rounding"),
     ({"feedback_residual": "float", "rounding": "latent_feedback"}, r"and config.init_from"),
+    ({"feedback_residual_bits": 2}, r"feedback_residual_bits=2 keeps a feedback rounding"),
+    ({"feedback_residual_bits": -1, "rounding": "latent_feedback"}, r"must be an int >= 0"),
 ])
 def test_feedback_residual_config_errors(override, match):
     with pytest.raises(ValueError, match=match):

@@ -205,6 +205,37 @@ def stochastic_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
     return (k + (uniform < p).astype(jnp.int32)).astype(CODE_DTYPE)
 
 
+def quantize_cell_residual(levels: jax.Array, codes: jax.Array, residual: jax.Array,
+                           bits: int, key: jax.Array | None = None,
+                           uniform: jax.Array | None = None) -> jax.Array:
+    """A weight's offset from its level, kept to `bits` bits of its cell (feedback ablation).
+
+    `residual` (kernel-shaped) is measured from `levels[codes]`. It is expressed in units of
+    the level gap on its side (the gap to the next level up for r >= 0, down for r < 0; an
+    end level uses its one inner gap on both sides), clipped to half a gap (the cell's
+    edge), and stochastically rounded to a multiple of `gap / 2**bits`:
+    `floor(x * 2**bits + U) / 2**bits * gap`, unbiased inside the cell. So `bits` = 1 keeps
+    three positions (the lower edge, the level, the upper edge), 2 keeps five. A tied pair of
+    levels (gap 0) keeps offset 0. `uniform` (optional) supplies the U[0,1) draws, for tests.
+    """
+    chex.assert_rank(levels, 2)
+    if int(bits) < 1:
+        raise ValueError(f"bits={bits} must be >= 1 (0 would keep no position).")
+    top = levels.shape[-1] - 1
+    k = codes.astype(jnp.int32)
+    at = _lookup(levels, k)
+    up = _lookup(levels, jnp.minimum(k + 1, top)) - at
+    down = at - _lookup(levels, jnp.maximum(k - 1, 0))
+    up, down = jnp.where(k == top, down, up), jnp.where(k == 0, up, down)
+    gap = jnp.where(residual >= 0, up, down)
+    safe = jnp.where(gap > 0, gap, 1.0)
+    x = jnp.clip(residual / safe, -0.5, 0.5) * (2 ** int(bits))
+    if uniform is None:
+        uniform = jax.random.uniform(key, (residual.size,), jnp.float32).reshape(residual.shape)
+    q = jnp.floor(x + uniform) / (2 ** int(bits)) * gap
+    return jnp.where(gap > 0, q, 0.0).astype(residual.dtype)
+
+
 def reassign_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
                    rounding: str, temperature: jax.Array | float | None = None) -> jax.Array:
     """Direct re-assignment of codes to the target values `W~` (DESIGN §1.1 step 3);
