@@ -570,6 +570,37 @@ def _quantile_start(rows, num_levels):
     return np.quantile(rows, qs, axis=1).T
 
 
+@pytest.mark.parametrize("shape, num_groups_", [((3, 3, 16, 16), 1), ((3, 3, 16, 16), 16),
+                                                ((5, 5, 7, 11), 11), ((2, 1), 1), ((1, 3), 3)])
+def test_quantile_levels_equal_jnp_quantile_bitwise(np_rng, shape, num_groups_):
+    """Lloyd's quantile start is `jnp.quantile(..., 'linear')` bitwise (the same float32
+    operations, positions computed in NumPy); a row holding a NaN (either sign) gives NaNs,
+    as jnp.quantile's does. Heavy tails, so the interpolation weights matter."""
+    w = np_rng.standard_t(3, size=shape).astype(np.float32)
+    rows = np_group_rows(w, num_groups_).copy()
+    if rows.shape[0] > 1:
+        rows[0, 0], rows[-1, -1] = np.nan, -np.nan
+    for num_levels in (2, 4, 16):
+        qs = (jnp.arange(num_levels, dtype=jnp.float32) + 0.5) / num_levels
+        want = jax.jit(lambda r: jnp.quantile(r, qs, axis=1).T)(rows)
+        got = jax.jit(wq.quantile_levels, static_argnums=1)(rows, num_levels)
+        assert got.shape == (rows.shape[0], num_levels) and got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        if rows.shape[0] > 1:
+            assert np.all(np.isnan(got[0])) and np.all(np.isnan(got[-1]))
+            assert not np.any(np.isnan(got[1:-1]))
+
+
+def test_lloyd_init_lowers_without_gathers():
+    """What the init jit compiles (issue 12): Lloyd's start reads its quantiles by static
+    slices of one sort (jnp.quantile's gathers and kernel-wide NaN guard cost ~1 s of XLA:CPU
+    compile per large kernel), and the loop uses selects, not gathers."""
+    for granularity in ("per_layer", "per_channel"):
+        text = jax.jit(lambda w: wq.lloyd_init(w, 4, granularity)).lower(
+            jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)).as_text()
+        assert "gather" not in text
+
+
 def _lloyd_case(np_rng, dist, shape, bits, granularity, iters=5):
     num_levels = 2 ** bits
     w = (np_rng.laplace(size=shape) if dist == "laplace"
