@@ -1015,17 +1015,20 @@ def test_rounding_temperature_rejects_nearest_and_a_bare_schedule():
 
 
 def _two_level_steps(rounding: str, level_grad: float, levels_lr: float, steps: int,
-                     shape=(2, 3), **kwargs):
+                     shape=(2, 3), step=0.375, residual=None, **kwargs):
     """(trainable, state) after each of `steps` updates of one layer with levels [-1, 1], all
-    six codes at level 0, code LR 1 without momentum and dL/dW_q = -0.375 (u = +0.375 a step,
-    exact in binary); level 1 gets gradient `level_grad` under Adam at `levels_lr`."""
+    six codes at level 0, code LR 1 without momentum and dL/dW_q = -step (u = +0.375 a step
+    by default, exact in binary); level 1 gets gradient `level_grad` under Adam at
+    `levels_lr`; `residual` (optional) is the feedback residual to start from."""
     levels = jnp.float32([[-1.0, 1.0]])
     trainable = {"params": {"l": {"kernel_levels": levels}},
                  "codes": {"l": {"kernel": jnp.zeros(shape, jnp.uint8)}}}
     grads = {"params": {"l": {"kernel_levels": jnp.float32([[0.0, level_grad]])}},
-             "codes": {"l": {"kernel": jnp.full(shape, -0.375)}}}
+             "codes": {"l": {"kernel": jnp.full(shape, -step)}}}
     tx = dq_optimizer(1.0, levels_lr, momentum=0, rounding=rounding, key=0, **kwargs)
     state = tx.init(trainable)
+    if residual is not None:
+        state = optim.with_feedback_residual(state, {"l": {"kernel": jnp.full(shape, residual)}})
     for _ in range(steps):
         updates, state = tx.update(grads, state, trainable)
         trainable = optax.apply_updates(trainable, updates)
@@ -1092,22 +1095,27 @@ def test_latent_feedback_keeps_the_latent_when_levels_move():
 
 def test_feedback_residual_bits_keeps_only_the_cells_position():
     """feedback_residual_bits=b (ablation): only a b-bit position of the residual inside its
-    cell is used. Levels [-1, 1] (gap 2), u = +0.375 a step: residuals 0, 0.375, 0.75 and,
-    after the flip, -0.875 are multiples of 2/16, so at b=4 the path is the float one
-    bitwise; at b=1 (grid 1) the step-2 residual 0.375 is used as 1 with probability 0.375
-    (latent -1 + 0.375 + 1 = 0.375: nearer level 1) and as 0 otherwise, so about 37.5% of
-    4096 weights flip at step 2, where the float residual flips none (latent -0.25)."""
+    cell is used. Levels [-1, 1] (gap 2). At b=2 the grid is r in {-0.75, -0.25, 0.25, 0.75}:
+    from r = 0.25 with u = +0.5 a step the residuals are 0.75, -0.75 (after the flip to level
+    1), -0.25, 0.25 — all on the grid, so the path is the float one bitwise. At b=1 (grid
+    +-0.5) from r = 0 with u = +0.375, the residual each update used, r_new - u + (W_q new -
+    W_q old), is always +-0.5, and both occur (0 rounds either way)."""
     for rounding in FEEDBACK_ROUNDINGS:
-        exact = list(_two_level_steps(rounding, 0.0, 0.0, 4))
-        four = list(_two_level_steps(rounding, 0.0, 0.0, 4, feedback_residual_bits=4))
-        chex.assert_trees_all_equal(exact, four)
-        assert [int(t["codes"]["l"]["kernel"][0, 0]) for t, _ in four] == [0, 0, 1, 1]
-        one = list(_two_level_steps(rounding, 0.0, 0.0, 2, shape=(64, 64),
-                                    feedback_residual_bits=1))
-        step1 = np.asarray(one[0][0]["codes"]["l"]["kernel"])
-        step2 = np.asarray(one[1][0]["codes"]["l"]["kernel"])
-        assert np.all(step1 == 0) and set(np.unique(step2)) == {0, 1}
-        assert 0.34 < step2.mean() < 0.41, step2.mean()
+        run = lambda **kw: list(_two_level_steps(rounding, 0.0, 0.0, 4, step=0.5,
+                                                 residual=0.25, **kw))
+        exact, two = run(), run(feedback_residual_bits=2)
+        chex.assert_trees_all_equal(exact, two)
+        assert [int(t["codes"]["l"]["kernel"][0, 0]) for t, _ in two] == [0, 1, 1, 1]
+        assert [float(st.codes[1]["l"]["kernel"][0, 0]) for _, st in two] == [
+            0.75, -0.75, -0.25, 0.25]
+        w_q, used = np.full((32, 32), -1.0), set()
+        for t, st in _two_level_steps(rounding, 0.0, 0.0, 3, shape=(32, 32),
+                                      feedback_residual_bits=1):
+            new_w_q = np.float32([-1.0, 1.0])[np.asarray(t["codes"]["l"]["kernel"])]
+            q = np.asarray(st.codes[1]["l"]["kernel"]) - 0.375 + (new_w_q - w_q)
+            used |= set(np.unique(q).tolist())
+            w_q = new_w_q
+        assert used == {-0.5, 0.5}, used
     with pytest.raises(ValueError, match="applies to the feedback roundings"):
         dq_optimizer(0.1, 0.0, feedback_residual_bits=2)
     with pytest.raises(ValueError, match="must be an int >= 0"):

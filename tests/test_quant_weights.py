@@ -360,40 +360,51 @@ def test_stochastic_codes_probability_threshold_hand_computed():
 
 
 def test_quantize_cell_residual_hand_computed():
-    """Levels -1, 0, 2 (gaps 1 and 2): the offset in units of the gap on its side, clipped to
-    half a gap, rounded to 1/2**bits of the gap by floor(x 2**bits + U). Every value dyadic."""
+    """Levels -1, 0, 2 (gaps 1 and 2): z = r / gap-on-its-side, clipped to [-1/2, 1/2],
+    rounded to the sub-interval centres (j + 1/2) / 2**b by j = floor(z 2**b - 1/2 + U),
+    mapped back with the gap on the result's side. Every value dyadic."""
     levels = jnp.float32([[-1.0, 0.0, 2.0]])
-    codes = jnp.uint8([1, 1, 1, 1, 0, 2, 2])
-    r = jnp.float32([0.5, 0.5, -0.25, -0.25, -3.0, 0.75, 0.75])
-    u = jnp.float32([0.25, 0.75, 0.375, 0.625, 0.5, 0.125, 0.875])
-    # x * 2 = 0.5, 0.5, -0.5, -0.5, -1 (clipped, end level: inner gap 1), 0.75 (top: gap 2)
+    codes = jnp.uint8([1, 1, 1, 1, 1, 1, 0, 2, 2])
+    r = jnp.float32([0.5, 1.0, 1.0, 0.0, 0.0, -0.25, -3.0, 0.75, 0.75])
+    u = jnp.float32([0.5, 0.25, 0.75, 0.25, 0.75, 0.5, 0.5, 0.125, 0.875])
+    # 1 bit, centres z = -1/4 (r = -0.25 below level 0) and +1/4 (r = +0.5 above it):
+    # z 2 - 1/2 = 0, 0.5, 0.5, -0.5, -0.5, -1, -1.5 (end level 0: inner gap 1), 0.25 (top: 2)
     got = wq.quantize_cell_residual(levels, codes, r, 1, uniform=u)
-    np.testing.assert_array_equal(got, [0.0, 1.0, -0.5, 0.0, -0.5, 0.0, 1.0])
-    # 2 bits: x * 4 = 1, 1, -1, -1, -2, 1.5, 1.5 -> on the grid it stays, off it rounds
+    np.testing.assert_array_equal(got, [0.5, 0.5, 0.5, -0.25, 0.5, -0.25, -0.25, 0.5, 0.5])
+    # 2 bits, centres z = -3/8, -1/8, 1/8, 3/8: z 4 - 1/2 = 0.5, 1.5, 1.5, -0.5, -0.5, -1.5, -2.5, 1
     got = wq.quantize_cell_residual(levels, codes, r, 2, uniform=u)
-    np.testing.assert_array_equal(got, [0.5, 0.5, -0.25, -0.25, -0.5, 0.5, 1.0])
-    # a zero gap on the offset's side keeps no position (the other side's gap is used as usual)
-    tied = wq.quantize_cell_residual(jnp.float32([[0.0, 0.0, 1.0]]), jnp.uint8([0, 1, 1]),
-                                     jnp.float32([0.3, -0.3, 0.25]), 1,
-                                     uniform=jnp.float32([0.9, 0.9, 0.75]))
-    np.testing.assert_array_equal(tied, [0.0, 0.0, 0.5])
+    np.testing.assert_array_equal(got, [0.75, 0.75, 0.75, -0.125, 0.25, -0.125, -0.375, 0.75,
+                                        0.75])
+    # tied levels 0, 0: an offset toward a zero gap counts as z = 0; a zero gap on the
+    # result's side keeps no offset
+    tied = wq.quantize_cell_residual(jnp.float32([[0.0, 0.0, 1.0]]), jnp.uint8([1, 1, 1, 0]),
+                                     jnp.float32([0.25, -0.3, -0.3, 0.3]), 1,
+                                     uniform=jnp.float32([0.75, 0.9, 0.1, 0.9]))
+    np.testing.assert_array_equal(tied, [0.25, 0.25, 0.0, 0.0])
     with pytest.raises(ValueError, match="bits=0 must be >= 1"):
         wq.quantize_cell_residual(levels, codes, r, 0, uniform=u)
 
 
-def test_quantize_cell_residual_is_unbiased_inside_the_cell():
-    """Over evenly spaced draws U = (j + 1/2)/8 the mean of floor(x 2**b + U) is x 2**b for
-    x 2**b a multiple of 1/8 (dyadic, exact): the rounding is unbiased inside the cell."""
-    levels = jnp.float32([[-1.0, 0.0, 2.0]])
-    r = jnp.float32([0.375, -0.125, 0.875, -0.4375])   # codes 1: gaps 2, 1, 2, 1
+def test_quantize_cell_residual_is_unbiased_and_keeps_grid_points():
+    """Equal gaps (levels -1, 0, 1): over evenly spaced draws U = (i + 1/2)/8 the mean of the
+    rounded offset is the offset (all values dyadic: exact) between the outermost centres,
+    and an offset on the grid of centres is returned unchanged for every U."""
+    levels = jnp.float32([[-1.0, 0.0, 1.0]])
     u = (jnp.arange(8, dtype=jnp.float32) + 0.5) / 8
     for bits in (1, 2, 3):
-        got = wq.quantize_cell_residual(levels, jnp.ones((8, 4), jnp.uint8),
-                                        jnp.broadcast_to(r, (8, 4)), bits,
-                                        uniform=jnp.broadcast_to(u[:, None], (8, 4)))
-        np.testing.assert_array_equal(np.asarray(got).mean(0), r)
-        grid = np.float32([2, 1, 2, 1]) / 2 ** bits
-        np.testing.assert_array_equal(np.asarray(got) / grid, np.round(np.asarray(got) / grid))
+        n = 2 ** bits
+        inner = np.float32([-0.5 + 0.5 / n, -0.0625, 0.0, 0.1875, 0.5 - 0.5 / n])
+        centres = ((np.arange(n) + 0.5) / n - 0.5).astype(np.float32)
+        for r, check in ((inner, "mean"), (centres, "same")):
+            shape = (8, r.size)
+            got = np.asarray(wq.quantize_cell_residual(
+                levels, jnp.ones(shape, jnp.uint8), jnp.broadcast_to(r, shape), bits,
+                uniform=jnp.broadcast_to(u[:, None], shape)))
+            assert np.all(np.isin(got, centres)), (bits, got)
+            if check == "mean":
+                np.testing.assert_array_equal(got.mean(0), r)
+            else:
+                np.testing.assert_array_equal(got, np.broadcast_to(r, shape))
 
 
 def test_stochastic_codes_clip_outside_and_stay_in_range(np_rng):
