@@ -349,8 +349,10 @@ def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
     def lloyd_step(_, levels):
         codes = nearest_codes(levels, w)
         idx = _flat_index(codes, ng, num_levels).reshape(-1)
-        sums = jax.ops.segment_sum(w.reshape(-1), idx, ng * num_levels)
-        counts = jax.ops.segment_sum(jnp.ones_like(w).reshape(-1), idx, ng * num_levels)
+        # One scatter-add of (w, 1) pairs: each column accumulates in the same order as a
+        # scatter of its own (so the same sums bitwise), in about half the time on CPU.
+        pairs = jnp.stack([w.reshape(-1), jnp.ones((w.size,), jnp.float32)], axis=-1)
+        sums, counts = jax.ops.segment_sum(pairs, idx, ng * num_levels).T
         means = sums / jnp.maximum(counts, 1.0)
         levels = jnp.where(counts > 0, means, levels.reshape(-1)).reshape(ng, num_levels)
         return jnp.sort(levels, axis=-1)
