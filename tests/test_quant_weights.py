@@ -361,8 +361,9 @@ def test_stochastic_codes_probability_threshold_hand_computed():
 
 def test_quantize_cell_residual_hand_computed():
     """Levels -1, 0, 2 (gaps 1 and 2): z = r / gap-on-its-side, clipped to [-1/2, 1/2],
-    rounded to the sub-interval centres (j + 1/2) / 2**b by j = floor(z 2**b - 1/2 + U),
-    mapped back with the gap on the result's side. Every value dyadic."""
+    rounded to the sub-interval centres (j + 1/2) / 2**b by j = floor(z 2**b - 1/2 + U), or
+    past the outermost one to the next cell's first centre (z_q = 3/4 at 1 bit: the code will
+    flip), mapped back with the gap on the result's side. Every value dyadic."""
     levels = jnp.float32([[-1.0, 0.0, 2.0]])
     codes = jnp.uint8([1, 1, 1, 1, 1, 1, 0, 2, 2])
     r = jnp.float32([0.5, 1.0, 1.0, 0.0, 0.0, -0.25, -3.0, 0.75, 0.75])
@@ -370,10 +371,10 @@ def test_quantize_cell_residual_hand_computed():
     # 1 bit, centres z = -1/4 (r = -0.25 below level 0) and +1/4 (r = +0.5 above it):
     # z 2 - 1/2 = 0, 0.5, 0.5, -0.5, -0.5, -1, -1.5 (end level 0: inner gap 1), 0.25 (top: 2)
     got = wq.quantize_cell_residual(levels, codes, r, 1, uniform=u)
-    np.testing.assert_array_equal(got, [0.5, 0.5, 0.5, -0.25, 0.5, -0.25, -0.25, 0.5, 0.5])
+    np.testing.assert_array_equal(got, [0.5, 0.5, 1.5, -0.25, 0.5, -0.25, -0.25, 0.5, 1.5])
     # 2 bits, centres z = -3/8, -1/8, 1/8, 3/8: z 4 - 1/2 = 0.5, 1.5, 1.5, -0.5, -0.5, -1.5, -2.5, 1
     got = wq.quantize_cell_residual(levels, codes, r, 2, uniform=u)
-    np.testing.assert_array_equal(got, [0.75, 0.75, 0.75, -0.125, 0.25, -0.125, -0.375, 0.75,
+    np.testing.assert_array_equal(got, [0.75, 0.75, 1.25, -0.125, 0.25, -0.125, -0.375, 0.75,
                                         0.75])
     # tied levels 0, 0: an offset toward a zero gap counts as z = 0; a zero gap on the
     # result's side keeps no offset
@@ -387,20 +388,22 @@ def test_quantize_cell_residual_hand_computed():
 
 def test_quantize_cell_residual_is_unbiased_and_keeps_grid_points():
     """Equal gaps (levels -1, 0, 1): over evenly spaced draws U = (i + 1/2)/8 the mean of the
-    rounded offset is the offset (all values dyadic: exact) between the outermost centres,
-    and an offset on the grid of centres is returned unchanged for every U."""
+    rounded offset is the offset (all values dyadic: exact) over the whole cell, whose edges
+    round to the outermost centre or past it to the next cell's first, and an offset on the
+    grid of centres is returned unchanged for every U."""
     levels = jnp.float32([[-1.0, 0.0, 1.0]])
     u = (jnp.arange(8, dtype=jnp.float32) + 0.5) / 8
     for bits in (1, 2, 3):
         n = 2 ** bits
-        inner = np.float32([-0.5 + 0.5 / n, -0.0625, 0.0, 0.1875, 0.5 - 0.5 / n])
+        inner = np.float32([-0.5, -0.5 + 0.5 / n, -0.0625, 0.0, 0.1875, 0.5 - 0.5 / n, 0.5])
         centres = ((np.arange(n) + 0.5) / n - 0.5).astype(np.float32)
+        beyond = np.float32([-0.5 - 0.5 / n, 0.5 + 0.5 / n])
         for r, check in ((inner, "mean"), (centres, "same")):
             shape = (8, r.size)
             got = np.asarray(wq.quantize_cell_residual(
                 levels, jnp.ones(shape, jnp.uint8), jnp.broadcast_to(r, shape), bits,
                 uniform=jnp.broadcast_to(u[:, None], shape)))
-            assert np.all(np.isin(got, centres)), (bits, got)
+            assert np.all(np.isin(got, np.concatenate([centres, beyond]))), (bits, got)
             if check == "mean":
                 np.testing.assert_array_equal(got.mean(0), r)
             else:

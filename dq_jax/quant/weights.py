@@ -214,11 +214,13 @@ def quantize_cell_residual(levels: jax.Array, codes: jax.Array, residual: jax.Ar
     its side (`z = r / gap`: the gap up for r >= 0, down for r < 0; an end level uses its one
     inner gap on both sides), clipped to the cell `[-1/2, 1/2]`, it is stochastically rounded
     to the centres of the cell's `2**bits` equal sub-intervals, `z_q = (j + 1/2) / 2**bits`
-    (`j = floor(z 2**bits - 1/2 + U)`, clipped to the cell), and mapped back with the gap on
-    `z_q`'s side. Centres, not edges: a position on the mid-point between two levels would
-    flip its code at any push and back (measured: 10x latent-STE's flip rate). So `bits` = 1
-    keeps which half of the cell a weight is in (`+-gap/4`), 2 its quarter. Unbiased in `z`
-    inside the outermost centres; a residual on the grid stays there (up to the rounding of
+    (`j = floor(z 2**bits - 1/2 + U)`), and mapped back with the gap on `z_q`'s side. Centres,
+    not edges: a position on the mid-point between two levels would flip its code at any push
+    and back (measured: 13x latent-STE's flip rate). A push past the outermost centre may
+    round to the next cell's first centre, `z_q = +-(1/2 + 1/2**(bits+1))`, so the code flips
+    (clipping `j` to the cell instead absorbed every outward push: no weight ever flipped). So
+    `bits` = 1 keeps which half of the cell a weight is in (`+-gap/4`), 2 its quarter. Unbiased
+    in `z` over the cell; a residual on the grid stays there (up to the rounding of
     `r / gap`), so within a cell only what was added to it is re-rounded. An offset toward a
     zero gap (tied levels) counts as z = 0; a zero gap on `z_q`'s side gives 0.
     `uniform` (optional) supplies the U[0,1) draws, for tests.
@@ -238,8 +240,7 @@ def quantize_cell_residual(levels: jax.Array, codes: jax.Array, residual: jax.Ar
     z = jnp.where(gap > 0, z, 0.0)
     if uniform is None:
         uniform = jax.random.uniform(key, (residual.size,), jnp.float32).reshape(residual.shape)
-    j = jnp.clip(jnp.floor(z * n - 0.5 + uniform), -(n // 2), n // 2 - 1)
-    z_q = (j + 0.5) / n
+    z_q = (jnp.floor(z * n - 0.5 + uniform) + 0.5) / n
     return (z_q * side(z_q, up, down)).astype(residual.dtype)
 
 
