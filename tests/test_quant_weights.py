@@ -588,9 +588,12 @@ def _quantile_start(rows, num_levels):
                                                 ((5, 5, 7, 11), 11), ((2, 1), 1), ((1, 3), 3)])
 def test_quantile_levels_equal_jnp_quantile_bitwise(np_rng, shape, num_groups_):
     """Lloyd's quantile start is `jnp.quantile(..., 'linear')` bitwise (the same float32
-    operations, positions computed in NumPy); a row holding a NaN (either sign) gives NaNs,
-    as jnp.quantile's does. Heavy tails, so the interpolation weights matter."""
+    operations, positions computed in NumPy, values read from sorted order keys); a row
+    holding a NaN (either sign) gives NaNs, as jnp.quantile's does. Heavy tails, so the
+    interpolation weights matter; signed zeros and repeats."""
     w = np_rng.standard_t(3, size=shape).astype(np.float32)
+    if w.size > 5:
+        w.reshape(-1)[:5] = [0.5, 0.0, 0.0, w.reshape(-1)[5], w.reshape(-1)[5]]  # repeats
     rows = np_group_rows(w, num_groups_).copy()
     if rows.shape[0] > 1:
         rows[0, 0], rows[-1, -1] = np.nan, -np.nan
@@ -599,7 +602,10 @@ def test_quantile_levels_equal_jnp_quantile_bitwise(np_rng, shape, num_groups_):
         want = jax.jit(lambda r: jnp.quantile(r, qs, axis=1).T)(rows)
         got = jax.jit(wq.quantile_levels, static_argnums=1)(rows, num_levels)
         assert got.shape == (rows.shape[0], num_levels) and got.dtype == jnp.float32
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        got, want = np.asarray(got), np.asarray(want)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))   # NaN payloads aside
+        np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(got)],
+                                      want.view(np.uint32)[~np.isnan(want)])
         if rows.shape[0] > 1:
             assert np.all(np.isnan(got[0])) and np.all(np.isnan(got[-1]))
             assert not np.any(np.isnan(got[1:-1]))
@@ -619,6 +625,27 @@ def test_pair_segment_sum_equals_two_segment_sums_bitwise(np_rng):
         np.testing.assert_array_equal(np.asarray(sums), np.asarray(want(jnp.asarray(w), idx)))
         np.testing.assert_array_equal(np.asarray(counts),
                                       np.bincount(idx, minlength=segments).astype(np.float32))
+
+
+def test_sorted_order_keys_read_back_as_lax_sort_bitwise(np_rng):
+    """Lloyd's quantile start sorts uint32 order keys instead of floats (6x faster on
+    XLA:CPU); read back, they are `lax.sort`'s values — bitwise but for a zero's sign (the
+    sort keeps -0 and +0 in input order, the keys read back +0) and a NaN's payload (both
+    sort NaNs last): heavy tails, repeats, signed zeros, +-inf, NaNs of both signs,
+    one-element rows. (Denormals are left out: XLA:CPU's float comparator may flush them.)"""
+    w = np_rng.standard_t(2, size=(6, 257)).astype(np.float32)
+    w[1, :100] = w[1, 0]                                          # a long run of repeats
+    w[2, :4] = [0.0, -0.0, np.inf, -np.inf]
+    w[3, :3] = [np.nan, -np.nan, 0.0]
+    w[4] = np.round(w[4])                                         # few distinct values
+    for x in (w, np.float32([[3.5], [-0.0]])):
+        want = np.asarray(jax.lax.sort(jnp.asarray(x), dimension=1))
+        got = np.asarray(jax.jit(lambda v: wq._from_order_key(
+            jax.lax.sort(wq._order_key(v), dimension=1)))(x))
+        np.testing.assert_array_equal(got, want)                  # values; NaN == NaN, -0 == 0
+        plain = (want != 0) & ~np.isnan(want)
+        np.testing.assert_array_equal(got.view(np.uint32)[plain], want.view(np.uint32)[plain])
+        assert np.all(got.view(np.uint32)[got == 0] == 0)         # zeros read back as +0
 
 
 def test_lloyd_init_lowers_without_gathers():
