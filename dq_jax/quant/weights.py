@@ -216,8 +216,8 @@ def quantize_cell_residual(levels: jax.Array, codes: jax.Array, residual: jax.Ar
     to the centres of the cell's `2**bits` equal sub-intervals, `z_q = (j + 1/2) / 2**bits`
     (`j = floor(z 2**bits - 1/2 + U)`), and mapped back with the gap on `z_q`'s side. Centres,
     not edges: a position on the mid-point between two levels would flip its code at any push
-    and back (measured: 13x latent-STE's flip rate). A push past the outermost centre may
-    round to the next cell's first centre, `z_q = +-(1/2 + 1/2**(bits+1))`, so the code flips
+    and back (measured: 13x the float residual's flip rate). A push past the outermost centre
+    may round to the next cell's first centre, `z_q = +-(1/2 + 1/2**(bits+1))`, so the code flips
     (clipping `j` to the cell instead absorbed every outward push: no weight ever flipped). So
     `bits` = 1 keeps which half of the cell a weight is in (`+-gap/4`), 2 its quarter. Unbiased
     in `z` over the cell; a residual on the grid stays there (up to the rounding of
