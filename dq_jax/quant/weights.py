@@ -355,7 +355,8 @@ def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
 
     Quantile starts put one level in each equal-mass slice, so no level starts
     empty; each Lloyd step lowers the squared error (empty cells keep their
-    level). Each group keeps the better of the two refined starts. Returns `(levels [G, L] float32 sorted, codes uint8 kernel-shaped)`.
+    level). Each group keeps the better of the two refined starts. Returns
+    `(levels [G, L] float32 sorted, codes uint8 kernel-shaped)`.
     """
     check_kernel_shape(w.shape, granularity, num_levels)
     w = jnp.asarray(w, jnp.float32)
