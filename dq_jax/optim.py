@@ -227,7 +227,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
                  code_learning_rate: ScalarOrSchedule | None = None,
                  code_momentum: float | None = None,
                  rounding_temperature: ScalarOrSchedule | None = None,
-                 feedback_residual_bits: int = 0,
+                 feedback_residual_bits: int | None = None,
                  key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
     """The DQ update as one optax transformation over `{"params": params, "codes": codes}`.
 
@@ -260,8 +260,8 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         re-assignment probability toward nearest rounding (0 = nearest; see
         `quant.weights.stochastic_codes`), e.g. annealed with the learning rate to cut the
         re-assignment's variance late in training.
-      feedback_residual_bits: feedback roundings only (ablation): 0 (default) uses the float32
-        residual as it is; b >= 1 uses only its b-bit position inside the cell
+      feedback_residual_bits: feedback roundings only (ablation): None or 0 (default) uses the
+        float32 residual as it is; b >= 1 uses only its b-bit position inside the cell
         (`quant.weights.quantize_cell_residual`, stochastic, unbiased) at every update, so
         the carried information is that of a b-bit memory per weight (stored in float32
         here): how many bits of the within-cell position DQ's state would need.
@@ -270,8 +270,9 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         resumed state continues the same random stream.
 
     Use `optax.inject_hyperparams(dq_optimizer, static_args=("momentum", "nesterov",
-    "weight_decay", "rounding", "code_momentum_dtype", "code_momentum", "key"))(...)` to
-    schedule the learning rates and read them back from `opt_state.hyperparams`.
+    "weight_decay", "rounding", "code_momentum_dtype", "code_momentum",
+    "feedback_residual_bits", "key"))(...)` to schedule the learning rates and read them back
+    from `opt_state.hyperparams`.
 
     Updates: float params get their optax update unchanged. Levels get it too, except the
     slots a crossing moved (sorted), which get `sorted - old`: `old + (sorted - old)` is
@@ -301,7 +302,13 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         raise ValueError("rounding_temperature is a schedule: wrap the optimizer in "
                          "optax.inject_hyperparams(dq_optimizer, ...)(rounding_temperature="
                          "schedule, ...), which evaluates it at each update.")
-    if not isinstance(feedback_residual_bits, (int, np.integer)) or feedback_residual_bits < 0:
+    if isinstance(feedback_residual_bits, jax.Array):
+        raise ValueError("feedback_residual_bits is a structural choice, not a hyperparameter: "
+                         "pass it as a Python int and list it in inject_hyperparams' "
+                         "static_args.")
+    if feedback_residual_bits is not None and (
+            not isinstance(feedback_residual_bits, (int, np.integer))
+            or feedback_residual_bits < 0):
         raise ValueError(f"feedback_residual_bits={feedback_residual_bits!r} must be an int "
                          ">= 0 (0 = the float32 residual as it is).")
     if feedback_residual_bits and rounding not in FEEDBACK_ROUNDINGS:

@@ -1122,3 +1122,13 @@ def test_feedback_residual_bits_keeps_only_the_cells_position():
         dq_optimizer(0.1, 0.0, feedback_residual_bits=2)
     with pytest.raises(ValueError, match="must be an int >= 0"):
         dq_optimizer(0.1, 0.0, rounding="latent_feedback", feedback_residual_bits=-1)
+    # a structural choice: inject_hyperparams must keep it static, and says so if it is not
+    trainable = {"params": {"l": {"kernel_levels": jnp.float32([[-1.0, 1.0]])}},
+                 "codes": {"l": {"kernel": jnp.zeros((2, 3), jnp.uint8)}}}
+    with pytest.raises(ValueError, match="list it in inject_hyperparams' static_args"):
+        optax.inject_hyperparams(dq_optimizer, static_args=("momentum", "rounding", "key"))(
+            0.1, 0.0, rounding="latent_feedback", feedback_residual_bits=2).init(trainable)
+    static = optax.inject_hyperparams(dq_optimizer, static_args=(
+        "momentum", "rounding", "feedback_residual_bits", "key"))(
+        0.1, 0.0, rounding="latent_feedback", feedback_residual_bits=2)
+    assert "feedback_residual_bits" not in static.init(trainable).hyperparams
