@@ -449,28 +449,32 @@ def _w_q_tree(params: PyTree, codes: PyTree) -> dict:
     return _replace_leaves(codes, flat) if flat else {}
 
 
+def _keyed_over_stack(fn: Callable, levels: jax.Array, key: jax.Array, *arrays: jax.Array):
+    """`fn(levels, *arrays, key)` over the leading stack axes of `levels` too (one key per
+    slice; the key itself when there are none)."""
+    n = _stack_dims(levels)
+    if n == 0:
+        return fn(levels, *arrays, key)
+    return _over_stack(fn, n)(levels, *arrays, jax.random.split(key, levels.shape[:n]))
+
+
 def _reassign(levels: jax.Array, target: jax.Array, key: jax.Array, rounding: str,
               temperature: jax.Array | float | None = None) -> jax.Array:
     """`wq.reassign_codes`, over the leading stack axes of `levels` too (one key per slice)."""
     n = _stack_dims(levels)
-    if n == 0:
-        return wq.reassign_codes(levels, target, key, rounding, temperature)
-    if target.shape[:n] != levels.shape[:n]:
+    if n and target.shape[:n] != levels.shape[:n]:
         raise ValueError(f"stacked levels {levels.shape} and codes {target.shape} disagree on "
                          "their leading (stack) axes.")
-    keys = jax.random.split(key, levels.shape[:n])
-    return _over_stack(lambda lv, t, k: wq.reassign_codes(lv, t, k, rounding, temperature), n)(
-        levels, target, keys)
+    return _keyed_over_stack(
+        lambda lv, t, k: wq.reassign_codes(lv, t, k, rounding, temperature), levels, key, target)
 
 
 def _quantize_residual(levels: jax.Array, codes: jax.Array, residual: jax.Array, bits: int,
                        key: jax.Array) -> jax.Array:
     """`wq.quantize_cell_residual` over the leading stack axes of `levels` too (one key per
     slice). The feedback roundings draw no other random numbers, so `key` is free."""
-    n = _stack_dims(levels)
-    keys = jax.random.split(key, levels.shape[:n]) if n else key
-    return _over_stack(lambda lv, c, r, k: wq.quantize_cell_residual(lv, c, r, bits, k), n)(
-        levels, codes, residual, keys)
+    return _keyed_over_stack(lambda lv, c, r, k: wq.quantize_cell_residual(lv, c, r, bits, k),
+                             levels, key, codes, residual)
 
 
 def _sort(levels: jax.Array, codes: jax.Array | None):
