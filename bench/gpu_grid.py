@@ -54,8 +54,6 @@ VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
     # ... with the latent starting at the float kernel (residual = float kernel - W_q).
     "lf_floatres": (1, ("rounding=latent_feedback", "code_learning_rate=0.01",
                         "code_momentum=0.9", "feedback_residual=float")),
-    # The in-frame use of the float positions: output-aware rounding at conversion (AdaRound).
-    "adaround": (3, ("conversion_rounding=adaround",)),
     # ... keeping only a 2- / 1-bit position of that residual inside its cell (how many bits
     # of position DQ's state would need).
     "lf_floatres_b2": (1, ("rounding=latent_feedback", "code_learning_rate=0.01",
@@ -64,6 +62,8 @@ VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "lf_floatres_b1": (1, ("rounding=latent_feedback", "code_learning_rate=0.01",
                            "code_momentum=0.9", "feedback_residual=float",
                            "feedback_residual_bits=1")),
+    # The in-frame use of the float positions: output-aware rounding at conversion (AdaRound).
+    "adaround": (3, ("conversion_rounding=adaround",)),
 }
 ROW_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
 
