@@ -75,10 +75,7 @@ def _linear_fn(module: nn.Module):
 def _bracket(levels: jax.Array, w: jax.Array):
     """Per weight: the code just below (clipped to [0, L-2]), and the float position
     `(w - l_lo) / (l_hi - l_lo)` clipped to [0, 1]."""
-    num_levels = levels.shape[-1]
-    lo = jnp.clip(wq.count_levels_below(levels, w, inclusive=True) - 1, 0, num_levels - 2)
-    l_lo = wq.gather_levels(levels, lo.astype(wq.CODE_DTYPE))
-    l_hi = wq.gather_levels(levels, (lo + 1).astype(wq.CODE_DTYPE))
+    lo, l_lo, l_hi = wq.bracketing_levels(levels, w)
     gap = jnp.maximum(l_hi - l_lo, 1e-12)
     return lo, l_lo, gap, jnp.clip((w - l_lo) / gap, 0.0, 1.0)
 

@@ -387,16 +387,14 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         new_codes, new_r = {}, {}
         for i, module in enumerate(dq_layer_paths(c)):
             path = module + ("kernel",)
-            target = flat_wq[path] + flat_u[path]
+            target, layer_key = flat_wq[path] + flat_u[path], jax.random.fold_in(step_key, i)
             if feedback:
                 r = flat_r[path]
                 if feedback_residual_bits:
                     r = _quantize_residual(flat_p[module + (LEVELS,)], flat_c[path], r,
-                                           feedback_residual_bits,
-                                           jax.random.fold_in(step_key, i))
+                                           feedback_residual_bits, layer_key)
                 target = targets[path] = target + r
-            new_codes[path] = _reassign(flat_p[module + (LEVELS,)], target,
-                                        jax.random.fold_in(step_key, i),
+            new_codes[path] = _reassign(flat_p[module + (LEVELS,)], target, layer_key,
                                         "nearest" if feedback else rounding,
                                         rounding_temperature)
             if rounding == "error_feedback":  # against the levels the codes were chosen from

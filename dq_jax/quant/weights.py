@@ -171,6 +171,14 @@ def nearest_codes(levels: jax.Array, w: jax.Array) -> jax.Array:
     return count_levels_below(mids, w, inclusive=False).astype(CODE_DTYPE)
 
 
+def bracketing_levels(levels: jax.Array, target: jax.Array):
+    """Per entry, `(k, l_k, l_{k+1})` with `l_k <= target < l_{k+1}` (int32 `k` clipped to
+    [0, L-2], so a target outside the range gets the end pair): the two levels a rounding of
+    `target` chooses between. `levels`: [G, L] sorted."""
+    k = jnp.clip(count_levels_below(levels, target, inclusive=True) - 1, 0, levels.shape[-1] - 2)
+    return k, _lookup(levels, k), _lookup(levels, k + 1)
+
+
 def stochastic_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
                      uniform: jax.Array | None = None,
                      temperature: jax.Array | float | None = None) -> jax.Array:
@@ -188,11 +196,7 @@ def stochastic_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
     al. 2017) for bias late in training. None (default) skips it: the unbiased rule exactly.
     """
     chex.assert_rank(levels, 2)
-    num_levels = levels.shape[-1]
-    k = count_levels_below(levels, target, inclusive=True) - 1
-    k = jnp.clip(k, 0, num_levels - 2)
-    lo = _lookup(levels, k)
-    hi = _lookup(levels, k + 1)
+    k, lo, hi = bracketing_levels(levels, target)
     gap = hi - lo
     p = jnp.where(gap > 0, (target - lo) / jnp.where(gap > 0, gap, 1.0), 0.0)
     p = jnp.clip(p, 0.0, 1.0)
