@@ -52,7 +52,7 @@ VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "lf_floatlr": (1, ("rounding=latent_feedback", "code_learning_rate=0.01",
                        "code_momentum=0.9")),
     # ... with the latent starting at the float kernel (residual = float kernel - W_q).
-    "lf_floatres": (1, ("rounding=latent_feedback", "code_learning_rate=0.01",
+    "lf_floatres": (3, ("rounding=latent_feedback", "code_learning_rate=0.01",
                         "code_momentum=0.9", "feedback_residual=float")),
     # ... keeping only a 2- / 1-bit position of that residual inside its cell (how many bits
     # of position DQ's state would need).
