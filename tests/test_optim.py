@@ -587,16 +587,18 @@ def _to_new_state(ref_state, new_state):
                          key=jax.random.key_data(ref_state.key))
 
 
+@pytest.mark.parametrize("key_impl", ["unsafe_rbg", "threefry2x32"])
 @pytest.mark.parametrize("momentum_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 @pytest.mark.parametrize("via", ["dq_optimizer", "inject_hyperparams"])
 def test_new_transform_matches_frozen_reference_bitwise(small, small_grads, rounding, via,
-                                                         momentum_dtype):
+                                                         momentum_dtype, key_impl):
     """5 updates of the frozen `QuantOptimizer` (tests/reference_optim.py) and of
     `dq_optimizer` (bare, and as train.py builds it: inject_hyperparams over explicit
     schedules) from the same inputs at every step, run eagerly (op by op, so no fusion
     difference can change round-off): params, codes, SGD/Adam statistics, key and diagnostics
-    are bitwise equal. Per-layer (conv) and per-channel (dense) levels, weight decay,
+    are bitwise equal, with unsafe_rbg keys and with threefry keys (the default impl, what
+    the program uses). Per-layer (conv) and per-channel (dense) levels, weight decay,
     Nesterov, a code LR and momentum of their own, levels pushed to cross, codes that flip.
 
     The one allowed difference: a level slot that a crossing moved gets the update
@@ -609,6 +611,9 @@ def test_new_transform_matches_frozen_reference_bitwise(small, small_grads, roun
     range-checked at such a step, bitwise everywhere else.
     """
     from tests import reference_optim
+    if key_impl == "threefry2x32" and (rounding, momentum_dtype) != ("stochastic", "bfloat16"):
+        pytest.skip("threefry keys: the stochastic default is enough")
+    key = lambda seed: jax.random.key(seed, impl=key_impl)
     _, params, codes, _, _, _ = small
     g0, gw0 = small_grads
     # Level gradients that push neighbours toward each other (Adam moves each by ~lr a step).
@@ -1132,3 +1137,76 @@ def test_feedback_residual_bits_keeps_only_the_cells_position():
         "momentum", "rounding", "feedback_residual_bits", "key"))(
         0.1, 0.0, rounding="latent_feedback", feedback_residual_bits=2)
     assert "feedback_residual_bits" not in static.init(trainable).hyperparams
+
+
+class Twins(nn.Module):
+    """Three same-shape per-layer QuantConvs and two same-shape per-channel QuantDenses (a
+    refactor that batches same-shape layers, e.g. to compile once per shape, must keep each
+    layer's own key, draws and statistics)."""
+
+    quant: QuantConfig
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        for _ in range(3):
+            x = nn.relu(QuantConv(4, (3, 3), quant=self.quant)(x, train=train))
+        x = x.mean((1, 2))
+        for _ in range(2):
+            x = QuantDense(4, quant=self.quant.replace(granularity="per_channel"))(
+                x, train=train)
+        return x[..., :3]
+
+
+@pytest.mark.parametrize("key_impl", ["threefry2x32", "unsafe_rbg"])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_same_shape_layers_grouped_match_frozen_reference_bitwise(key_impl, rounding):
+    """A model of same-shape layers: 4 eager updates of `dq_optimizer` and of the frozen
+    reference give bitwise equal codes, params, optimizer statistics and diagnostics, with
+    threefry and unsafe_rbg keys (codes flip at every step)."""
+    from tests import reference_optim
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(8, 6, 6, 2)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 3, size=8).astype(np.int32))
+    model = Twins(W2A2)
+    params, codes, stats = _split(jax.jit(partial(model.init, train=False))(
+        jax.random.PRNGKey(0), x[:2]))
+
+    @jax.jit
+    def grads(params, codes):
+        pert = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), codes)
+
+        def loss_fn(p, pt):
+            out, _ = model.apply({"params": p, "codes": codes, "perturbations": pt, **stats},
+                                 x, train=True, mutable=["quant_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+        return jax.grad(loss_fn, argnums=(0, 1))(params, pert)
+
+    k = jax.random.key(5, impl=key_impl)
+    kw = dict(momentum=0.9, nesterov=False, weight_decay=0.01, rounding=rounding,
+              code_momentum=0.5, code_momentum_dtype="float32")
+    lrs = dict(learning_rate=0.05, levels_learning_rate=1e-3, code_learning_rate=20.0)
+    ref = reference_optim.QuantOptimizer(**lrs, schedule_shape=lambda s: 1.0, **kw)
+    new = dq_optimizer(**lrs, key=k, **kw)
+    ref_state, new_state = ref.init(params, codes, k), new.init({"params": params,
+                                                                 "codes": codes})
+    flips = 0
+    for _ in range(4):
+        g, gw = grads(params, codes)
+        r_params, r_codes, ref_state, r_diag = ref.update(g, gw, ref_state, params, codes)
+        trainable = {"params": params, "codes": codes}
+        updates, new_state = new.update({"params": g, "codes": gw}, new_state, trainable)
+        out = optax.apply_updates(trainable, updates)
+        jax.tree.map(np.testing.assert_array_equal, out["codes"], r_codes)
+        jax.tree.map(np.testing.assert_array_equal, out["params"], r_params)
+        for a, b in zip(_stat_leaves(new_state.params), _stat_leaves(ref_state.params),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+        diag = optim.code_diagnostics(codes, out["codes"], out["params"])
+        assert diag.keys() == r_diag.keys() and len(diag) == 5
+        for layer in diag:
+            for name in ("flip_rate", "code_entropy"):
+                np.testing.assert_array_equal(diag[layer][name], r_diag[layer][name])
+        flips += sum(float(d["flip_rate"]) for d in diag.values())
+        params, codes = r_params, r_codes
+    assert flips > 0 or rounding == "nearest"
