@@ -19,6 +19,7 @@ quantized layers are `nn.Conv` / `nn.Dense` subclasses works unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Iterable
 
@@ -59,17 +60,41 @@ def record_layer_inputs(model: nn.Module, variables: PyTree, images: jax.Array,
     return seen
 
 
-def _linear_fn(module: nn.Module):
-    """`x, kernel -> y` of the layer without bias (the output error is linear in the kernel)."""
-    if isinstance(module, nn.Conv):
-        conv = nn.Conv(features=module.features, kernel_size=module.kernel_size,
-                       strides=module.strides, padding=module.padding,
-                       input_dilation=module.input_dilation,
-                       kernel_dilation=module.kernel_dilation,
-                       feature_group_count=module.feature_group_count, use_bias=False,
-                       dtype=jnp.float32, param_dtype=jnp.float32)
-        return lambda x, k: conv.apply({"params": {"kernel": k}}, x)
-    return lambda x, k: jnp.dot(x, k)
+def _hashable(v: Any) -> Any:
+    return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearFn:
+    """`x, kernel -> y` of a conv (its hyper-parameters in `conv`) or dense (`conv=None`) layer
+    without bias (the output error is linear in the kernel). Equal and hashable by those
+    hyper-parameters, so same-shape layers share one compiled `_adaround_step` (a closure per
+    layer compiled it once per layer, ~1-2 s each on CPU)."""
+
+    conv: tuple | None = None
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "_LinearFn":
+        if not isinstance(module, nn.Conv):
+            return cls(None)
+        return cls(_hashable((module.features, module.kernel_size, module.strides,
+                              module.padding, module.input_dilation, module.kernel_dilation,
+                              module.feature_group_count)))
+
+    def __call__(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        if self.conv is None:
+            return jnp.dot(x, kernel)
+        features, size, strides, padding, input_dil, kernel_dil, groups = self.conv
+        conv = nn.Conv(features=features, kernel_size=size, strides=strides, padding=padding,
+                       input_dilation=input_dil, kernel_dilation=kernel_dil,
+                       feature_group_count=groups, use_bias=False, dtype=jnp.float32,
+                       param_dtype=jnp.float32)
+        return conv.apply({"params": {"kernel": kernel}}, x)
+
+
+def _linear_fn(module: nn.Module) -> _LinearFn:
+    """`x, kernel -> y` of the layer without bias (see `_LinearFn`)."""
+    return _LinearFn.of(module)
 
 
 def _bracket(levels: jax.Array, w: jax.Array):
@@ -82,6 +107,13 @@ def _bracket(levels: jax.Array, w: jax.Array):
 
 def _soft(v: jax.Array) -> jax.Array:
     return jnp.clip(jax.nn.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+    """One `optax.adam` per rate: `_adaround_step` takes it as a static argument, and a new
+    transformation per layer (new closures) would recompile the step for every layer."""
+    return optax.adam(learning_rate)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "batch", "opt"))
@@ -115,7 +147,7 @@ def adaround_codes(kernel: jax.Array, levels: jax.Array, inputs: jax.Array, appl
     n = inputs.shape[0]
     batch = min(batch, n)
     scale = jnp.mean(jnp.square(apply_fn(inputs[:batch], kernel))) + 1e-12
-    opt = optax.adam(learning_rate)
+    opt = _adam(float(learning_rate))
     warmup = int(0.2 * steps)
     v, opt_state = v0, opt.init(v0)
     # A Python loop over one jitted step, not a fori_loop: XLA:CPU runs a convolution inside a

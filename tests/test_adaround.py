@@ -80,3 +80,28 @@ def test_adaround_conversion_beats_nearest_in_the_program(tmp_path):
 def test_conversion_rounding_config_errors(override, match):
     with pytest.raises(ValueError, match=match):
         configlib.validate(apply_variant(small_digits(**override), "w2a2"), device_count=1)
+
+
+def test_same_shape_layers_share_one_compiled_adaround_step():
+    """The layer function and the Adam transformation are equal for same-shape layers, so
+    `_adaround_step` compiles once for them (a closure per layer compiled it per layer); a
+    layer with other hyper-parameters gets its own function."""
+    a = nn.Conv(8, (3, 3), padding=[(1, 1), (1, 1)])
+    b = nn.Conv(8, (3, 3), padding=[(1, 1), (1, 1)])
+    c = nn.Conv(8, (3, 3), strides=2)
+    fa, fb, fc = (adaround._linear_fn(m) for m in (a, b, c))
+    assert fa == fb and hash(fa) == hash(fb) and fa != fc
+    assert adaround._linear_fn(nn.Dense(3)) == adaround._linear_fn(nn.Dense(5))  # x @ k
+    x = jnp.ones((4, 6, 6, 2))
+    k = jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 2, 8)), jnp.float32)
+    np.testing.assert_array_equal(fa(x, k), nn.Conv(8, (3, 3), padding=[(1, 1), (1, 1)],
+                                                    use_bias=False).apply(
+        {"params": {"kernel": k}}, x))
+    before = adaround._adaround_step._cache_size()
+    for seed in (1, 2):
+        w = jnp.asarray(np.random.default_rng(seed).standard_normal((3, 3, 2, 8)) * 0.1,
+                        jnp.float32)
+        levels, _ = wq.lloyd_init(w, 4, "per_channel")
+        adaround.adaround_codes(w, levels, x, adaround._linear_fn(
+            nn.Conv(8, (3, 3), padding=[(1, 1), (1, 1)])), steps=3)
+    assert adaround._adaround_step._cache_size() == before + 1
