@@ -73,14 +73,6 @@ class _LinearFn:
 
     conv: tuple | None = None
 
-    @classmethod
-    def of(cls, module: nn.Module) -> "_LinearFn":
-        if not isinstance(module, nn.Conv):
-            return cls(None)
-        return cls(_hashable((module.features, module.kernel_size, module.strides,
-                              module.padding, module.input_dilation, module.kernel_dilation,
-                              module.feature_group_count)))
-
     def __call__(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         if self.conv is None:
             return jnp.dot(x, kernel)
@@ -94,7 +86,11 @@ class _LinearFn:
 
 def _linear_fn(module: nn.Module) -> _LinearFn:
     """`x, kernel -> y` of the layer without bias (see `_LinearFn`)."""
-    return _LinearFn.of(module)
+    if not isinstance(module, nn.Conv):
+        return _LinearFn(None)
+    return _LinearFn(_hashable((module.features, module.kernel_size, module.strides,
+                                module.padding, module.input_dilation, module.kernel_dilation,
+                                module.feature_group_count)))
 
 
 def _bracket(levels: jax.Array, w: jax.Array):
