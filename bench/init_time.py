@@ -3,16 +3,17 @@
   python bench/init_time.py --model=resnet18
   python bench/init_time.py --model=resnet20 --rounds=3
 
-`train.init_state` is what the training program runs before the first step: one jitted
-`model.init` + optimizer init. For DQ it also fits every layer's levels by Lloyd (1-D k-means)
-and assigns the codes, so its cost is mostly the compile of those per-layer fits. The
-variants are interleaved over --rounds (load from other processes hits both alike; the
-compilation cache is off so every round really compiles); the minimum is reported.
+`train.init_state` is what the training program runs before the first step: a jitted
+`model.init` (each DQ layer stores its float initializer draw), then a second jit that fits
+every DQ layer's levels by Lloyd (1-D k-means on the sorted weights), assigns the codes and
+inits the optimizer. The variants are interleaved over --rounds (load from other processes
+hits both alike; the compilation cache is off so every round really compiles); the minimum
+is reported.
 Last line: `dq_init_over_float=<ratio>` (issue 12's target: <= 1.5 on ResNet-18).
 
-`--phases` also splits the jitted `model.init` alone (no optimizer init) into trace, compile
-and run seconds per method (one extra round, printed as `# phases <method>: ...`), which is
-what says whether a faster init needs fewer compiles or a cheaper Lloyd fit.
+`--phases` also splits those two jits into trace, compile and run seconds per method (one
+extra round, printed as `# phases <method> <jit>: ...`), which is what says whether a faster
+init needs fewer compiles or a cheaper Lloyd fit.
 """
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ if str(ROOT) not in sys.path:
 import bench  # noqa: E402  (after the path set-up)
 
 METHODS = ("float", "dq_w2a2")
+
+
+def _phases(label: str, fn, *args):
+    """Trace, compile and run seconds of one jitted function; returns its output."""
+    import jax
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    t3 = time.perf_counter()
+    print(f"# phases {label}: trace {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, "
+          f"run {t3 - t2:.1f} s", flush=True)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -57,21 +73,24 @@ def main(argv=None) -> dict:
             seconds[method] = min(seconds.get(method, s), s)
             print(f"# {method}: init in {s:.1f} s (round {rnd + 1})", flush=True)
     if args.phases:
+        from dq_jax import layers
+        from dq_jax.train_state import TrainState
         for method in METHODS:
             cfg = step_time.variant_config(step_time.base_config(args.model, 8), method)
             model = train.create_model(cfg, configlib.validate(cfg, device_count=1), 10)
-            init = jax.jit(lambda rng, model=model: model.init(
-                rng, jnp.zeros((1, *shape), jnp.float32), train=False))
+            opt = train.create_optimizer(cfg, 1000, 100)
             rng = jax.random.PRNGKey(cfg.seed)
-            t0 = time.perf_counter()
-            lowered = init.lower(rng)
-            t1 = time.perf_counter()
-            compiled = lowered.compile()
-            t2 = time.perf_counter()
-            jax.block_until_ready(compiled(rng))
-            t3 = time.perf_counter()
-            print(f"# phases {method}: model.init trace {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, "
-                  f"run {t3 - t2:.1f} s", flush=True)
+            # train.init_state's two jits, timed apart: model.init with the level fits
+            # deferred, then the fits and the optimizer init.
+            with layers.deferred_level_fits() as fits:
+                variables = _phases(f"{method} model.init", jax.jit(
+                    lambda rng, model=model: model.init(
+                        rng, jnp.zeros((1, *shape), jnp.float32), train=False)), rng)
+
+            def finish(variables, model=model, opt=opt, fits=fits):
+                variables = layers.fit_deferred_levels(variables, fits)
+                return TrainState.create(apply_fn=model.apply, tx=opt, variables=variables)
+            _phases(f"{method} level fits + optimizer init", jax.jit(finish), variables)
     print(f"# model={args.model} input={shape} backend={jax.default_backend()} jax={jax.__version__}")
     for method in METHODS:
         print(f"{method:<12}{seconds[method]:>8.1f} s init")

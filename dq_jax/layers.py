@@ -26,9 +26,12 @@ ImageNet example. So a model that calls `conv(...)(x)` without `train` trains wi
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,6 +43,51 @@ from dq_jax.quant.config import QuantConfig
 CODES = "codes"
 PERTURBATIONS = "perturbations"
 QUANT_STATS = "quant_stats"
+# Collection of the float initializer draws whose level fits `deferred_level_fits` postponed.
+LEVEL_FIT_DRAWS = "level_fit_draws"
+
+# module path -> (num_levels, granularity, lloyd_iters) while `deferred_level_fits` is active.
+_DEFERRED: contextvars.ContextVar = contextvars.ContextVar("dq_jax_deferred_fits", default=None)
+
+
+@contextlib.contextmanager
+def deferred_level_fits() -> Iterator[dict]:
+    """While active, a DQ layer's `init` stores its float initializer draw (collection
+    `LEVEL_FIT_DRAWS`) with zero levels and codes instead of fitting them; the yielded dict
+    maps each such layer's path to its fit's settings, filled as `init` is traced.
+    `fit_deferred_levels` then fits them all in a jit of its own, with one Lloyd loop for
+    all layers (`lloyd_init_many`).
+
+    Why: inlined into a jitted `init`, every layer's Lloyd fit has a loop of its own and
+    XLA:CPU compiles them with the model's init graph, slower than apart (ResNet-18,
+    RESULTS.md §2.2). Same values: the fits read the same draws and give `lloyd_init`'s
+    results bitwise.
+    """
+    fits: dict = {}
+    token = _DEFERRED.set(fits)
+    try:
+        yield fits
+    finally:
+        _DEFERRED.reset(token)
+
+
+def fit_deferred_levels(variables: dict, fits: dict) -> dict:
+    """`variables` of an `init` under `deferred_level_fits` -> those of a plain `init`: each
+    recorded layer's levels and codes fitted (`lloyd_init`) from its stored draw, and the
+    draws collection dropped. Pure; jit it."""
+    variables = dict(variables)
+    draws = variables.pop(LEVEL_FIT_DRAWS, {})
+    params = flax.traverse_util.flatten_dict(variables["params"]) if fits else {}
+    codes = flax.traverse_util.flatten_dict(variables[CODES]) if fits else {}
+    draws = flax.traverse_util.flatten_dict(draws)
+    fitted = wq.lloyd_init_many([(draws[(*path, "kernel")], *settings)
+                                 for path, settings in fits.items()])
+    for path, (levels, layer_codes) in zip(fits, fitted):
+        params[(*path, wq.LEVELS)], codes[(*path, "kernel")] = levels, layer_codes
+    if fits:
+        variables["params"] = flax.traverse_util.unflatten_dict(params)
+        variables[CODES] = flax.traverse_util.unflatten_dict(codes)
+    return variables
 
 
 class _QuantizedKernelMixin:
@@ -72,8 +120,17 @@ class _QuantizedKernelMixin:
         elif self.is_initializing():
             # One float draw of the user's initializer seeds both levels and codes.
             w0 = init_fn(self.make_rng("params"), shape, dtype)
-            levels0, codes0 = wq.lloyd_init(w0, cfg.num_weight_levels, cfg.granularity,
-                                            cfg.lloyd_iters)
+            deferred = _DEFERRED.get()
+            if deferred is None:
+                levels0, codes0 = wq.lloyd_init(w0, cfg.num_weight_levels, cfg.granularity,
+                                                cfg.lloyd_iters)
+            else:   # zeros now; `fit_deferred_levels` fits them from the stored draw
+                deferred[tuple(self.path)] = (cfg.num_weight_levels, cfg.granularity,
+                                              cfg.lloyd_iters)
+                self.variable(LEVEL_FIT_DRAWS, "kernel", lambda: w0)
+                levels0 = jnp.zeros((wq.num_groups(shape, cfg.granularity),
+                                     cfg.num_weight_levels), jnp.float32)
+                codes0 = jnp.zeros(shape, wq.CODE_DTYPE)
             levels = super().param(wq.LEVELS, lambda _: levels0)
             codes = self.variable(CODES, "kernel", lambda: codes0).value
         else:

@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dq_jax import adaround, checkpoints, configlib, data, models, optim
+from dq_jax import adaround, checkpoints, configlib, data, layers, models, optim
 from dq_jax.layers import QUANT_STATS
 from dq_jax.optim import CODES, LEVELS, PARAMS
 from dq_jax.quant.config import QuantConfig
@@ -151,16 +151,26 @@ def init_state(model, optimizer: optax.GradientTransformation, image_shape: tupl
                seed: int) -> TrainState:
     """Random init (levels/codes from the kernel initializer via Lloyd), compiled.
 
-    Under `jit` because eager init of a quantized net (Lloyd iterations per
-    layer, op by op) takes tens of seconds.
+    Two jits: `model.init` with the DQ layers' level fits deferred (each layer stores its
+    initializer draw), then every layer's Lloyd fit and the optimizer init. The variables
+    are a plain `model.init`'s (tests/test_train.py compares them bitwise); compiled apart,
+    the two take XLA:CPU less time than one graph holding both (RESULTS.md §2.2). Under
+    `jit` at all because eager init of a quantized net (Lloyd iterations per layer, op by
+    op) takes tens of seconds.
     """
+    def draw(rng: jax.Array) -> dict:
+        return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+    with layers.deferred_level_fits() as fits:
+        variables = jax.jit(draw)(jax.random.PRNGKey(seed))
+
     @jax.jit
-    def init(rng: jax.Array) -> TrainState:
-        variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    def finish(variables: dict) -> TrainState:
+        variables = layers.fit_deferred_levels(variables, fits)
         state = TrainState.create(apply_fn=model.apply, tx=optimizer, variables=variables)
         return state.replace(step=jnp.zeros((), jnp.int32))
 
-    return init(jax.random.PRNGKey(seed))
+    return finish(variables)
 
 
 # --------------------------------------------------------------------------- steps

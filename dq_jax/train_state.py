@@ -17,7 +17,7 @@ from flax import struct
 from flax.training import train_state
 
 from dq_jax import optim
-from dq_jax.layers import QUANT_STATS, zero_perturbations
+from dq_jax.layers import LEVEL_FIT_DRAWS, QUANT_STATS, zero_perturbations
 
 PyTree = Any
 
@@ -68,6 +68,11 @@ class TrainState(train_state.TrainState):
             params = variables.pop("params")
             for name in ("codes", "batch_stats", QUANT_STATS):
                 kwargs.setdefault(name, variables.pop(name, {}))
+            if LEVEL_FIT_DRAWS in variables:
+                raise ValueError(
+                    f"TrainState.create: variables hold '{LEVEL_FIT_DRAWS}' (an init under "
+                    "dq_jax.layers.deferred_level_fits): fit the levels first with "
+                    "dq_jax.layers.fit_deferred_levels(variables, fits).")
             if variables:
                 raise ValueError(f"TrainState.create: unexpected collections {sorted(variables)}"
                                  "; the state holds params, codes, batch_stats and quant_stats.")

@@ -42,8 +42,9 @@ def test_init_time_tiny_prints_ratio():
     proc = _run("bench/init_time.py", "--model=digits_cnn", "--rounds=1", "--phases")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for method in ("float", "dq_w2a2"):
-        assert re.search(rf"^# phases {method}: model.init trace [0-9.]+ s, compile [0-9.]+ s, "
-                         r"run [0-9.]+ s$", proc.stdout, flags=re.M), method
+        for jitted in ("model.init", "level fits \\+ optimizer init"):
+            assert re.search(rf"^# phases {method} {jitted}: trace [0-9.]+ s, compile [0-9.]+ s, "
+                             r"run [0-9.]+ s$", proc.stdout, flags=re.M), (method, jitted)
     assert [l for l in proc.stdout.splitlines() if l.strip()][-1].startswith(
         "dq_init_over_float=")
     assert _last_value(proc.stdout, "dq_init_over_float") > 0

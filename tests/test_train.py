@@ -61,6 +61,57 @@ def assert_states_equal(a, b):
                                       err_msg=jax.tree_util.keystr(path))
 
 
+def _one_jit_init(model, opt, image_shape, seed):
+    """What `init_state` compiled before it deferred the level fits: one jit of `model.init`
+    (fits inline) and the optimizer init."""
+    from dq_jax.train_state import TrainState
+
+    @jax.jit
+    def init(rng):
+        variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        state = TrainState.create(apply_fn=model.apply, tx=opt, variables=variables)
+        return state.replace(step=jnp.zeros((), jnp.int32))
+    return init(jax.random.PRNGKey(seed))
+
+
+def test_init_state_equals_one_jitted_init_bitwise():
+    """`init_state` runs `model.init` with the DQ layers' Lloyd fits deferred, then fits
+    them in a second jit (two compiles are cheaper than one holding both, RESULTS.md §2.2).
+    The state must be a plain init's, bitwise: same draws, same fits, each layer with its
+    own settings (2-bit per-layer / 4-bit per-channel with 3 Lloyd steps / float / LSQ /
+    latent-STE in one model), and no stored draw left behind."""
+    import flax.linen as nn
+    from dq_jax.layers import LEVEL_FIT_DRAWS, QuantConv, QuantDense
+    from dq_jax.quant.config import QuantConfig
+
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = QuantConv(8, (3, 3), quant=QuantConfig(weights="dq", weight_bits=2))(x)
+            x = QuantConv(6, (3, 3), quant=QuantConfig(
+                weights="dq", weight_bits=4, granularity="per_channel", lloyd_iters=3,
+                acts="dq", act_bits=4))(nn.relu(x))
+            x = QuantConv(5, (1, 1), quant=QuantConfig(weights="lsq", weight_bits=2))(x)
+            x = QuantConv(5, (1, 1), quant=QuantConfig(weights="latent_ste", weight_bits=2))(x)
+            return QuantDense(3, quant=QuantConfig.float())(x.reshape(x.shape[0], -1))
+
+    opt = train.create_optimizer(small_digits(), 10, 10)
+    state = train.init_state(Mixed(), opt, (6, 6, 3), 5)
+    assert_states_equal(state, _one_jit_init(Mixed(), opt, (6, 6, 3), 5))
+    assert LEVEL_FIT_DRAWS not in state.variables()
+    fitted = [lv for path, lv in flax.traverse_util.flatten_dict(
+        jax.device_get(state.params)).items() if path[-1] == wq.LEVELS]
+    assert len(fitted) == 3 and all(np.all(np.diff(lv, axis=-1) > 0) for lv in fitted)
+    # A deferred init handed to TrainState.create unfitted: the error names the fix.
+    from dq_jax import layers
+    from dq_jax.train_state import TrainState
+    with layers.deferred_level_fits() as fits:
+        variables = Mixed().init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 3)))
+    assert len(fits) == 2 and LEVEL_FIT_DRAWS in variables
+    with pytest.raises(ValueError, match=r"level_fit_draws.*fit_deferred_levels\(variables, fits\)"):
+        TrainState.create(apply_fn=Mixed().apply, tx=opt, variables=variables)
+
+
 @pytest.mark.parametrize("weights", ["dq", "latent_ste"])
 def test_resume_equals_uninterrupted(tmp_path, weights):
     """Stop after 8 steps (checkpoint), resume to 24: bitwise equal to one 24-step run."""
@@ -92,6 +143,7 @@ from dq_jax import configlib, data, train
 from dq_jax.checkpoints import create_manager
 config = load_config('digits')
 config.rounding = sys.argv[2]
+config.quant.acts = sys.argv[3]   # 'dq' (quantized activations) or 'float'
 # float32 momentum: a reduction-order (1-ulp) difference stays 1 ulp; bf16 would round it to
 # 2^-8 relative now and then (the buffer's dtype has nothing to do with sharding).
 config.code_momentum_dtype = 'float32'
@@ -115,34 +167,42 @@ print(json.dumps({'devices': jax.device_count()}))
 """
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_sharded_8_devices_equals_1_device(tmp_path, rounding):
+@pytest.mark.parametrize("rounding, acts", [("nearest", "dq"), ("stochastic", "float")])
+def test_sharded_8_devices_equals_1_device(tmp_path, rounding, acts):
     """Same global batch over 8 fake CPU devices vs 1 device, compared step by step.
 
     Only the gradient all-reduce order differs, so float state agrees to 1e-4
     and codes agree except for entries whose target lies within round-off of a
     rounding threshold (the same PRNG bits are drawn). One such code flip
     legitimately changes every later gradient, so the float comparison runs up
-    to and including the first step whose *input* codes differ, never after it
-    (a robust check on any CPU); at least the first step is always compared,
-    and the differing codes of each compared step must be rare (<= 0.1%).
+    to and including the first step whose *input* codes differ, never after it;
+    at least the first step is always compared, and the differing codes of each
+    compared step must be rare (<= 0.1%). Quantized activations have the same kind of
+    event, unseen in the state (an activation within round-off of a bin edge): see
+    `compare_step_states`.
     """
     states = {}
     for devices in (1, 8):
         wd = tmp_path / f"d{devices}"
         wd.mkdir()
-        proc = run_python(["-c", SHARDED_SCRIPT, str(wd), rounding], devices=devices)
+        proc = run_python(["-c", SHARDED_SCRIPT, str(wd), rounding, acts], devices=devices)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads(proc.stdout.strip().splitlines()[-1])["devices"] == devices
         states[devices] = dict(np.load(wd / "states.npz"))
-    compare_step_states(states[1], states[8], steps=6)
+    compare_step_states(states[1], states[8], steps=6, quantized_acts=acts == "dq")
 
 
-def compare_step_states(one: dict, other: dict, steps: int, atol: float = 1e-4) -> int:
+def compare_step_states(one: dict, other: dict, steps: int, atol: float = 1e-4, *,
+                        quantized_acts: bool) -> int:
     """Per-step states of two runs that differ only in reduction order (see above).
 
     Floats agree to `atol` and codes except rare threshold cases, step by step, up to and
     including the first step whose codes differ (later steps start from other codes).
+    With `quantized_acts`, an activation within round-off of a bin edge can land in
+    another bin in one run — a discrete event like a code flip, but not stored in the
+    state (measured: the digits CNN's states parted by 5x at step 3 with equal codes after
+    an ulp-level change of the init) — so there the comparison also ends, without failing,
+    at the first step after step 1 whose floats part; step 1 must always agree in full.
     Returns how many steps were compared (>= 1).
     """
     assert one.keys() == other.keys()
@@ -154,8 +214,12 @@ def compare_step_states(one: dict, other: dict, steps: int, atol: float = 1e-4) 
         n_codes = sum(one[k].size for k in code_keys)
         n_diff = sum(int(np.sum(one[k] != other[k])) for k in code_keys)
         assert n_diff <= 1e-3 * n_codes, (t, n_diff, n_codes)
+        floats = [k for k in keys if one[k].dtype.kind == "f"]
+        if quantized_acts and t > 1 and not all(
+                np.allclose(one[k], other[k], rtol=atol, atol=atol) for k in floats):
+            break
         for k in keys:
-            if one[k].dtype.kind == "f":
+            if k in floats:
                 np.testing.assert_allclose(one[k], other[k], rtol=atol, atol=atol, err_msg=k)
             elif not k.startswith(f"{t}.codes"):
                 np.testing.assert_array_equal(one[k], other[k], err_msg=k)

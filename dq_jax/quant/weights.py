@@ -336,7 +336,11 @@ def quantile_levels(rows: jax.Array, num_levels: int) -> jax.Array:
     float32 operations) and read by static slices of the sorted keys.
     """
     rows = jnp.asarray(rows, jnp.float32)
-    n = rows.shape[1]
+    return _quantiles_of_sorted_keys(jax.lax.sort(_order_key(rows), dimension=1), num_levels)
+
+
+def _quantiles_of_sorted_keys(keys: jax.Array, num_levels: int) -> jax.Array:
+    n = keys.shape[1]
     qs = (np.arange(num_levels, dtype=np.float32) + np.float32(0.5)) / np.float32(num_levels)
     pos = qs * np.float32(n - 1)
     low, high = np.floor(pos), np.ceil(pos)
@@ -344,13 +348,106 @@ def quantile_levels(rows: jax.Array, num_levels: int) -> jax.Array:
     low_weight = np.float32(1.0) - high_weight
     low = np.clip(low, 0, n - 1).astype(int)
     high = np.clip(high, 0, n - 1).astype(int)
-    keys = jax.lax.sort(_order_key(rows), dimension=1)
     column = lambda i: jax.lax.slice_in_dim(keys, int(i), int(i) + 1, axis=1)
     lo = _from_order_key(jnp.concatenate([column(i) for i in low], axis=1))
     hi = _from_order_key(jnp.concatenate([column(i) for i in high], axis=1))
     out = lo * low_weight + hi * high_weight
     has_nan = keys[:, -1:] == jnp.uint32(0xFFFFFFFF)              # NaNs sort last
     return jnp.where(has_nan, jnp.nan, out)
+
+
+# Values per block of a sorted row in Lloyd's cell sums: fixed (not sized per kernel) so that
+# every kernel's sums are grouped alike alone or batched with other kernels.
+_LLOYD_BLOCK = 256
+
+
+def _pairwise_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis in a fixed pairwise order ((x0 + x1) + (x2 + x3)) + ...,
+    zero-padded to a power of two: so appending zeros never changes the result (the sums of
+    a kernel's cells are the same bits alone and batched with longer rows)."""
+    n = x.shape[-1]
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (1 << max(0, (n - 1).bit_length())) - n)])
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
+
+
+class _LloydRows:
+    """Sorted rows of one or more kernels (each [G_i, n_i]), cut into blocks of B values,
+    with each block's sum: what a Lloyd step on sorted data reads, for every row at once.
+
+    On sorted data a level's cell is an index range: its edges come from a search (count of
+    block heads <= the mid-point, then one block), its sum is the block sums between the
+    edges plus the partial sums of the edges' blocks. O(n/B + B) per cell instead of a pass
+    and a scatter-add over every weight per step; only within-block partial sums are
+    subtracted, so a cell's sum loses at most a block's magnitude to round-off, not the
+    row's (as prefix-sum differences would). Search rows are `copies` stacked copies of
+    all kernels' rows (one per Lloyd start); per-row arrays are padded to the longest row
+    (heads +inf, sums 0), which changes no count and, summed pairwise, no sum.
+    """
+
+    def __init__(self, keys: Sequence[jax.Array], copies: int):
+        b = _LLOYD_BLOCK
+        nbs = [-(-k.shape[1] // b) for k in keys]
+        self.num_blocks = nb_max = max(nbs)
+        self.values, heads, sums, offsets, ns = [], [], [], [], []
+        offset = 0
+        for k, nb in zip(keys, nbs):
+            g, n = k.shape
+            # +inf pads sort last and are never <= a finite mid-point; sums leave them out.
+            v = jnp.pad(_from_order_key(k), ((0, 0), (0, nb * b - n)), constant_values=jnp.inf)
+            self.values.append(v)
+            valid = (jnp.arange(nb * b) < n).reshape(nb, b)
+            # A plain reduce here: its shape is the kernel's own, alone or batched. The sums in
+            # the loop, whose shapes grow with the batch, are pairwise: XLA:CPU's reduce order
+            # follows the shape (a plain sum there gave other bits batched; tested).
+            block_sums = jnp.sum(jnp.where(valid, v.reshape(g, nb, b), 0.0), axis=-1)
+            heads.append(jnp.pad(v[:, ::b], ((0, 0), (0, nb_max - nb)), constant_values=jnp.inf))
+            sums.append(jnp.pad(block_sums, ((0, 0), (0, nb_max - nb))))
+            offsets.append(offset + np.arange(g) * nb)
+            ns.append(np.full(g, n))
+            offset += g * nb
+        self.blocks = jnp.concatenate([v.reshape(-1, b) for v in self.values])
+        tile = lambda xs: jnp.concatenate(list(xs) * copies)
+        self.heads, self.block_sums = tile(heads), tile(sums)                  # [R, nb_max]
+        self.block_row = jnp.asarray(np.concatenate(offsets * copies), jnp.int32)[:, None]
+        self.n = jnp.asarray(np.concatenate(ns * copies), jnp.int32)[:, None]   # [R, 1]
+
+    def edges(self, mids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """For thresholds `mids` [R, K]: the count of values <= each, as (block q, the
+        count q B + i, the sum of block q's first i values)."""
+        q = jnp.sum(self.heads[:, None, :] <= mids[..., None], axis=-1, dtype=jnp.int32) - 1
+        q = jnp.maximum(q, 0)
+        blk = jnp.take(self.blocks, self.block_row + q, axis=0, mode="clip")    # [R, K, B]
+        below = blk <= mids[..., None]
+        inside = jnp.sum(below, axis=-1, dtype=jnp.int32)
+        head_sum = _pairwise_sum(jnp.where(below, blk, 0.0))
+        return q, q * _LLOYD_BLOCK + inside, head_sum
+
+    def cell_sums(self, q: jax.Array, head_sum: jax.Array) -> jax.Array:
+        """Sums of the cells between consecutive edges ([R, K + 1] from `edges` outputs
+        [R, K], with the row's start and end added): block sums [q_k, q_{k+1}) plus the
+        partial sum at edge k+1 minus the one at edge k."""
+        r = q.shape[0]
+        q = jnp.concatenate([jnp.zeros((r, 1), jnp.int32), q,
+                             jnp.full((r, 1), self.num_blocks, jnp.int32)], axis=1)
+        zero = jnp.zeros((r, 1), jnp.float32)
+        part = jnp.concatenate([zero, head_sum, zero], axis=1)
+        j = jnp.arange(self.num_blocks, dtype=jnp.int32)
+        between = (j >= q[:, :-1, None]) & (j < q[:, 1:, None])                  # [R, K+1, nb]
+        whole = _pairwise_sum(jnp.where(between, self.block_sums[:, None, :], 0.0))
+        return whole + (part[:, 1:] - part[:, :-1])
+
+    def step(self, levels: jax.Array) -> jax.Array:
+        """One Lloyd step for every row: each level -> the mean of its cell (an empty cell
+        keeps its level); sorted. Cells are `nearest_codes`'s: mid-points between levels,
+        a tie to the lower level."""
+        r = levels.shape[0]
+        q, counts_below, head_sum = self.edges(0.5 * (levels[:, 1:] + levels[:, :-1]))
+        edges = jnp.concatenate([jnp.zeros((r, 1), jnp.int32), counts_below, self.n], axis=1)
+        counts = (edges[:, 1:] - edges[:, :-1]).astype(jnp.float32)
+        means = self.cell_sums(q, head_sum) / jnp.maximum(counts, 1.0)
+        return jnp.sort(jnp.where(counts > 0, means, levels), axis=-1)
 
 
 def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
@@ -360,53 +457,82 @@ def lloyd_init(w: jax.Array, num_levels: int, granularity: str,
     Quantile starts put one level in each equal-mass slice, so no level starts
     empty; each Lloyd step lowers the squared error (empty cells keep their
     level). Each group keeps the better of the two refined starts. Returns
-    `(levels [G, L] float32 sorted, codes uint8 kernel-shaped)`.
+    `(levels [G, L] float32 sorted, codes uint8 kernel-shaped)`; a group holding a NaN
+    gets NaN levels. `lloyd_init_many` fits several kernels with the same results.
+
+    Lloyd runs on the sorted rows (the sort the quantile start needs anyway): a cell is an
+    index range, its sum a sum of block sums (`_LloydRows`), so a step costs O(L (n/B + B))
+    instead of a pass and a scatter-add over all n weights. Both starts are rows of one
+    loop. The cell sums are taken in sorted order, not memory order: the same sums up to
+    float round-off (measured against the former scatter-add version:
+    tests/test_quant_weights.py).
     """
-    check_kernel_shape(w.shape, granularity, num_levels)
-    w = jnp.asarray(w, jnp.float32)
-    ng = num_groups(w.shape, granularity)
-    rows = _group_matrix(w, ng)
-    quantile_start = quantile_levels(rows, num_levels)
-    lo, hi = jnp.min(rows, axis=1, keepdims=True), jnp.max(rows, axis=1, keepdims=True)
-    uniform_start = lo + (hi - lo) * (jnp.arange(num_levels, dtype=jnp.float32) / (num_levels - 1))
+    return lloyd_init_many([(w, num_levels, granularity, iters)])[0]
 
-    def lloyd_step(_, levels):
-        codes = nearest_codes(levels, w)
-        idx = _flat_index(codes, ng, num_levels).reshape(-1)
-        # One scatter-add of (w, 1) pairs: each column accumulates in the same order as a
-        # scatter of its own (so the same sums bitwise), in about half the time on CPU.
-        pairs = jnp.stack([w.reshape(-1), jnp.ones((w.size,), jnp.float32)], axis=-1)
-        sums, counts = jax.ops.segment_sum(pairs, idx, ng * num_levels).T
-        means = sums / jnp.maximum(counts, 1.0)
-        levels = jnp.where(counts > 0, means, levels.reshape(-1)).reshape(ng, num_levels)
-        return jnp.sort(levels, axis=-1)
 
-    def refine(start):
-        # A loop, not unrolled: one copy of the step per layer keeps model-init compile short.
-        # It stops early at the fixed point (a further step would return the same levels
-        # bitwise), so `iters` is a cap: heavy-tailed 4-bit kernels need ~100 steps, most
-        # 2-bit ones < 10.
+def lloyd_init_many(fits: Sequence[tuple[jax.Array, int, str, int]]
+                    ) -> list[tuple[jax.Array, jax.Array]]:
+    """`[lloyd_init(w, num_levels, granularity, iters) for ...]`, the same bits, with one
+    Lloyd loop per distinct `num_levels` instead of one per kernel: what a model's init
+    compiles (one loop body instead of one per layer; ResNet-18, RESULTS.md §2.2)."""
+    out: list = [None] * len(fits)
+    by_levels: dict[int, list[int]] = {}
+    for i, (w, num_levels, granularity, _) in enumerate(fits):
+        check_kernel_shape(w.shape, granularity, num_levels)
+        by_levels.setdefault(num_levels, []).append(i)
+    for num_levels, idx in by_levels.items():
+        kernels = [jnp.asarray(fits[i][0], jnp.float32) for i in idx]
+        groups = [num_groups(w.shape, fits[i][2]) for i, w in zip(idx, kernels)]
+        keys = [jax.lax.sort(_order_key(_group_matrix(w, g)), dimension=1)
+                for w, g in zip(kernels, groups)]
+        data = _LloydRows(keys, copies=2)                                # 2 starts per row
+        starts, caps = [], []
+        for k, v in zip(keys, data.values):
+            lo, hi = v[:, :1], _from_order_key(k[:, -1:])
+            starts.append(_quantiles_of_sorted_keys(k, num_levels))
+            starts.append(lo + (hi - lo) * (jnp.arange(num_levels, dtype=jnp.float32)
+                                            / (num_levels - 1)))
+        # rows: every kernel's quantile starts, then every kernel's uniform starts
+        starts = starts[0::2] + starts[1::2]
+        for i, g in zip(idx, groups):
+            caps.append(np.full(g, fits[i][3]))
+        cap = jnp.asarray(np.concatenate(caps * 2), jnp.int32)[:, None]
+        max_cap = max(fits[i][3] for i in idx)
+
+        # A loop, not unrolled: one compiled step for all kernels. It stops at the fixed
+        # point (a further step would return the same levels bitwise), so each row's cap is
+        # a cap: heavy-tailed 4-bit kernels need ~100 steps, most 2-bit ones < 30. A row
+        # that has converged (or reached its kernel's cap) stays fixed meanwhile.
         def cond(carry):
             i, _, changed = carry
-            return (i < iters) & changed
+            return (i < max_cap) & changed
 
-        def body(carry):
+        def body(carry, data=data, cap=cap):
             i, levels, _ = carry
-            new = lloyd_step(i, levels)
+            new = jnp.where(i < cap, data.step(levels), levels)
             return i + 1, new, jnp.any(new != levels)
 
-        _, levels, _ = jax.lax.while_loop(cond, body, (0, start, jnp.array(True)))
-        error = jnp.sum(_group_matrix(jnp.square(w - _lookup(levels, nearest_codes(levels, w))),
-                                      ng), axis=1)
-        return levels, error
-
-    # Lloyd only finds a local minimum: from the quantiles (DESIGN 1.1) it can end worse than
-    # the uniform min-max grid for small groups and many levels (heavy tails), so both starts
-    # are refined and each group keeps the better.
-    from_quantiles, err_q = refine(quantile_start)
-    from_uniform, err_u = refine(uniform_start)
-    levels = jnp.where((err_q <= err_u)[:, None], from_quantiles, from_uniform)
-    return levels, nearest_codes(levels, w)
+        _, refined, _ = jax.lax.while_loop(
+            cond, body, (0, jnp.concatenate(starts), jnp.array(True)))
+        total = sum(groups)
+        row = 0
+        for i, w, g, k, v in zip(idx, kernels, groups, keys, data.values):
+            from_quantiles = refined[row:row + g]
+            from_uniform = refined[total + row:total + row + g]
+            row += g
+            # Lloyd only finds a local minimum: from the quantiles (DESIGN 1.1) it can end
+            # worse than the uniform min-max grid for small groups and many levels (heavy
+            # tails), so both starts are refined and each group keeps the better.
+            # Both starts' errors in one pass: the rows twice, against [2G, L] levels.
+            values = jnp.concatenate([v, v]).T                                  # [n', 2G]
+            both = jnp.concatenate([from_quantiles, from_uniform])
+            valid = (jnp.arange(values.shape[0]) < k.shape[1])[:, None]
+            sq = jnp.square(values - _lookup(both, nearest_codes(both, values)))
+            err = jnp.sum(jnp.where(valid, sq, 0.0), axis=0)                      # [2G]
+            levels = jnp.where((err[:g] <= err[g:])[:, None], from_quantiles, from_uniform)
+            levels = jnp.where(k[:, -1:] == jnp.uint32(0xFFFFFFFF), jnp.nan, levels)  # NaN row
+            out[i] = (levels, nearest_codes(levels, w))
+    return out
 
 
 def latent_ste_kernel(kernel: jax.Array, levels: jax.Array) -> jax.Array:
