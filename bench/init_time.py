@@ -1,7 +1,8 @@
-"""Model init time: float vs DQ W2A2 `train.init_state` (trace + compile + run), in one run.
+"""Model init time: float vs DQ (W2A2 by default) `train.init_state` (trace + compile + run), in one run.
 
   python bench/init_time.py --model=resnet18
   python bench/init_time.py --model=resnet20 --rounds=3
+  python bench/init_time.py --model=resnet18 --dq=w4a4     # 16 levels: Lloyd runs longest
 
 `train.init_state` is what the training program runs before the first step: a jitted
 `model.init` (each DQ layer stores its float initializer draw), then a second jit that fits
@@ -27,7 +28,6 @@ if str(ROOT) not in sys.path:
 
 import bench  # noqa: E402  (after the path set-up)
 
-METHODS = ("float", "dq_w2a2")
 
 
 def _phases(label: str, fn, *args):
@@ -49,6 +49,7 @@ def main(argv=None) -> dict:
     p = bench.arg_parser(__doc__)
     p.add_argument("--model", default="resnet18")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; minimum kept")
+    p.add_argument("--dq", default="w2a2", help="the DQ variant (dq_jax.main's --variants names)")
     p.add_argument("--phases", action="store_true",
                    help="also time trace / compile / run of the jitted model.init alone")
     args = p.parse_args(argv)
@@ -59,9 +60,10 @@ def main(argv=None) -> dict:
     jax.config.update("jax_enable_compilation_cache", False)
 
     shape = models.INPUT_SHAPES[args.model]
+    methods = ("float", f"dq_{args.dq}")
     seconds: dict[str, float] = {}
     for rnd in range(args.rounds):
-        for method in METHODS:
+        for method in methods:
             cfg = step_time.variant_config(step_time.base_config(args.model, 8), method)
             quant = configlib.validate(cfg, device_count=jax.device_count())
             model = train.create_model(cfg, quant, 10)
@@ -75,7 +77,7 @@ def main(argv=None) -> dict:
     if args.phases:
         from dq_jax import layers
         from dq_jax.train_state import TrainState
-        for method in METHODS:
+        for method in methods:
             cfg = step_time.variant_config(step_time.base_config(args.model, 8), method)
             model = train.create_model(cfg, configlib.validate(cfg, device_count=1), 10)
             opt = train.create_optimizer(cfg, 1000, 100)
@@ -92,9 +94,9 @@ def main(argv=None) -> dict:
                 return TrainState.create(apply_fn=model.apply, tx=opt, variables=variables)
             _phases(f"{method} level fits + optimizer init", jax.jit(finish), variables)
     print(f"# model={args.model} input={shape} backend={jax.default_backend()} jax={jax.__version__}")
-    for method in METHODS:
+    for method in methods:
         print(f"{method:<12}{seconds[method]:>8.1f} s init")
-    print(f"dq_init_over_float={seconds['dq_w2a2'] / seconds['float']:.2f}")
+    print(f"dq_init_over_float={seconds[methods[1]] / seconds['float']:.2f}")
     return seconds
 
 
