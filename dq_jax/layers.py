@@ -43,8 +43,9 @@ from dq_jax.quant.config import QuantConfig
 CODES = "codes"
 PERTURBATIONS = "perturbations"
 QUANT_STATS = "quant_stats"
-# Collection of the float initializer draws whose level fits `deferred_level_fits` postponed.
-LEVEL_FIT_DRAWS = "level_fit_draws"
+# Name (in the `codes` collection, so lifted transforms stack it as they stack the codes) of
+# the float initializer draw a DQ layer stores under `deferred_level_fits`.
+LEVEL_FIT_DRAW = "kernel_level_fit_draw"
 
 # module path -> (num_levels, granularity, lloyd_iters) while `deferred_level_fits` is active.
 _DEFERRED: contextvars.ContextVar = contextvars.ContextVar("dq_jax_deferred_fits", default=None)
@@ -52,8 +53,8 @@ _DEFERRED: contextvars.ContextVar = contextvars.ContextVar("dq_jax_deferred_fits
 
 @contextlib.contextmanager
 def deferred_level_fits() -> Iterator[dict]:
-    """While active, a DQ layer's `init` stores its float initializer draw (collection
-    `LEVEL_FIT_DRAWS`) with zero levels and codes instead of fitting them; the yielded dict
+    """While active, a DQ layer's `init` stores its float initializer draw (`codes` entry
+    `LEVEL_FIT_DRAW`) with zero levels and codes instead of fitting them; the yielded dict
     maps each such layer's path to its fit's settings, filled as `init` is traced.
     `fit_deferred_levels` then fits them all in a jit of its own, with one Lloyd loop for
     all layers (`lloyd_init_many`).
@@ -61,7 +62,7 @@ def deferred_level_fits() -> Iterator[dict]:
     Why: inlined into a jitted `init`, every layer's Lloyd fit has a loop of its own and
     XLA:CPU compiles them with the model's init graph, slower than apart (ResNet-18,
     RESULTS.md §2.2). Same values: the fits read the same draws and give `lloyd_init`'s
-    results bitwise.
+    results bitwise (per slice for `nn.scan`-stacked layers).
     """
     fits: dict = {}
     token = _DEFERRED.set(fits)
@@ -73,20 +74,32 @@ def deferred_level_fits() -> Iterator[dict]:
 
 def fit_deferred_levels(variables: dict, fits: dict) -> dict:
     """`variables` of an `init` under `deferred_level_fits` -> those of a plain `init`: each
-    recorded layer's levels and codes fitted (`lloyd_init`) from its stored draw, and the
-    draws collection dropped. Pure; jit it."""
+    recorded layer's levels and codes fitted from its stored draw (`lloyd_init_many`; each
+    slice of a stacked layer on its own), and the draws dropped. Pure; jit it."""
+    if not fits:
+        return variables
     variables = dict(variables)
-    draws = variables.pop(LEVEL_FIT_DRAWS, {})
-    params = flax.traverse_util.flatten_dict(variables["params"]) if fits else {}
-    codes = flax.traverse_util.flatten_dict(variables[CODES]) if fits else {}
-    draws = flax.traverse_util.flatten_dict(draws)
-    fitted = wq.lloyd_init_many([(draws[(*path, "kernel")], *settings)
-                                 for path, settings in fits.items()])
-    for path, (levels, layer_codes) in zip(fits, fitted):
+    params = flax.traverse_util.flatten_dict(variables["params"])
+    codes = flax.traverse_util.flatten_dict(variables[CODES])
+    jobs, slots = [], []
+    for path, settings in fits.items():
+        draw = codes.pop((*path, LEVEL_FIT_DRAW))
+        stack = params[(*path, wq.LEVELS)].shape[:-2]       # nn.scan / nn.vmap axes, if any
+        slices = draw.reshape(-1, *draw.shape[len(stack):])
+        jobs += [(w, *settings) for w in slices]
+        slots.append((path, stack, len(slices)))
+    fitted, i = wq.lloyd_init_many(jobs), 0
+    for path, stack, count in slots:
+        levels, layer_codes = zip(*fitted[i:i + count])
+        i += count
+        if stack:
+            levels = jnp.stack(levels).reshape(*stack, *levels[0].shape)
+            layer_codes = jnp.stack(layer_codes).reshape(*stack, *layer_codes[0].shape)
+        else:
+            (levels,), (layer_codes,) = levels, layer_codes
         params[(*path, wq.LEVELS)], codes[(*path, "kernel")] = levels, layer_codes
-    if fits:
-        variables["params"] = flax.traverse_util.unflatten_dict(params)
-        variables[CODES] = flax.traverse_util.unflatten_dict(codes)
+    variables["params"] = flax.traverse_util.unflatten_dict(params)
+    variables[CODES] = flax.traverse_util.unflatten_dict(codes)
     return variables
 
 
@@ -127,7 +140,7 @@ class _QuantizedKernelMixin:
             else:   # zeros now; `fit_deferred_levels` fits them from the stored draw
                 deferred[tuple(self.path)] = (cfg.num_weight_levels, cfg.granularity,
                                               cfg.lloyd_iters)
-                self.variable(LEVEL_FIT_DRAWS, "kernel", lambda: w0)
+                self.variable(CODES, LEVEL_FIT_DRAW, lambda: w0)
                 levels0 = jnp.zeros((wq.num_groups(shape, cfg.granularity),
                                      cfg.num_weight_levels), jnp.float32)
                 codes0 = jnp.zeros(shape, wq.CODE_DTYPE)

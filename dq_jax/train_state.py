@@ -17,7 +17,7 @@ from flax import struct
 from flax.training import train_state
 
 from dq_jax import optim
-from dq_jax.layers import LEVEL_FIT_DRAWS, QUANT_STATS, zero_perturbations
+from dq_jax.layers import LEVEL_FIT_DRAW, QUANT_STATS, zero_perturbations
 
 PyTree = Any
 
@@ -68,11 +68,6 @@ class TrainState(train_state.TrainState):
             params = variables.pop("params")
             for name in ("codes", "batch_stats", QUANT_STATS):
                 kwargs.setdefault(name, variables.pop(name, {}))
-            if LEVEL_FIT_DRAWS in variables:
-                raise ValueError(
-                    f"TrainState.create: variables hold '{LEVEL_FIT_DRAWS}' (an init under "
-                    "dq_jax.layers.deferred_level_fits): fit the levels first with "
-                    "dq_jax.layers.fit_deferred_levels(variables, fits).")
             if variables:
                 raise ValueError(f"TrainState.create: unexpected collections {sorted(variables)}"
                                  "; the state holds params, codes, batch_stats and quant_stats.")
@@ -80,6 +75,11 @@ class TrainState(train_state.TrainState):
             raise ValueError("TrainState.create needs variables= (model.init's output) or "
                              "params=.")
         codes = kwargs.get("codes", {})
+        if any(path[-1] == LEVEL_FIT_DRAW for path in flax.traverse_util.flatten_dict(codes)):
+            raise ValueError(
+                f"TrainState.create: the codes hold '{LEVEL_FIT_DRAW}' entries (an init under "
+                "dq_jax.layers.deferred_level_fits): fit the levels first with "
+                "dq_jax.layers.fit_deferred_levels(variables, fits).")
         opt_state = tx.init({optim.PARAMS: params, optim.CODES: codes})
         if jax.tree.leaves(codes) and not _holds_dq_state(opt_state):
             raise TypeError("TrainState.create: the model has DQ-W codes but tx does not "

@@ -79,9 +79,11 @@ def test_init_state_equals_one_jitted_init_bitwise():
     them in a second jit (two compiles are cheaper than one holding both, RESULTS.md §2.2).
     The state must be a plain init's, bitwise: same draws, same fits, each layer with its
     own settings (2-bit per-layer / 4-bit per-channel with 3 Lloyd steps / float / LSQ /
-    latent-STE in one model), and no stored draw left behind."""
+    latent-STE in one model; nn.scan-stacked layers, fitted slice by slice), and no stored
+    draw left behind."""
     import flax.linen as nn
-    from dq_jax.layers import LEVEL_FIT_DRAWS, QuantConv, QuantDense
+    from dq_jax.layers import LEVEL_FIT_DRAW, QuantConv, QuantDense
+    from tests.test_layers import _STACKED, _Block
     from dq_jax.quant.config import QuantConfig
 
     class Mixed(nn.Module):
@@ -95,20 +97,32 @@ def test_init_state_equals_one_jitted_init_bitwise():
             x = QuantConv(5, (1, 1), quant=QuantConfig(weights="latent_ste", weight_bits=2))(x)
             return QuantDense(3, quant=QuantConfig.float())(x.reshape(x.shape[0], -1))
 
+    class Scanned(nn.Module):   # nn.scan-stacked DQ layers: levels [3, 1, 4], one fit per slice
+        @nn.compact
+        def __call__(self, x, train=False):
+            block = nn.scan(_Block, variable_axes=_STACKED, split_rngs={"params": True},
+                            length=3)
+            x, _ = block(QuantConfig(weights="dq", weight_bits=2), None, name="blocks")(x, None)
+            return jnp.mean(x, axis=(1, 2))
+
     opt = train.create_optimizer(small_digits(), 10, 10)
-    state = train.init_state(Mixed(), opt, (6, 6, 3), 5)
-    assert_states_equal(state, _one_jit_init(Mixed(), opt, (6, 6, 3), 5))
-    assert LEVEL_FIT_DRAWS not in state.variables()
-    fitted = [lv for path, lv in flax.traverse_util.flatten_dict(
-        jax.device_get(state.params)).items() if path[-1] == wq.LEVELS]
-    assert len(fitted) == 3 and all(np.all(np.diff(lv, axis=-1) > 0) for lv in fitted)
+    for model, shape, layers_fitted in ((Mixed(), (6, 6, 3), 3), (Scanned(), (5, 5, 4), 1)):
+        state = train.init_state(model, opt, shape, 5)
+        assert_states_equal(state, _one_jit_init(model, opt, shape, 5))
+        assert not any(p[-1] == LEVEL_FIT_DRAW
+                       for p in flax.traverse_util.flatten_dict(state.codes))
+        fitted = [lv for path, lv in flax.traverse_util.flatten_dict(
+            jax.device_get(state.params)).items() if path[-1] == wq.LEVELS]
+        assert len(fitted) == layers_fitted
+        assert all(np.all(np.diff(lv, axis=-1) > 0) for lv in fitted)   # fitted, not zeros
     # A deferred init handed to TrainState.create unfitted: the error names the fix.
     from dq_jax import layers
     from dq_jax.train_state import TrainState
     with layers.deferred_level_fits() as fits:
         variables = Mixed().init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 3)))
-    assert len(fits) == 2 and LEVEL_FIT_DRAWS in variables
-    with pytest.raises(ValueError, match=r"level_fit_draws.*fit_deferred_levels\(variables, fits\)"):
+    assert len(fits) == 2 and LEVEL_FIT_DRAW in variables["codes"]["QuantConv_0"]
+    with pytest.raises(ValueError,
+                       match=r"kernel_level_fit_draw.*fit_deferred_levels\(variables, fits\)"):
         TrainState.create(apply_fn=Mixed().apply, tx=opt, variables=variables)
 
 
