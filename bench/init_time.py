@@ -1,4 +1,4 @@
-"""Model init time: float vs DQ (W2A2 by default) `train.init_state` (trace + compile + run), in one run.
+"""Model init time: float vs DQ (W2A2 by default) `train.init_state`, trace + compile + run.
 
   python bench/init_time.py --model=resnet18
   python bench/init_time.py --model=resnet20 --rounds=3
@@ -29,7 +29,6 @@ if str(ROOT) not in sys.path:
 import bench  # noqa: E402  (after the path set-up)
 
 
-
 def _phases(label: str, fn, *args):
     """Trace, compile and run seconds of one jitted function; returns its output."""
     import jax
@@ -51,10 +50,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; minimum kept")
     p.add_argument("--dq", default="w2a2", help="the DQ variant (dq_jax.main's --variants names)")
     p.add_argument("--phases", action="store_true",
-                   help="also time trace / compile / run of the jitted model.init alone")
+                   help="also time trace / compile / run of init_state's two jits")
     args = p.parse_args(argv)
     import jax
-    import jax.numpy as jnp
     from dq_jax import configlib, models, train
     from bench import step_time
     jax.config.update("jax_enable_compilation_cache", False)
@@ -75,24 +73,12 @@ def main(argv=None) -> dict:
             seconds[method] = min(seconds.get(method, s), s)
             print(f"# {method}: init in {s:.1f} s (round {rnd + 1})", flush=True)
     if args.phases:
-        from dq_jax import layers
-        from dq_jax.train_state import TrainState
         for method in methods:
             cfg = step_time.variant_config(step_time.base_config(args.model, 8), method)
             model = train.create_model(cfg, configlib.validate(cfg, device_count=1), 10)
-            opt = train.create_optimizer(cfg, 1000, 100)
-            rng = jax.random.PRNGKey(cfg.seed)
-            # train.init_state's two jits, timed apart: model.init with the level fits
-            # deferred, then the fits and the optimizer init.
-            with layers.deferred_level_fits() as fits:
-                variables = _phases(f"{method} model.init", jax.jit(
-                    lambda rng, model=model: model.init(
-                        rng, jnp.zeros((1, *shape), jnp.float32), train=False)), rng)
-
-            def finish(variables, model=model, opt=opt, fits=fits):
-                variables = layers.fit_deferred_levels(variables, fits)
-                return TrainState.create(apply_fn=model.apply, tx=opt, variables=variables)
-            _phases(f"{method} level fits + optimizer init", jax.jit(finish), variables)
+            draw, finish = train.init_jits(model, train.create_optimizer(cfg, 1000, 100), shape)
+            variables = _phases(f"{method} model.init", draw, jax.random.PRNGKey(cfg.seed))
+            _phases(f"{method} level fits + optimizer init", finish, variables)
     print(f"# model={args.model} input={shape} backend={jax.default_backend()} jax={jax.__version__}")
     for method in methods:
         print(f"{method:<12}{seconds[method]:>8.1f} s init")

@@ -147,30 +147,44 @@ def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_clas
                          **config.model_kwargs.to_dict())
 
 
-def init_state(model, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...],
-               seed: int) -> TrainState:
-    """Random init (levels/codes from the kernel initializer via Lloyd), compiled.
+def init_jits(model, optimizer: optax.GradientTransformation,
+              image_shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """`init_state`'s two jitted halves, `draw(rng) -> variables` then
+    `finish(variables) -> TrainState` (apart so `bench/init_time.py` times the same two).
 
-    Two jits: `model.init` with the DQ layers' level fits deferred (each layer stores its
-    initializer draw), then every layer's Lloyd fit and the optimizer init. The variables
-    are a plain `model.init`'s (tests/test_train.py compares them bitwise); compiled apart,
-    the two take XLA:CPU less time than one graph holding both (RESULTS.md §2.2). Under
-    `jit` at all because eager init of a quantized net (Lloyd iterations per layer, op by
-    op) takes tens of seconds.
+    `draw` is `model.init` with the DQ layers' level fits deferred (each layer stores its
+    initializer draw); `finish` fits every layer (one Lloyd loop) and inits the optimizer.
+    Call `draw` first: tracing it records the layers `finish` fits.
     """
+    fits: dict = {}
+
     def draw(rng: jax.Array) -> dict:
-        return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        with layers.deferred_level_fits() as traced:
+            variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        fits.clear()
+        fits.update(traced)
+        return variables
 
-    with layers.deferred_level_fits() as fits:
-        variables = jax.jit(draw)(jax.random.PRNGKey(seed))
-
-    @jax.jit
     def finish(variables: dict) -> TrainState:
         variables = layers.fit_deferred_levels(variables, fits)
         state = TrainState.create(apply_fn=model.apply, tx=optimizer, variables=variables)
         return state.replace(step=jnp.zeros((), jnp.int32))
 
-    return finish(variables)
+    return jax.jit(draw), jax.jit(finish)
+
+
+def init_state(model, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...],
+               seed: int) -> TrainState:
+    """Random init (levels/codes from the kernel initializer via Lloyd), compiled.
+
+    Two jits (`init_jits`): `model.init` with the level fits deferred, then the fits and the
+    optimizer init. The variables are a plain `model.init`'s (tests/test_train.py compares
+    them bitwise); compiled apart, the two take XLA:CPU less time than one graph holding
+    both (RESULTS.md §2.2). Under `jit` at all because eager init of a quantized net (Lloyd
+    iterations per layer, op by op) takes tens of seconds.
+    """
+    draw, finish = init_jits(model, optimizer, image_shape)
+    return finish(draw(jax.random.PRNGKey(seed)))
 
 
 # --------------------------------------------------------------------------- steps
