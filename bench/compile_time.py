@@ -1,15 +1,18 @@
-"""Compile time of the jitted train step: float vs DQ W2A2 vs DQ W2A2 without the in-step
-calibration branch (a proposal, measured by monkeypatching inside this process only).
+"""Compile time of the jitted train step, per method, over float's of the same round.
 
-  python bench/compile_time.py --model=digits_cnn --batch=64
   python bench/compile_time.py --model=resnet20 --batch=128
+  python bench/compile_time.py --model=resnet20 --batch=32 --rounds=5 \\
+      --methods=float,dq_w2a2,dq_weights_only,dq_acts_only,lsq_w2a2,latent_ste_w2a2
 
-`ActQuantizer` traces `lax.cond(initialized, ema_step, calibrate)` in every train step; the
-calibrate branch (a grid search over clipping points + `act_calib_iters` unrolled closed-form
-steps, per quantizer) never runs after `train._initial_state`'s calibration pass, but is
-compiled into the step. The 'no_calib_branch' variant replaces `calibrate_uniform` by a
-single closed-form step while tracing, to show what removing the branch from the train step
-(calibrating only in `Steps.calibrate`) would save. Times are `jit(...).lower(...).compile()`.
+Times are `jit(train_step).lower(...).compile()` only (no persistent cache). Methods: those
+of `bench/step_time.py` (float, dq_w2a2, dq_w4a4, latent_ste_w2a2, lsq_w2a2), plus
+`dq_weights_only` (DQ W2 weights, float activations) and `dq_acts_only` (float weights, DQ A2
+activations), which split DQ's compile between its two quantizers. Rounds interleave the
+methods; on a loaded machine one compile moves by tens of percent, so each round's ratio is
+taken against float's compile of the same round and all rounds are printed with the minimum.
+For where the time goes inside XLA, run it with
+`TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=cpu_compiler=1,hlo_pass_pipeline=1` (RESULTS.md §2.2).
+Last line: `dq_compile_over_float=<ratio of the minima>`.
 """
 from __future__ import annotations
 
@@ -22,41 +25,62 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+SIDES = {"dq_weights_only": ("dq", "float"), "dq_acts_only": ("float", "dq")}
+METHODS = ("float", "dq_w2a2", "dq_w4a4", "latent_ste_w2a2", "lsq_w2a2", *SIDES)
 
-def main(argv=None):
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="digits_cnn")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--methods", default="float,dq_w2a2",
+                   help=f"comma-separated subset of {','.join(METHODS)} (float is always run)")
+    p.add_argument("--rounds", type=int, default=1)
     args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {','.join(unknown)}; choose from {','.join(METHODS)}")
+    if args.rounds < 1:
+        p.error(f"--rounds={args.rounds} must be >= 1")
+    args.methods = ["float"] + [m for m in dict.fromkeys(methods) if m != "float"]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     import jax
-    from dq_jax.quant import activations
     from bench import step_time
 
+    jax.config.update("jax_enable_compilation_cache", False)  # every round really compiles
     bench = step_time.Bench(step_time.parse_args([f"--model={args.model}",
                                                   f"--batch={args.batch}"]))
 
-    def compile_seconds(method):
-        _, _, steps, state, batch = bench.build(method)
+    def compile_seconds(method: str) -> float:
+        if method in SIDES:
+            cfg = step_time.variant_config(step_time.base_config(args.model, args.batch),
+                                           "dq_w2a2")
+            cfg.quant.weights, cfg.quant.acts = SIDES[method]
+            _, _, steps, state, batch = bench.build("dq_w2a2", cfg)
+        else:
+            _, _, steps, state, batch = bench.build(method)
+        lowered = steps.train.lower(state, batch)
         t0 = time.perf_counter()
-        steps.train.lower(state, batch).compile()
+        lowered.compile()
         return time.perf_counter() - t0
 
-    out = {"float": compile_seconds("float"), "dq_w2a2": compile_seconds("dq_w2a2")}
-    original = activations.calibrate_uniform
-
-    def one_step(x, w_c, num_levels, signed, iters):
-        del iters
-        return activations.fit_uniform_step(x, jax.numpy.ones(()), w_c, num_levels, signed)
-
-    activations.calibrate_uniform = one_step
-    try:
-        out["dq_w2a2_no_calib_branch"] = compile_seconds("dq_w2a2")
-    finally:
-        activations.calibrate_uniform = original
-    for k, v in out.items():
-        print(f"{k:<28}{v:>8.1f} s compile")
-    print(f"dq_compile_over_float={out['dq_w2a2'] / out['float']:.2f}")
-    print(f"no_calib_branch_over_dq={out['dq_w2a2_no_calib_branch'] / out['dq_w2a2']:.2f}")
+    seconds: dict[str, list[float]] = {m: [] for m in args.methods}
+    for r in range(args.rounds):
+        for m in args.methods:
+            seconds[m].append(compile_seconds(m))
+            print(f"# round {r + 1} {m}: {seconds[m][-1]:.1f} s", flush=True)
+    floor = min(seconds["float"])
+    for m, s in seconds.items():
+        per_round = " ".join(f"{x / f:.2f}" for x, f in zip(s, seconds["float"]))
+        print(f"{m:<20}{min(s):>7.1f} s compile (min)  x{min(s) / floor:.2f}  "
+              f"per round: {per_round}")
+    if "dq_w2a2" in seconds:
+        print(f"dq_compile_over_float={min(seconds['dq_w2a2']) / floor:.2f}")
 
 
 if __name__ == "__main__":

@@ -40,12 +40,13 @@ LOCK_FILE = "workdir.lock"           # held (flock + pid/host inside) while a ru
 IDENTITY_KEYS = ("model", "model_kwargs", "dataset", "quant", "quantize_first_last",
                  "num_classes", "seed")
 # Keys that cannot change the trained model: how often the run logs, evaluates and saves, how
-# many checkpoints it keeps, the eval batch size, and the start-up switches. Changing them on
-# resume needs no permission (the change is still recorded in run_history.jsonl). Any other
-# difference (learning rates, batch size, schedule, rounding, steps, data_dir, init_from, ...)
-# is refused unless config.allow_config_change=True.
+# many checkpoints it keeps, the eval batch size, the start-up switches, and where compiled
+# programs are cached. Changing them on resume needs no permission (the change is still
+# recorded in run_history.jsonl). Any other difference (learning rates, batch size, schedule,
+# rounding, steps, data_dir, init_from, ...) is refused unless config.allow_config_change=True.
 NON_RESULT_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                   "eval_every_steps", "eval_batch_size", "force_new", "allow_config_change")
+                   "eval_every_steps", "eval_batch_size", "force_new", "allow_config_change",
+                   "compilation_cache_dir")
 
 
 class WorkdirError(ValueError):

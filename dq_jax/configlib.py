@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
     c.nonfinite_policy = "stop"
+    # JAX's persistent compilation cache: 'auto' = <workdir>/compilation_cache (a resume loads
+    # the compiled steps instead of compiling them), a directory (shared by runs of the same
+    # shapes, e.g. seeds), '' = none. JAX_COMPILATION_CACHE_DIR, if set, wins.
+    c.compilation_cache_dir = "auto"
     c.force_new = False                            # start over in a workdir of another config
     c.allow_config_change = False                  # resume under changed hyperparameters
                                                    # (recorded in run_history.jsonl)

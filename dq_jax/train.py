@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dq_jax import adaround, checkpoints, configlib, data, layers, models, optim
+from dq_jax import adaround, checkpoints, configlib, data, jit_cache, layers, models, optim
 from dq_jax.layers import QUANT_STATS
 from dq_jax.optim import CODES, LEVELS, PARAMS
 from dq_jax.quant.config import QuantConfig
@@ -600,7 +600,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         workdir = epath.Path(workdir)
         checkpoints.prepare_workdir(workdir)
         with checkpoints.lock_workdir(workdir):
-            return _train_and_evaluate(config, quant, workdir, watcher, stop_after)
+            cache_dir = jit_cache.enable(
+                jit_cache.resolve_dir(config.compilation_cache_dir, workdir))
+            with jit_cache.counting() as cache_stats:
+                result = _train_and_evaluate(config, quant, workdir, watcher, stop_after,
+                                             (cache_dir, cache_stats))
+            jit_cache.log_summary(cache_dir, cache_stats)
+            return result
 
 
 def _record_model_and_data(workdir: epath.Path, config, quant: QuantConfig, ds,
@@ -619,7 +625,8 @@ def _record_model_and_data(workdir: epath.Path, config, quant: QuantConfig, ds,
 
 
 def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionWatcher,
-                        stop_after: int | None) -> dict:
+                        stop_after: int | None,
+                        cache: tuple[str, jit_cache.CacheStats]) -> dict:
     from clu import metric_writers
 
     start_step, state = None, None
@@ -765,6 +772,8 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
         "devices": jax.device_count(),
         # Steps whose update was skipped as non-finite (nonfinite_policy='skip'), whole run.
         "skipped_steps": skipped,
+        # This process's programs: loaded from the persistent cache (hits) or compiled.
+        "compilation_cache": {"dir": cache[0], **cache[1].as_dict()},
     }
     if not trained_here:
         results["reevaluated_at"] = checkpoints._now()

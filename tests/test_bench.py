@@ -52,6 +52,27 @@ def test_init_time_tiny_prints_ratio():
         assert re.search(rf"^{method}\s+[0-9.]+ s init$", proc.stdout, flags=re.M), method
 
 
+def test_compile_time_tiny_prints_ratio_per_round():
+    proc = _run("bench/compile_time.py", "--model=digits_cnn", "--batch=8", "--rounds=2",
+                "--methods=dq_w2a2,dq_weights_only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in ("float", "dq_w2a2", "dq_weights_only"):  # float is always run, first
+        assert re.search(rf"^{method}\s+[0-9.]+ s compile \(min\)  x[0-9.]+  per round: "
+                         r"[0-9.]+ [0-9.]+$", proc.stdout, flags=re.M), method
+    assert re.search(r"^float .* per round: 1\.00 1\.00$", proc.stdout, flags=re.M)
+    assert [l for l in proc.stdout.splitlines() if l.strip()][-1].startswith(
+        "dq_compile_over_float=")
+    assert _last_value(proc.stdout, "dq_compile_over_float") > 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--methods=dq_w2a2,fp8"], "--methods: unknown fp8"),
+    (["--rounds=0"], "--rounds=0 must be >= 1")])
+def test_compile_time_bad_arguments_fail_clearly(args, needle):
+    proc = _run("bench/compile_time.py", *args, timeout=60)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+
+
 def test_state_memory_dq_below_latent_ste():
     """DQ stores uint8 codes instead of a float latent kernel: its state is smaller."""
     sys.path.insert(0, str(ROOT))

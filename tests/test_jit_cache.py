@@ -1,0 +1,65 @@
+"""`config.compilation_cache_dir`: a resumed or repeated run loads its compiled programs from
+JAX's persistent cache, with the same results."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from dq_jax import jit_cache
+from helpers import REPO
+
+SMALL = ["--config=configs/digits.py", "--config.num_train_steps=4", "--config.batch_size=32",
+         "--config.log_every_steps=2", "--config.checkpoint_every_steps=4",
+         "--config.eval_every_steps=4"]
+
+
+def _run(workdir, *extra) -> dict:
+    """The CLI, without the test suite's own JAX cache (conftest), so the config's is used."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "dq_jax.main", f"--workdir={workdir}", *SMALL,
+                           *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((workdir / "results.json").read_text())
+
+
+def test_second_run_loads_every_program_from_the_cache_with_the_same_results(tmp_path):
+    first = _run(tmp_path / "a")
+    cache = first["compilation_cache"]
+    assert cache["dir"] == str(tmp_path / "a" / "compilation_cache")  # 'auto'
+    assert cache["misses"] > 0 and any((tmp_path / "a" / "compilation_cache").iterdir())
+    # Another workdir sharing that cache: nothing left to compile, the same numbers.
+    second = _run(tmp_path / "b", f"--config.compilation_cache_dir={cache['dir']}")
+    assert second["compilation_cache"]["dir"] == cache["dir"]
+    assert second["compilation_cache"]["misses"] == 0
+    assert second["compilation_cache"]["hits"] == cache["hits"] + cache["misses"]
+    for key in ("eval_loss", "eval_top1", "eval_top5", "steps"):
+        assert second[key] == first[key], key
+
+
+def test_empty_setting_turns_the_cache_off(tmp_path):
+    out = _run(tmp_path / "w", "--config.compilation_cache_dir=")
+    assert out["compilation_cache"] == {"dir": "", "hits": 0, "misses": 0,
+                                        "compile_seconds_saved": 0.0}
+    assert not (tmp_path / "w" / "compilation_cache").exists()
+
+
+def test_resolve_dir():
+    assert jit_cache.resolve_dir("auto", "/w/x") == "/w/x/compilation_cache"
+    assert jit_cache.resolve_dir("gs://b/cache", "/w") == "gs://b/cache"
+    assert jit_cache.resolve_dir("", "/w") == ""
+    with pytest.raises(ValueError, match=r"compilation_cache_dir=3 must be a string"):
+        jit_cache.resolve_dir(3, "/w")
+
+
+def test_a_cache_the_user_configured_for_jax_wins(tmp_path):
+    """This process runs under conftest's JAX_COMPILATION_CACHE_DIR: the program keeps it."""
+    user = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    assert jit_cache.enable(str(tmp_path / "mine")) == user
+    assert jax.config.jax_compilation_cache_dir == user
+    assert jit_cache.enable("") == user
