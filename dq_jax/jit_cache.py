@@ -46,6 +46,7 @@ def enable(directory: str) -> str:
     if not directory or (current and current != _ours) or os.environ.get(_ENV_DIR):
         return current
     if current != directory:
+        check_writable(directory)
         if current:  # ours, for another workdir (--variants): JAX reads the setting once
             compilation_cache.reset_cache()
         compilation_cache.set_cache_dir(directory)
@@ -55,6 +56,22 @@ def enable(directory: str) -> str:
         # nothing, whatever the machine's speed (entries are small next to checkpoints).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return directory
+
+
+def check_writable(directory: str) -> None:
+    """Creates `directory` and writes a probe file there, or raises one clear ValueError: JAX
+    itself would only warn on each read and drop every write."""
+    path = epath.Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"config.compilation_cache_dir={directory!r} is not a writable directory "
+            f"({type(e).__name__}: {e.strerror or e}); pass a writable directory, or '' to "
+            "turn the compilation cache off.") from e
 
 
 @dataclasses.dataclass

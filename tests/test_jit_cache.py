@@ -57,6 +57,17 @@ def test_resolve_dir():
         jit_cache.resolve_dir(3, "/w")
 
 
+def test_an_unwritable_directory_is_one_clear_error(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for bad in (afile, afile / "sub"):
+        with pytest.raises(ValueError, match=r"compilation_cache_dir=.* is not a writable "
+                                             r"directory .*; pass a writable directory, or ''"):
+            jit_cache.check_writable(str(bad))
+    jit_cache.check_writable(str(tmp_path / "new" / "cache"))  # created
+    assert (tmp_path / "new" / "cache").is_dir() and not any((tmp_path / "new" / "cache").iterdir())
+
+
 def test_a_cache_the_user_configured_for_jax_wins(tmp_path):
     """This process runs under conftest's JAX_COMPILATION_CACHE_DIR: the program keeps it."""
     user = os.environ["JAX_COMPILATION_CACHE_DIR"]
