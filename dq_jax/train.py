@@ -593,7 +593,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     A SIGTERM does the same at the current step and returns `preempted=True`; during start-up
     (before the first step) it exits without training, and during the final evaluation after
     the final checkpoint, skipping the evaluation (rerunning evaluates). One run per workdir:
-    a second one is refused while the first holds `workdir/workdir.lock`.
+    a second one is refused while the first holds `workdir/workdir.lock`. Compiled programs
+    go to JAX's persistent cache in `config.compilation_cache_dir` (`jit_cache`; a setting
+    of this process, kept after the call).
     """
     with PreemptionWatcher() as watcher:  # from the very start: start-up/compile too
         quant = configlib.validate(config, device_count=jax.device_count())
