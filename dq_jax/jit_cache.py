@@ -43,8 +43,14 @@ def enable(directory: str) -> str:
     (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) wins over the config's."""
     global _ours
     current = jax.config.jax_compilation_cache_dir or ""
-    if not directory or (current and current != _ours) or os.environ.get(_ENV_DIR):
+    if (current and current != _ours) or os.environ.get(_ENV_DIR):
         return current
+    if not directory:
+        if current:  # ours, from an earlier run in this process: off now, as asked
+            compilation_cache.reset_cache()
+            jax.config.update("jax_compilation_cache_dir", None)
+            _ours = None
+        return ""
     if current != directory:
         check_writable(directory)
         if current:  # ours, for another workdir (--variants): JAX reads the setting once

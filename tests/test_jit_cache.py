@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from dq_jax import jit_cache
 from helpers import REPO
@@ -74,3 +76,31 @@ def test_a_cache_the_user_configured_for_jax_wins(tmp_path):
     assert jit_cache.enable(str(tmp_path / "mine")) == user
     assert jax.config.jax_compilation_cache_dir == user
     assert jit_cache.enable("") == user
+
+
+def test_one_process_switches_between_directories_and_off(tmp_path, monkeypatch):
+    """Several runs in one process (--variants, a library user): each run's setting holds."""
+    user = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    x = jnp.ones(3)
+    try:
+        for name, factor in (("a", 3.0), ("b", 5.0)):
+            where = str(tmp_path / name)
+            assert jit_cache.enable(where) == where
+            assert jax.config.jax_compilation_cache_dir == where
+            with jit_cache.counting() as stats:
+                jax.jit(lambda v, f=factor: v * f + 1.0)(x).block_until_ready()
+            assert stats.misses == 1 and any((tmp_path / name).iterdir()), name
+        assert jit_cache.enable("") == "" and not jax.config.jax_compilation_cache_dir
+        with jit_cache.counting() as stats:
+            jax.jit(lambda v: v * 7.0 - 1.0)(x).block_until_ready()
+        assert stats.misses == 0 and stats.hits == 0  # no cache consulted
+    finally:
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", user)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        jit_cache._ours = None
