@@ -21,7 +21,7 @@ AUTO = "auto"
 SUBDIR = "compilation_cache"
 _HIT, _MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
 _SAVED = "/jax/compilation_cache/compile_time_saved_sec"
-_ENV_DIR, _ENV_MIN_TIME = "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+_ENV_MIN_TIME = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 _ours: str | None = None  # the directory this module set (a user's own setting is left alone)
 
 
@@ -38,12 +38,12 @@ def resolve_dir(setting: str, workdir: str | os.PathLike) -> str:
 
 
 def enable(directory: str) -> str:
-    """Makes JAX cache compiled programs in `directory` ('' = leave JAX as it is); returns the
-    directory JAX uses ('' for none). A cache the user configured for JAX itself
-    (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) wins over the config's."""
+    """Makes JAX cache compiled programs in `directory` ('' = no cache, also turning off one
+    this module set for an earlier run); returns the directory JAX uses ('' for none). A cache
+    the user configured for JAX itself (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) wins."""
     global _ours
     current = jax.config.jax_compilation_cache_dir or ""
-    if (current and current != _ours) or os.environ.get(_ENV_DIR):
+    if current and current != _ours:  # the user's own (the env var sets jax.config too)
         return current
     if not directory:
         if current:  # ours, from an earlier run in this process: off now, as asked

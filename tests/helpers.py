@@ -17,9 +17,11 @@ def load_config(name: str):
 
 
 def run_python(args: list[str], *, devices: int | None = None, timeout: int = 600,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs `python ARGS` from the repo root with `devices` fake CPU devices."""
-    full_env = dict(os.environ, **(env or {}))
+               env: dict | None = None,
+               unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Runs `python ARGS` from the repo root with `devices` fake CPU devices, the caller's
+    environment plus `env`, minus the variables named in `unset`."""
+    full_env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     if devices:
         # Keep the caller's XLA flags (e.g. --xla_cpu_enable_fast_math=false); replace only the

@@ -2,8 +2,6 @@
 JAX's persistent cache, with the same results."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from dq_jax import jit_cache
-from helpers import REPO
+from helpers import run_python
 
 SMALL = ["--config=configs/digits.py", "--config.num_train_steps=4", "--config.batch_size=32",
          "--config.log_every_steps=2", "--config.checkpoint_every_steps=4",
@@ -20,12 +18,9 @@ SMALL = ["--config=configs/digits.py", "--config.num_train_steps=4", "--config.b
 
 def _run(workdir, *extra) -> dict:
     """The CLI, without the test suite's own JAX cache (conftest), so the config's is used."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "dq_jax.main", f"--workdir={workdir}", *SMALL,
-                           *extra], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_python(["-m", "dq_jax.main", f"--workdir={workdir}", *SMALL, *extra],
+                      unset=("JAX_COMPILATION_CACHE_DIR",
+                             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((workdir / "results.json").read_text())
 
