@@ -12,7 +12,7 @@ methods; on a loaded machine one compile moves by tens of percent, so each round
 taken against float's compile of the same round and all rounds are printed with the minimum.
 For where the time goes inside XLA, run it with
 `TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=cpu_compiler=1,hlo_pass_pipeline=1` (RESULTS.md §2.2).
-Last line: `dq_compile_over_float=<ratio of the minima>`.
+Last line (when dq_w2a2 runs): `dq_compile_over_float=<ratio of the minima>`.
 """
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import step_time  # noqa: E402  (after the path set-up)
+
 SIDES = {"dq_weights_only": ("dq", "float"), "dq_acts_only": ("float", "dq")}
-METHODS = ("float", "dq_w2a2", "dq_w4a4", "latent_ste_w2a2", "lsq_w2a2", *SIDES)
+# step_time's methods that the training program builds (Qwix's step is another program)
+METHODS = (*(m for m in step_time.METHODS if not m.startswith("qwix_")), *SIDES)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,7 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     import jax
-    from bench import step_time
 
     jax.config.update("jax_enable_compilation_cache", False)  # every round really compiles
     bench = step_time.Bench(step_time.parse_args([f"--model={args.model}",
