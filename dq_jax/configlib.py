@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from dq_jax.quant.config import FEEDBACK_ROUNDINGS, ROUNDINGS, QuantConfig
+from dq_jax.quant.config import FEEDBACK_ROUNDINGS, INERTIA_AFTER_MOVE, ROUNDINGS, QuantConfig
 
 DATASETS = ("digits", "cifar10_npz", "npz", "cifar10", "cifar100", "imagenet2012")
 SCHEDULES = ("cosine", "step", "constant")
@@ -55,11 +55,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.step_boundaries = (0.5, 0.75)                # fractions of training, schedule='step'
     c.step_decay = 0.1
     c.label_smoothing = 0.0
-    # DQ-W code re-assignment: stochastic (the method); nearest, error_feedback, latent_feedback (ablations)
+    # DQ-W code re-assignment: stochastic (the method); inertia (deterministic, evidence-
+    # thresholded: the multi-level form of Bop); nearest, error_feedback, latent_feedback (ablations)
     c.rounding = "stochastic"
+    # rounding='inertia' only: the evidence a move needs, in level gaps (u = code LR * momentum
+    # must reach threshold * gap), and what a move does to the momentum (subtract, reset, keep)
+    c.inertia_threshold = 1.0
+    c.inertia_after_move = "subtract"
     c.rounding_anneal = False                      # stochastic -> nearest as the LR decays
-    # feedback roundings only: the residual at init_from, 'zero' or 'float' (float kernel - W_q,
-    # the float model's position inside each cell: latent-STE's start; an ablation)
+    # feedback roundings and inertia only: the residual at init_from, 'zero' or 'float' (float
+    # kernel - W_q, the float model's position inside each cell: latent-STE's start). For
+    # inertia it seeds the code momentum (no extra state); for the feedback roundings (ablations)
+    # their float residual
     c.feedback_residual = "zero"
     # feedback roundings only: 0 = the float32 residual; b >= 1 = only its b-bit position
     # inside the cell is used (how many bits of position DQ's state would need; an ablation)
@@ -118,8 +125,10 @@ def _not_applicable(d: dict) -> set[str]:
     if weights != "dq":
         out |= {"code_learning_rate", "code_momentum", "code_momentum_dtype", "rounding",
                 "rounding_anneal", "feedback_residual", "feedback_residual_bits",
-                "conversion_rounding",
+                "conversion_rounding", "inertia_threshold", "inertia_after_move",
                 "adaround_steps", "adaround_images"}
+    if d.get("rounding") != "inertia":
+        out |= {"inertia_threshold", "inertia_after_move"}
     if weights not in ("dq", "latent_ste"):
         out |= {"levels_learning_rate", "quant.lloyd_iters"}
     if weights == "float":
@@ -219,11 +228,25 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
                 _fail(f"config.{key}={config[key]} must be >= 1.")
     if config.feedback_residual not in ("zero", "float"):
         _fail(f"config.feedback_residual={config.feedback_residual!r}; allowed: 'zero', 'float'.")
-    if config.feedback_residual == "float" and (config.rounding not in FEEDBACK_ROUNDINGS
+    seeded = FEEDBACK_ROUNDINGS + ("inertia",)
+    if config.feedback_residual == "float" and (config.rounding not in seeded
                                                  or not config.init_from):
-        _fail("config.feedback_residual='float' seeds the residual of a feedback rounding from "
-              f"a float checkpoint: set config.rounding to one of {FEEDBACK_ROUNDINGS} and "
-              "config.init_from, or feedback_residual='zero'.")
+        _fail("config.feedback_residual='float' seeds the residual of a feedback rounding (or "
+              "inertia's code momentum) from a float checkpoint: set config.rounding to one of "
+              f"{seeded} and config.init_from, or feedback_residual='zero'.")
+    if config.inertia_after_move not in INERTIA_AFTER_MOVE:
+        _fail(f"config.inertia_after_move={config.inertia_after_move!r}; allowed: "
+              f"{', '.join(repr(r) for r in INERTIA_AFTER_MOVE)}.")
+    threshold = config.inertia_threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+            0 < threshold < math.inf):
+        _fail(f"config.inertia_threshold={threshold!r} must be a number > 0 (the evidence a "
+              "move needs, in level gaps; e.g. 1.0).")
+    if config.rounding != "inertia" and (threshold != 1.0
+                                         or config.inertia_after_move != "subtract"):
+        _fail(f"config.inertia_threshold / inertia_after_move apply to rounding='inertia' only "
+              f"(rounding={config.rounding!r}); set rounding='inertia' or leave them at 1.0 / "
+              "'subtract'.")
     bits = config.feedback_residual_bits
     if not isinstance(bits, int) or bits < 0:
         _fail(f"config.feedback_residual_bits={bits!r} must be an int >= 0 (0 = the float32 "

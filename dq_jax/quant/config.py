@@ -19,7 +19,11 @@ ACT_ERRORS = ("channel", "global")
 # shadow weight in all but name), to measure what the missing accumulator is worth;
 # 'latent_feedback' keeps W_q + r fixed when levels move (latent-STE in DQ's state).
 FEEDBACK_ROUNDINGS = ("error_feedback", "latent_feedback")
-ROUNDINGS = ("stochastic", "nearest") + FEEDBACK_ROUNDINGS
+# 'inertia': the multi-level form of Bop (Helwegen et al. 2019): a weight moves one level when
+# its code update reaches the gap to that level, deterministically; the code momentum is the
+# evidence, and INERTIA_AFTER_MOVE says what a move does to it.
+ROUNDINGS = ("stochastic", "nearest") + FEEDBACK_ROUNDINGS + ("inertia",)
+INERTIA_AFTER_MOVE = ("subtract", "reset", "keep")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
