@@ -18,11 +18,11 @@ common too), cosine LR, peak 0.01 for fine-tuning, batch 128; DQ codes: their ow
 momentum 0.99 and peak LR 1e-4 (the same effective step as LR 0.001 at momentum 0.9, with the
 gradient noise averaged over ~100 steps before it can flip a code), per-channel weight levels;
 levels: Adam 1e-3; BatchNorm statistics re-estimated on 50 batches after the last step. These
-are the best DQ settings of a 1-epoch screen (RESULTS.md §1.1).
+are the best DQ settings of a 1-epoch screen (docs/notebook.md §1.1).
 Augmentation: pad-4 random crop + horizontal flip. On 2 CPU cores an epoch of ResNet-20
 takes ~10-20 min: shrink with --config.num_epochs for a quick look.
 
-Expected (RESULTS.md §1.1, measured on the JPEG-degraded CIFAR-10 copy): from a 20-epoch float
+Expected (docs/notebook.md §1.1, measured on the JPEG-degraded CIFAR-10 copy): from a 20-epoch float
 model (85.98%), 5 epochs (1,955 steps, --config.num_train_steps=1955) of this recipe give DQ
 W2A2 81.7% top-1 (3 seeds 81.67-81.68, bfloat16 code momentum, the default; 81.5% with
 float32), LSQ 82.6% and latent-STE 82.8% in the same protocol (3 seeds each); 1 epoch

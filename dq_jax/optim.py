@@ -255,7 +255,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         random draws). The code momentum is a plain trace (`nesterov` does not apply to it).
       code_momentum_dtype: dtype of the per-weight momentum of W_q, most of a DQ model's train
         state: 'bfloat16' (default; 2 bytes next to the 1-byte code) or 'float32' (twice the
-        buffer; no better on the CIFAR-10 protocol, RESULTS.md §1.1).
+        buffer; no better on the CIFAR-10 protocol, docs/notebook.md §1.1).
       code_learning_rate: LR of the direct code update; None = `learning_rate`. A 2-bit level
         gap is large next to a float-LR step, so the codes may want another step.
       code_momentum: SGD momentum of the code update; None = `momentum`. A larger one averages

@@ -192,7 +192,7 @@ def init_state(model, optimizer: optax.GradientTransformation, image_shape: tupl
     Two jits (`init_jits`): `model.init` with the level fits deferred, then the fits and the
     optimizer init. The variables are a plain `model.init`'s (tests/test_train.py compares
     them bitwise); compiled apart, the two take XLA:CPU less time than one graph holding
-    both (RESULTS.md §2.2). Under `jit` at all because eager init of a quantized net (Lloyd
+    both (docs/notebook.md §2.2). Under `jit` at all because eager init of a quantized net (Lloyd
     iterations per layer, op by op) takes tens of seconds.
     """
     draw, finish = init_jits(model, optimizer, image_shape)
@@ -253,7 +253,7 @@ def train_step(state: TrainState, batch: dict, *, model,
     kept = state.replace(step=state.step + 1)
     # One predicate for the whole state. A per-leaf `where(ok, new, old)` let XLA fuse the
     # whole finiteness reduction (one `and` per leaf) into every leaf's select: quadratic in
-    # the number of leaves, and most of the step's compile time (RESULTS.md §2.2).
+    # the number of leaves, and most of the step's compile time (docs/notebook.md §2.2).
     new_state = jax.lax.cond(ok, lambda: updated, lambda: kept)
     metrics = {
         "loss": loss,

@@ -76,7 +76,7 @@ def _one_jit_init(model, opt, image_shape, seed):
 
 def test_init_state_equals_one_jitted_init_bitwise():
     """`init_state` runs `model.init` with the DQ layers' Lloyd fits deferred, then fits
-    them in a second jit (two compiles are cheaper than one holding both, RESULTS.md §2.2).
+    them in a second jit (two compiles are cheaper than one holding both, docs/notebook.md §2.2).
     The state must be a plain init's, bitwise: same draws, same fits, each layer with its
     own settings (2-bit per-layer / 4-bit per-channel with 3 Lloyd steps / float / LSQ /
     latent-STE in one model; nn.scan-stacked layers, fitted slice by slice), and no stored

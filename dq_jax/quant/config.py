@@ -68,7 +68,7 @@ class QuantConfig:
       act_calib_iters: closed-form fit iterations on the first batch.
       lloyd_iters: cap on the Lloyd (1-D k-means) iterations of the weight-level init;
         it stops at the fixed point. 200: on ResNet-20 kernels 5 left the 4-bit error up
-        to 2.2x the converged one (RESULTS.md §1), heavy tails need ~100.
+        to 2.2x the converged one (docs/notebook.md §1), heavy tails need ~100.
     """
 
     weights: str = "dq"

@@ -498,7 +498,7 @@ def lloyd_init_many(fits: Sequence[tuple[jax.Array, int, str, int]]
                     ) -> list[tuple[jax.Array, jax.Array]]:
     """`[lloyd_init(w, num_levels, granularity, iters) for ...]`, the same bits, with one
     Lloyd loop per distinct `num_levels` instead of one per kernel: what a model's init
-    compiles (one loop body instead of one per layer; ResNet-18, RESULTS.md §2.2)."""
+    compiles (one loop body instead of one per layer; ResNet-18, docs/notebook.md §2.2)."""
     out: list = [None] * len(fits)
     by_levels: dict[int, list[int]] = {}
     for i, (w, num_levels, granularity, _) in enumerate(fits):
