@@ -699,7 +699,7 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                 if any(m["nonfinite"] for m in got) and config.nonfinite_policy == "stop":
                     summary = _write_nonfinite_report(workdir, step, got)
                     checkpoints.save(manager, step, state, force=True)
-                    manager.wait_until_finished()
+                    checkpoints.finish_saves(manager)
                     writer.flush()
                     checkpoints.append_history(workdir, "stopped_nonfinite", step=step)
                     raise FloatingPointError(
@@ -728,7 +728,7 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                                                 config.bn_recalibration_batches)
             if step % config.checkpoint_every_steps == 0 or step == end_step:
                 checkpoints.save(manager, step, state, force=step == end_step)
-    manager.wait_until_finished()
+    checkpoints.finish_saves(manager)
     train_seconds = time.time() - t_start
     if preempted:
         writer.flush()
