@@ -14,9 +14,11 @@ import hashlib
 import json
 import logging as logging_lib
 import os
+import pathlib
 import shutil
 import socket
 import sys
+import time
 from typing import Any
 
 import flax
@@ -136,12 +138,33 @@ class WorkdirLock:
         except (OSError, ValueError):
             return {}
 
+    def _holder_soon(self) -> dict:
+        """The holder's record; a run that has just taken the flock writes it a moment
+        later, so an empty file is read again for up to a second."""
+        for _ in range(20):
+            holder = self._holder()
+            if holder.get("pid") is not None:
+                return holder
+            time.sleep(0.05)
+        return {}
+
     def _refuse(self, holder: dict, note: str = "") -> None:
-        pid, host = holder.get("pid", "?"), holder.get("host", "?")
+        who = (f"pid {holder['pid']} on host {holder.get('host', 'unknown')}, started "
+               f"{holder.get('started', 'at an unknown time')}" if holder.get("pid") is not None
+               else "a run that is starting and has not written its pid yet")
         raise WorkdirError(
-            f"workdir {self.path.parent} is in use by another run (pid {pid} on host {host}, "
-            f"started {holder.get('started', '?')}{note}). Wait for it to finish or stop it, "
-            f"or use another --workdir; if that run is gone, delete {self.path}.")
+            f"workdir {self.path.parent} is in use by another run ({who}{note}). Wait for it "
+            f"to finish or stop it, or use another --workdir; if that run is gone, delete "
+            f"{self.path}.")
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            kind = "a directory" if os.path.isdir(self.path) else "not a usable file"
+            raise WorkdirError(
+                f"{self.path} is {kind} ({_os_reason(e)}); the run keeps its lock file there. "
+                "Move it away (it is not dq_jax's), then rerun.") from e
 
     def acquire(self) -> "WorkdirLock":
         import fcntl
@@ -150,13 +173,13 @@ class WorkdirLock:
             self._refuse({"pid": os.getpid(), "host": socket.gethostname()},
                          "; this same process")
         for _ in range(20):  # retried only if the file was replaced while we locked it
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 flock_ok = True
             except BlockingIOError:
                 os.close(fd)
-                self._refuse(self._holder())
+                self._refuse(self._holder_soon())
             except OSError as e:  # file system without flock: the pid/host check alone
                 if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     os.close(fd)
@@ -389,6 +412,25 @@ def disk_full_message(path: epath.Path, what: str, needed: int | None,
     return (f"no space to write {what} in {path} (disk full or file-size limit, ulimit -f; "
             f"needs {need}, {free}); {resume}. Free space or raise the limit, then rerun the "
             "same command to resume.")
+
+
+def disk_full_line(error: BaseException, workdir: str) -> str:
+    """`disk_full_message` for a write outside a checkpoint save (history, TensorBoard
+    events, results): the file it names, and the newest step saved in its workdir."""
+    path = next((epath.Path(c.filename) for c in _chain(error)
+                 if isinstance(getattr(c, "filename", None), str)), epath.Path(workdir))
+    steps = []
+    for d in (path, *path.parents):
+        if (d / CHECKPOINT_DIR).is_dir():
+            steps = [int(c.name) for c in (d / CHECKPOINT_DIR).iterdir() if c.name.isdigit()]
+            break
+        if str(d) == str(workdir):
+            break
+    if not steps:
+        return disk_full_message(path.parent, path.name, None, None)
+    newest = d / CHECKPOINT_DIR / str(max(steps))
+    size = sum(f.stat().st_size for f in pathlib.Path(newest).rglob("*") if f.is_file())
+    return disk_full_message(path.parent, path.name, size, max(steps))
 
 
 def _last_good_step(manager: ocp.CheckpointManager, failed: int | None) -> int | None:
@@ -697,9 +739,22 @@ def check_compatible(workdir: epath.Path, config: ml_collections.ConfigDict) -> 
             if (workdir / d).exists():
                 (workdir / d).rmtree()
         return {}
-    if not path.exists():
+    if path.exists():
+        recorded = _read_config_json(workdir)
+    elif not has_checkpoints(workdir):
         return {}
-    recorded = _read_config_json(workdir)
+    else:  # lost: the history recorded it at every start (rewritten by `record_start`)
+        recorded = _recorded_in_history(workdir)
+        if recorded is None:
+            if config.allow_config_change:
+                return {}
+            raise WorkdirError(
+                f"{path} is missing and {HISTORY_FILE} does not record the config that wrote "
+                f"the checkpoints in {workdir}, so this config cannot be checked against it. "
+                "Restore config.json from a backup, pass --config.allow_config_change=True to "
+                "resume under this config (recorded), or --config.force_new=True to start over.")
+        _warn(f"{path} is missing; using the config {HISTORY_FILE} recorded at the run's "
+              f"latest start (step {recorded['step']}); it is written back when this run starts.")
     theirs = recorded["identity"]
     mine = json.loads(json.dumps(_identity(config), default=str))
     diff = sorted(k for k in IDENTITY_KEYS if theirs.get(k) != mine.get(k))
@@ -718,6 +773,16 @@ def check_compatible(workdir: epath.Path, config: ml_collections.ConfigDict) -> 
             f"values ({path}), pass --config.allow_config_change=True to continue with the "
             f"changes (recorded in {HISTORY_FILE}), or use a new --workdir.")
     return changes
+
+
+def _recorded_in_history(workdir: epath.Path) -> dict | None:
+    """The identity and config of the latest start/resume in run_history.jsonl (what
+    config.json held then), with its step; None when no event records them."""
+    for event in reversed(read_history(workdir)):
+        if (event.get("event") in ("start", "resume") and isinstance(event.get("identity"), dict)
+                and isinstance(event.get("config"), dict)):
+            return event
+    return None
 
 
 def append_history(workdir: epath.Path, event: str, **fields: Any) -> None:
@@ -751,15 +816,16 @@ def read_history(workdir: epath.Path) -> list[dict]:
 
 def record_start(workdir: epath.Path, config: ml_collections.ConfigDict, step: int,
                  changes: dict[str, list]) -> None:
-    """Writes config.json (atomically) and the start/resume event with its config changes."""
+    """Writes config.json (atomically) and the start/resume event with its config changes
+    and the config itself (a lost config.json is restored from it)."""
     if jax.process_index() != 0:
         return
-    mine = json.loads(json.dumps(_identity(config), default=str))
     from dq_jax import configlib
-    write_text_atomic(workdir / CONFIG_FILE, json.dumps(
-        {"identity": mine, "config": configlib.applicable(config)}, indent=2))
+    record = {"identity": json.loads(json.dumps(_identity(config), default=str)),
+              "config": configlib.applicable(config)}
+    write_text_atomic(workdir / CONFIG_FILE, json.dumps(record, indent=2))
     fields: dict[str, Any] = {"step": step, "changes": changes,
-                              "pid": os.getpid(), "host": socket.gethostname()}
+                              "pid": os.getpid(), "host": socket.gethostname(), **record}
     if config.force_new:
         fields["force_new"] = True
     append_history(workdir, "resume" if step > 0 else "start", **fields)
