@@ -716,9 +716,9 @@ def _read_config_json(workdir: epath.Path) -> dict:
         reason = " ".join(str(e).split())[:120]
         raise WorkdirError(
             f"{path} is damaged ({reason}); it records which config wrote this workdir. Restore "
-            "it from a backup, or delete it to resume under this config (the checkpoints are "
-            "kept; their structure is still checked), or pass --config.force_new=True to start "
-            "over.") from e
+            "it from a backup, or delete it to resume under this config (checked against the "
+            f"config {HISTORY_FILE} recorded, if any; the checkpoints' structure is still "
+            "checked), or pass --config.force_new=True to start over.") from e
 
 
 def has_checkpoints(workdir: epath.Path) -> bool:

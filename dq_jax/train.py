@@ -392,8 +392,12 @@ def _layer_scalars(metrics: dict) -> dict[str, float]:
 
 
 def _level_histograms(params: PyTree) -> dict[str, np.ndarray]:
-    """Each quantized layer's levels (all groups) as one histogram, not a scalar per level."""
-    return {f"levels/{'/'.join(path[:-1])}": np.asarray(levels, np.float32).ravel()
+    """Each quantized layer's levels (all groups) as one histogram, not a scalar per level.
+
+    In float64: levels near the float32 limit (a far too large levels_learning_rate) have a
+    range that overflows float32, and the histogram writer would end the run; such a run is
+    the non-finite guard's to stop, with its report."""
+    return {f"levels/{'/'.join(path[:-1])}": np.asarray(levels, np.float64).ravel()
             for path, levels in flax.traverse_util.flatten_dict(params).items()
             if path[-1] == LEVELS}
 
