@@ -205,6 +205,10 @@ def test_same_seed_is_bitwise_deterministic(tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["--config=configs/digits.py", "--config.learnig_rate=0.1"], "learning_rate"),
+    (["--config=configs/digits.py", "--config.bogus=1"], "unknown key 'config.bogus'. Did you "
+                                                         "mean "),
+    (["--config=configs/digits.py", "--config.quant.weight_bitz=2"],
+     "unknown key 'config.quant.weight_bitz'. Did you mean weight_bits"),
     (["--config=configs/no_such_config.py"], "no_such_config.py"),
     (["--config=configs/digits.py", "--config.quant.weight_bits=12"],
      "config.quant.weight_bits=12 is out of range"),
@@ -461,11 +465,25 @@ def test_num_epochs_override_of_a_step_count_config_is_an_error(tmp_path):
     assert not (tmp_path / "wd" / "results.json").exists()
 
 
+SIGTERM_AT_EXIT = """
+import atexit, os, runpy, signal, sys, time
+def sigterm():  # a preemption notice while the finished program shuts down
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+atexit.register(sigterm)
+sys.argv = ["dq_jax.main", *sys.argv[1:]]
+runpy.run_module("dq_jax.main", run_name="__main__")
+"""
+
+
 def test_a_single_run_ends_with_its_result_line_on_stdout(tmp_path):
-    proc = run_python(["-m", "dq_jax.main", "--config=configs/digits.py",
+    """... and a SIGTERM after that line (while the program shuts down) changes nothing: exit
+    0, no message, no traceback."""
+    proc = run_python(["-c", SIGTERM_AT_EXIT, "--config=configs/digits.py",
                        f"--workdir={tmp_path}", "--config.num_train_steps=8",
                        "--config.eval_every_steps=8", "--config.log_every_steps=4"])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "SIGTERM" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     result = json.loads((tmp_path / "results.json").read_text())
     assert last.startswith(f"dq_jax: {tmp_path}: top-1 {result['eval_top1']:.4f}"), last
@@ -549,7 +567,7 @@ def test_init_from_verifies_the_float_run_and_refuses_nonfinite_values(tmp_path)
         (tmp_path / "q" / "checkpoints").iterdir())
     step8, digest8 = float_wd / "checkpoints" / "8", float_wd / "checkpoint_digests" / "8.sha256"
     for text, reason in (("0" * 64, "its content does not match the checksum recorded"),
-                         (digest8.read_text()[:20], r"checksum file .*8.sha256 is damaged")):
+                         (digest8.read_text()[:20], r"its checksum file .*8.sha256 is damaged")):
         digest8.write_text(text)
         with pytest.raises(ValueError, match=r"checkpoint step 8 in .* is damaged \(" + reason):
             checkpoints.load_float_variables(str(step8))
