@@ -536,16 +536,20 @@ def _structure_matches(directory: epath.Path, step: int, template: Any) -> bool 
     """Whether the saved arrays have the template's shapes and dtypes (as a multiset, so key
     naming conventions do not matter); None when the metadata itself cannot be read."""
     try:
-        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / "default")
+        meta = ocp.StandardCheckpointHandler().metadata(
+            epath.Path(directory) / str(step) / "default")
         meta = getattr(meta, "tree", meta)
         saved = sorted((tuple(m.shape), str(np.dtype(m.dtype))) for m in jax.tree.leaves(meta))
     except Exception:  # noqa: BLE001  (damaged _METADATA / manifest: many exception types)
         return None
     if not saved:
         return None
-    mine = sorted((tuple(np.shape(x)), str(np.dtype(getattr(x, "dtype", None) or jnp.asarray(x).dtype)))
-                  for x in jax.tree.leaves(template))
+    mine = sorted((tuple(np.shape(x)), str(np.dtype(_dtype(x)))) for x in jax.tree.leaves(template))
     return saved == mine
+
+
+def _dtype(x: Any) -> Any:
+    return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
 
 
 def _written_with_digest(directory: epath.Path, step: int) -> bool:
@@ -588,14 +592,15 @@ _NOT_DAMAGE = ("PERMISSION_DENIED", "Permission denied", "RESOURCE_EXHAUSTED")
 def _read(directory: epath.Path, step: int, abstract: Any | None) -> Any:
     """Restores `step` with a fresh manager (after one failed restore an orbax manager fails
     every later one): a failure is about this step's files, not an earlier attempt."""
-    args = ocp.args.StandardRestore(abstract) if abstract is not None else ocp.args.StandardRestore()
+    args = ocp.args.StandardRestore(abstract) if abstract is not None else \
+        ocp.args.StandardRestore()
     quiet_failed_writes()
     try:
         with ocp.CheckpointManager(epath.Path(directory)) as fresh:
             return fresh.restore(step, args=args)
     except Exception as e:  # noqa: BLE001  (tensorstore/orbax raise many types on bad bytes)
-        if any(isinstance(c, (PermissionError, MemoryError)) or any(t in str(c) for t in _NOT_DAMAGE)
-               for c in _chain(e)):
+        if any(isinstance(c, (PermissionError, MemoryError))
+               or any(t in str(c) for t in _NOT_DAMAGE) for c in _chain(e)):
             raise UnreadableCheckpoint(
                 f"cannot read checkpoint step {step} in {directory} ({type(e).__name__}: "
                 f"{' '.join(str(e).split())[:160]}); it is not damaged, so nothing was moved. "
