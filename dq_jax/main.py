@@ -45,8 +45,6 @@ if __name__ == "__main__":  # before the heavier imports below
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dq_jax.configlib import unknown_override  # noqa: E402
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
@@ -191,6 +189,7 @@ def parse_flags(argv: list[str]) -> list[str]:
               "--config=configs/FILE.py --workdir=DIR [--config.key=value ...]", file=sys.stderr)
     except (SyntaxError, AttributeError, KeyError, TypeError, ValueError, ImportError,
             OSError) as e:
+        from dq_jax.configlib import unknown_override
         unknown = (unknown_override(argv) if isinstance(e, (KeyError, AttributeError))
                    else None)
         print(f"dq_jax: error: bad --config: {unknown or _one_line(e)}", file=sys.stderr)
