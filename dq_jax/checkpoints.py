@@ -571,9 +571,14 @@ def _recorded_digest(directory: epath.Path, step: int) -> str | None:
     Raises DamagedCheckpoint when it is missing for a step written with one, or cut."""
     path = _digest_path(directory, step)
     if not path.exists():
-        if _written_with_digest(directory, step):
-            raise DamagedCheckpoint(f"its checksum file {path} is missing (this run wrote one)")
-        return None
+        if not _written_with_digest(directory, step):
+            return None
+        if not path.parent.is_dir():  # all of them lost, not this step's: nothing is proven
+            raise UnreadableCheckpoint(
+                f"{path.parent} is missing: the checksums this run wrote for the checkpoints in "
+                f"{directory} are gone, so none can be verified (nothing was moved). Restore it "
+                "from a backup of the workdir, or start over with --config.force_new=True.")
+        raise DamagedCheckpoint(f"its checksum file {path} is missing (this run wrote one)")
     text = path.read_text().strip()
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
         raise DamagedCheckpoint(f"its checksum file {path} is damaged ({len(text)} characters, "

@@ -699,10 +699,20 @@ def test_an_undeletable_old_step_is_a_warning_and_training_continues(tmp_path, c
 
 def test_lost_config_json_is_taken_from_the_history_or_refused(tmp_path):
     """config.json deleted: a resume under another seed or learning rate is refused as if it
-    were there (the history recorded it); a history without it refuses the resume."""
+    were there (the history recorded it); a history without it refuses the resume. (And the
+    whole checkpoint_digests/ lost is refused without moving a step.)"""
     from etils import epath
     from dq_jax import checkpoints
     train.train_and_evaluate(small_digits(), str(tmp_path), stop_after=8)
+    # All checksums lost (not one step's): refused, and nothing is called damaged.
+    (tmp_path / "checkpoint_digests").rename(tmp_path / "kept")
+    with pytest.raises(ValueError, match=r"checkpoint_digests is missing: the checksums this "
+                                         r"run wrote .* none can be verified \(nothing was "
+                                         r"moved\)"):
+        train.train_and_evaluate(small_digits(), str(tmp_path))
+    assert (tmp_path / "checkpoints" / "8").is_dir()
+    assert not (tmp_path / "damaged_checkpoints").exists()
+    (tmp_path / "kept").rename(tmp_path / "checkpoint_digests")
     (tmp_path / "config.json").unlink()
     with pytest.raises(ValueError, match=r"different config \(seed: workdir has 0, config "
                                          r"has 1\)"):
