@@ -171,12 +171,40 @@ def complete(recorded: dict) -> ml_collections.ConfigDict:
     return c
 
 
+def _close_keys(key: str, choices: Any) -> list[str]:
+    """The nearest key names (difflib): a typo's fix, else the three least far."""
+    choices = list(choices)
+    return (difflib.get_close_matches(key, choices, n=3)
+            or difflib.get_close_matches(key, choices, n=3, cutoff=0.0))
+
+
+def _unknown_key_message(name: str, close: list[str]) -> str:
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"unknown key 'config.{name}'.{hint} (all keys: dq_jax/configlib.py)"
+
+
+def unknown_override(argv: list[str]) -> str | None:
+    """The error for the first `--config.KEY=...` naming no key of `base_config()` (with the
+    nearest keys), or None; `model_kwargs.*` is free-form."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, path = base_config(), arg[len("--config."):].split("=", 1)[0].split(".")
+        for i, part in enumerate(path):
+            if part not in node:
+                return _unknown_key_message(".".join(path[:i + 1]), _close_keys(part, node.keys()))
+            if part == "model_kwargs" or not isinstance(node[part], ml_collections.ConfigDict):
+                break
+            node = node[part]
+    return None
+
+
 def _unknown_keys(cfg: Any, ref: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
     out = []
     for key in cfg.keys():
         name = f"{prefix}{key}"
         if key not in ref:
-            out.append((name, difflib.get_close_matches(key, list(ref.keys()), n=3)))
+            out.append((name, _close_keys(key, ref.keys())))
         elif isinstance(ref[key], ml_collections.ConfigDict) and key != "model_kwargs":
             if isinstance(cfg[key], (ml_collections.ConfigDict, dict)):
                 out.extend(_unknown_keys(cfg[key], ref[key], name + "."))
@@ -194,9 +222,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
     """
     unknown = _unknown_keys(config, base_config())
     if unknown:
-        name, close = unknown[0]
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        _fail(f"unknown key 'config.{name}'.{hint} (all keys: dq_jax/configlib.py)")
+        _fail(_unknown_key_message(*unknown[0]))
 
     from dq_jax import models  # local import: models import layers (heavier)
     if config.model not in models.MODEL_NAMES:
@@ -306,6 +332,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
         value = config.get(key, False)  # absent in configs recorded by older versions
         if not isinstance(value, bool):
             _fail(f"config.{key}={value!r} must be True or False.")
+    for key, meaning in (("num_train_steps", "from num_epochs"), ("num_classes", "the dataset's")):
+        if config[key] == 0 or config[key] < -1:
+            _fail(f"config.{key}={config[key]!r} must be >= 1, or -1 ({meaning}).")
+    for key in ("warmup_epochs", "calibration_batches"):
+        if config[key] < 0:
+            _fail(f"config.{key}={config[key]!r} must be >= 0 (0: none).")
     if config.bn_recalibration_batches < 0:
         _fail(f"config.bn_recalibration_batches={config.bn_recalibration_batches!r} must be "
               ">= 0 (0: off).")

@@ -110,6 +110,15 @@ def check_overrides(argv: list[str], config) -> None:
             "num_train_steps instead).")
 
 
+def _ignore_sigterm_from_now() -> None:
+    """Once the result is printed (and saved) nothing is left to save. Interpreter shutdown
+    resets Python's signal handlers to the default, so a preemption notice arriving while
+    JAX/orbax shut down would kill the process with -15: from here on it is ignored, and the
+    exit status stays the run's."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _report_preempted(result: dict) -> bool:
     if result.get("preempted"):
         print(f"dq_jax: {result.get('message', 'preempted')}", file=sys.stderr, flush=True)
@@ -136,6 +145,7 @@ def main(argv):
             result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
             if not _report_preempted(result):
                 print(result_line(FLAGS.workdir, result), flush=True)
+            _ignore_sigterm_from_now()
             return
         configs = [(v, apply_variant(FLAGS.config, v)) for v in FLAGS.variants]
         rows = []
@@ -143,12 +153,20 @@ def main(argv):
             logging.info("=== variant %s ===", name)
             result = train.train_and_evaluate(cfg, os.path.join(FLAGS.workdir, name))
             if _report_preempted(result):
+                _ignore_sigterm_from_now()
                 return  # the remaining variants run when the command is rerun
             rows.append((name, result))
         print(format_table(rows), flush=True)
+        _ignore_sigterm_from_now()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         # Config/data/numerics problems: one clear line, no traceback.
         print(f"dq_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001  (a full disk reaches us through many types)
+        from dq_jax import checkpoints
+        if not checkpoints.is_disk_full(e):
+            raise
+        print(f"dq_jax: error: {checkpoints.disk_full_line(e, FLAGS.workdir)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -171,7 +189,10 @@ def parse_flags(argv: list[str]) -> list[str]:
               "--config=configs/FILE.py --workdir=DIR [--config.key=value ...]", file=sys.stderr)
     except (SyntaxError, AttributeError, KeyError, TypeError, ValueError, ImportError,
             OSError) as e:
-        print(f"dq_jax: error: bad --config: {_one_line(e)}", file=sys.stderr)
+        from dq_jax.configlib import unknown_override
+        unknown = (unknown_override(argv) if isinstance(e, (KeyError, AttributeError))
+                   else None)
+        print(f"dq_jax: error: bad --config: {unknown or _one_line(e)}", file=sys.stderr)
     sys.exit(2)
 
 

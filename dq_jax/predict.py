@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq_jax import export, intpath
+from dq_jax.data.arrays import npz_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
@@ -245,7 +246,7 @@ def load_labels(path: str, count: int) -> np.ndarray | None:
         key = next((k for k in ("y_test", "labels") if k in npz.files), None)
         if key is None:
             return None
-        y = np.asarray(npz[key])
+        y = np.asarray(npz_array(npz, key, path))
     if y.shape != (count,) or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{path}: {key} has shape {y.shape} and dtype {y.dtype}; labels must be "
                          f"({count},) integers, one per image.")
@@ -276,7 +277,7 @@ def load_images(path: str, image_shape: Sequence[int],
             if key is None:
                 raise ValueError(f"{path}: no 'x_test' or 'images' array (found "
                                  f"{sorted(npz.files)}).")
-            x = np.asarray(npz[key], np.float32)
+            x = np.asarray(npz_array(npz, key, path), np.float32)
         if x.ndim == 3 and c == 1:
             x = x[..., None]
         if x.shape[1:] != (h, w, c):

@@ -404,8 +404,12 @@ def _layer_scalars(metrics: dict) -> dict[str, float]:
 
 
 def _level_histograms(params: PyTree) -> dict[str, np.ndarray]:
-    """Each quantized layer's levels (all groups) as one histogram, not a scalar per level."""
-    return {f"levels/{'/'.join(path[:-1])}": np.asarray(levels, np.float32).ravel()
+    """Each quantized layer's levels (all groups) as one histogram, not a scalar per level.
+
+    In float64: levels near the float32 limit (a far too large levels_learning_rate) have a
+    range that overflows float32, and the histogram writer would end the run; such a run is
+    the non-finite guard's to stop, with its report."""
+    return {f"levels/{'/'.join(path[:-1])}": np.asarray(levels, np.float64).ravel()
             for path, levels in flax.traverse_util.flatten_dict(params).items()
             if path[-1] == LEVELS}
 
@@ -727,7 +731,7 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                 if any(m["nonfinite"] for m in got) and config.nonfinite_policy == "stop":
                     summary = _write_nonfinite_report(workdir, step, got)
                     checkpoints.save(manager, step, state, force=True)
-                    manager.wait_until_finished()
+                    checkpoints.finish_saves(manager)
                     writer.flush()
                     checkpoints.append_history(workdir, "stopped_nonfinite", step=step)
                     raise FloatingPointError(
@@ -756,7 +760,7 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                                                 config.bn_recalibration_batches)
             if step % config.checkpoint_every_steps == 0 or step == end_step:
                 checkpoints.save(manager, step, state, force=step == end_step)
-    manager.wait_until_finished()
+    checkpoints.finish_saves(manager)
     train_seconds = time.time() - t_start
     if preempted:
         writer.flush()

@@ -314,8 +314,23 @@ def test_npz_valid_file(tmp_path):
 
 @pytest.mark.parametrize("overrides, pattern", [
     (dict(y_test=None), r"missing key\(s\) \['y_test'\]"),
-    (dict(y_train=np.arange(40) % 3 + 2), r"y_train has labels in \[2, 4\], out of range for 3 classes"),
-    (dict(y_test=-(np.arange(10) % 3)), r"y_test has labels in \[-2, 0\], out of range"),
+    (dict(y_train=np.arange(40) % 3 + 2), r"26 of 40 y_train labels lie outside \[0, 2\] "
+                                          r"\(values \[3, 4\]\) for 3 classes"),
+    (dict(y_test=-(np.arange(10) % 3)), r"6 of 10 y_test labels lie outside \[0, 2\] "
+                                        r"\(values \[-2, -1\]\)"),
+    # Without label_names the count comes from the largest label: one stray label must not
+    # make up classes (an 11- or 256-class model).
+    (dict(label_names=None, y_train=np.r_[np.arange(39) % 3, 10]),
+     r"the labels imply 11 classes \(the largest label, 10, is on 1 example\(s\)\), but "
+     r"y_train has no example of 7 of them \(\[3, 4, 5, 6, 7\]\.\.\.\): .*0..10"),
+    (dict(label_names=None, y_test=np.r_[np.arange(9) % 3, 255]),
+     r"imply 256 classes \(the largest label, 255, is on 1 example\(s\)\), but y_train "
+     r"has no example of 253 of them"),
+    (dict(label_names=None, y_train=np.r_[np.arange(39) % 4, 3]),
+     r"imply 4 classes \(the largest label, 3, is on 10 example\(s\)\), but y_test has "
+     r"no example of 1 of them \(\[3\]\)"),
+    (dict(y_train=np.array([{"label": 1}] * 40, dtype=object)),
+     r"y_train is a pickled \(object\) array, which is not loaded"),
     (dict(x_train=np.zeros((40, 16, 16, 3), np.float32)), r"x_train has dtype float32"),
     (dict(x_test=np.zeros((10, 16, 16), np.uint8)), r"x_test has shape \(10, 16, 16\)"),
     (dict(y_train=np.zeros(39, np.int64)), r"x_train has 40 examples but y_train has 39"),
@@ -654,3 +669,17 @@ def test_folder_to_npz_errors_name_the_problem(tmp_path, capsys):
     _save_image(extra / "test" / "z" / "0.png", np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match=r"classes \['z'\] have no train/ folder"):
         folder_to_npz.folder_to_arrays(extra)
+
+
+def test_predict_refuses_pickled_npz_arrays_naming_the_file(tmp_path):
+    """predict's --images .npz: a pickled (object) labels or images array is an error naming
+    the file, not numpy's bare 'Object arrays cannot be loaded'."""
+    from dq_jax import predict
+    path = str(tmp_path / "pickled.npz")
+    np.savez(path, x_test=np.zeros((2, 8, 8), np.uint8),
+             y_test=np.array([{"label": 1}, {"label": 2}], dtype=object))
+    with pytest.raises(ValueError, match=r"pickled\.npz: y_test is a pickled \(object\) array"):
+        predict.load_labels(path, 2)
+    np.savez(path, images=np.array([None, None], dtype=object))
+    with pytest.raises(ValueError, match=r"pickled\.npz: images is a pickled \(object\) array"):
+        predict.load_images(path, (8, 8, 1))

@@ -445,9 +445,10 @@ def test_missing_workdir_is_a_clear_error(tmp_path):
 
 # --------------------------------------------------------------------------- table vs model
 
-def _edited(good_file, tmp_path, edit):
+def _edited(good_file, tmp_path, edit, numerics=True):
     """The good export with its header (and payload) edited by `edit(header, tensors)`, and
-    every checksum recomputed: only the model check can tell."""
+    every checksum recomputed (with `numerics=False`, all but numerics_sha256): only the
+    model check can tell."""
     import hashlib
     import json
     blob = good_file.read_bytes()
@@ -470,6 +471,8 @@ def _edited(good_file, tmp_path, edit):
         table, key=lambda r: r["offset"]))
     header["payload"] = {"size": len(new_payload),
                          "sha256": hashlib.sha256(new_payload).hexdigest()}
+    if numerics and "numerics_sha256" in header:
+        header["numerics_sha256"] = export.numerics_digest(header)
     hjson = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     prefix = struct.pack("<8sIQ32s", export.MAGIC, 1, len(hjson), hashlib.sha256(hjson).digest())
     return _write(tmp_path, prefix + hjson + new_payload)
@@ -566,6 +569,75 @@ def test_tensor_table_is_checked_against_the_rebuilt_model(good_file, tmp_path, 
     with pytest.raises(ValueError, match=r"bad\.dqz: " + match) as info:
         predict.load_model(path)
     assert "\n" not in str(info.value) and "Re-export" in str(info.value)
+
+
+@pytest.mark.parametrize("keys, value", [
+    (("config", "half_precision"), True),          # bf16 activations: other logits
+    (("normalization", "mean"), [1.0]),            # other inputs to the first layer
+    (("apply_kwargs",), {"train": False, "x": 1}),
+])
+def test_header_fields_that_change_numbers_are_covered(good_file, tmp_path, keys, value):
+    """A header field edited and the header checksum recomputed (but not numerics_sha256):
+    refused, though the field alone is plausible and the model check would pass."""
+    path = _edited(good_file, tmp_path, _set(*keys, value=value), numerics=False)
+    with pytest.raises(ValueError, match=r"bad\.dqz: header fields that set the model's "
+                                         r"numbers .* do not match its numerics_sha256"):
+        export.load(path)
+    # Only the free-form provenance may change.
+    export.load(_edited(good_file, tmp_path, _set("source", value={"note": "moved"}),
+                        numerics=False))
+
+
+def test_a_file_from_before_numerics_sha256_still_loads(good_file, tmp_path):
+    """Files written before the key existed carry none; they load (unchecked, as before)."""
+    path = _edited(good_file, tmp_path, lambda header, tensors: header.pop("numerics_sha256"))
+    assert "numerics_sha256" not in export.load(path).header
+    assert predict.load_model(path).num_classes == 10
+
+
+def test_sizes_that_do_not_add_up_are_refused_before_the_payload_is_read(good_file, tmp_path,
+                                                                          monkeypatch):
+    """A large file whose header claims another size is refused from its prefix and header
+    alone: nothing past the header is read (a 1 GiB file costs no 1 GiB read)."""
+    from dq_jax.export import fileformat
+    data = good_file.read_bytes()
+    path = tmp_path / "big.dqz"
+    with open(path, "wb") as f:
+        f.write(data)
+        f.truncate(len(data) + 2**30)   # sparse: 1 GiB of zeros after the payload
+    read = []
+
+    class Counting:  # the loader's file, counting the bytes it reads
+        def __init__(self, *args):
+            self.f = open(*args)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def read(self, n=-1):
+            read.append(len(out := self.f.read(n)))
+            return out
+
+        def readinto(self, buffer):
+            read.append(n := self.f.readinto(buffer))
+            return n
+    monkeypatch.setattr(fileformat, "open", Counting, raising=False)
+    with pytest.raises(ValueError, match=r"big\.dqz: 1073741824 unexpected bytes after the "
+                                         r"payload"):
+        export.load(str(path))
+    assert 0 < sum(read) < len(data), read
+    assert export.load(str(good_file)).file_size == len(data) == sum(read[-3:])
+    huge = bytearray(data)
+    struct.pack_into("<Q", huge, 12, 2**40)   # a header claimed larger than the file
+    with pytest.raises(ValueError, match=r"bad\.dqz: file is truncated: header needs "
+                                         r"1099511627776 bytes"):
+        export.load(_write(tmp_path, bytes(huge)))
 
 
 def test_unedited_round_trip_passes_the_model_check(good_file, tmp_path):

@@ -505,6 +505,11 @@ def test_bn_recalibration_in_training_is_saved_and_reported(tmp_path):
     ("code_learning_rate", 0.0, "code_learning_rate=0.0 must be > 0, or -1"),
     ("code_momentum", 1.0, "code_momentum=1.0 must be in \\[0, 1\\), or -1"),
     ("eval_every_steps", 0, "eval_every_steps=0 must be >= 1, or -1"),
+    # Negative counts used to run as 0 (or as -1) without a word.
+    ("warmup_epochs", -5.0, r"warmup_epochs=-5.0 must be >= 0 \(0: none\)"),
+    ("calibration_batches", -1, r"calibration_batches=-1 must be >= 0"),
+    ("num_train_steps", -5, r"num_train_steps=-5 must be >= 1, or -1 \(from num_epochs\)"),
+    ("num_classes", 0, r"num_classes=0 must be >= 1, or -1 \(the dataset's\)"),
 ])
 def test_meaningless_values_fail_at_validation(key, value, match):
     config = small_digits(**{key: value})

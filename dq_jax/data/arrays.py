@@ -65,6 +65,43 @@ def find_cifar10_npz(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
         "after `tfds build cifar10`.")
 
 
+def npz_array(npz: Any, key: str, path: str | os.PathLike) -> np.ndarray:
+    """`npz[key]`, or a ValueError naming the file when the array is pickled (an object
+    array, which is never loaded: unpickling can run code)."""
+    try:
+        return npz[key]
+    except ValueError as e:
+        raise ValueError(f"{path}: {key} is a pickled (object) array, which is not loaded; "
+                         "save plain numeric arrays (e.g. np.asarray(labels, np.int64)).") from e
+
+
+def _check_labels(path: pathlib.Path, arrays: dict[str, np.ndarray], num_classes: int,
+                  inferred: bool) -> None:
+    """Labels must lie in [0, num_classes); a count inferred from the largest label must
+    also have an example of every class in each split (else a stray label made it up)."""
+    for split in ("train", "test"):
+        y = arrays[f"y_{split}"]
+        outside = (y < 0) | (y >= num_classes)
+        if outside.any():
+            raise ValueError(
+                f"{path}: {int(outside.sum())} of {len(y)} y_{split} labels lie outside "
+                f"[0, {num_classes - 1}] (values {sorted(set(y[outside].tolist()))[:5]}) for "
+                f"{num_classes} classes; fix those labels, or set config.num_classes.")
+    if not inferred:
+        return
+    top = sum(int(np.sum(arrays[f"y_{s}"] == num_classes - 1)) for s in ("train", "test"))
+    for split in ("train", "test"):
+        missing = np.setdiff1d(np.arange(num_classes), arrays[f"y_{split}"])
+        if missing.size:
+            raise ValueError(
+                f"{path}: the labels imply {num_classes} classes (the largest label, "
+                f"{num_classes - 1}, is on {top} example(s)), but y_{split} has no example of "
+                f"{missing.size} of them ({missing[:5].tolist()}"
+                f"{'...' if missing.size > 5 else ''}): labels must be the contiguous set "
+                f"0..{num_classes - 1}. A stray label? Fix the labels, or state the class "
+                "count with config.num_classes or a label_names array.")
+
+
 def load_npz(path: str | os.PathLike, num_classes: int | None = None
              ) -> tuple[dict[str, np.ndarray], int]:
     """Loads and validates an image-classification .npz.
@@ -72,8 +109,9 @@ def load_npz(path: str | os.PathLike, num_classes: int | None = None
     Required keys: ``x_train``/``x_test`` uint8 ``(N, H, W, C)`` and
     ``y_train``/``y_test`` integer ``(N,)``; optional ``label_names``.
     ``num_classes`` defaults to ``len(label_names)`` if present, else
-    ``max(label) + 1``. Everything is checked up front so a bad file fails
-    with its name and the problem, not with a shape error deep in training.
+    ``max(label) + 1``, and then every class must have examples in both splits (one stray
+    label 255 would otherwise make a 256-class model). Everything is checked up front so a
+    bad file fails with its name and the problem, not with a shape error deep in training.
 
     Returns:
       The four arrays and the number of classes.
@@ -93,8 +131,9 @@ def load_npz(path: str | os.PathLike, num_classes: int | None = None
             raise ValueError(
                 f"{path}: missing key(s) {missing}; an image .npz needs "
                 f"{list(REQUIRED_NPZ_KEYS)} (found {sorted(npz.files)}).")
-        arrays = {k: npz[k] for k in REQUIRED_NPZ_KEYS}
-        label_names = npz["label_names"] if "label_names" in npz.files else None
+        arrays = {k: npz_array(npz, k, path) for k in REQUIRED_NPZ_KEYS}
+        label_names = npz_array(npz, "label_names", path) if "label_names" in npz.files \
+            else None
 
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -120,18 +159,12 @@ def load_npz(path: str | os.PathLike, num_classes: int | None = None
             f"{path}: x_train images {arrays['x_train'].shape[1:]} and x_test images "
             f"{arrays['x_test'].shape[1:]} differ in shape.")
 
+    inferred = num_classes is None and not (
+        label_names is not None and label_names.ndim == 1 and len(label_names))
     if num_classes is None:
-        if label_names is not None and label_names.ndim == 1 and len(label_names):
-            num_classes = len(label_names)
-        else:
-            num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
-    for split in ("train", "test"):
-        y = arrays[f"y_{split}"]
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"{path}: y_{split} has labels in [{lo}, {hi}], out of range for "
-                f"{num_classes} classes (labels must lie in [0, {num_classes - 1}]).")
+        num_classes = len(label_names) if not inferred else \
+            max(int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1, 1)
+    _check_labels(path, arrays, num_classes, inferred)
     arrays["y_train"] = arrays["y_train"].astype(np.int32)
     arrays["y_test"] = arrays["y_test"].astype(np.int32)
     return arrays, int(num_classes)

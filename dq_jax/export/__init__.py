@@ -23,8 +23,8 @@ from dq_jax.export.bitpack import pack_bits, packed_nbytes, unpack_bits, unpack_
 from dq_jax.export.convert import (COLLECTIONS, LEVELS, RUNTIME_WEIGHTS, STEP, LayerInfo,
                                    quant_of)
 from dq_jax.export.fileformat import (FORMAT_NAME, FORMAT_VERSION, MAGIC, PREFIX_SIZE, Export,
-                                      check_model, encode, is_user_model, load, resolve_model,
-                                      save, unflatten_names)
+                                      check_model, encode, is_user_model, load, numerics_digest,
+                                      resolve_model, save, unflatten_names)
 from dq_jax.export.sizes import (format_model_summary, format_size_report, size_report,
                                  size_report_for_model, size_report_for_variables)
 from dq_jax.export.workdir import (DATASET_FILE, dataset_facts, export_variables, export_workdir,
@@ -33,6 +33,6 @@ from dq_jax.export.workdir import (DATASET_FILE, dataset_facts, export_variables
 __all__ = ["COLLECTIONS", "DATASET_FILE", "FORMAT_NAME", "FORMAT_VERSION", "LEVELS", "MAGIC",
            "PREFIX_SIZE", "RUNTIME_WEIGHTS", "STEP", "Export", "LayerInfo", "check_model",
            "dataset_facts", "encode", "export_variables", "export_workdir", "format_model_summary", "format_size_report",
-           "is_user_model", "load", "load_variables", "pack_bits", "packed_nbytes", "quant_of",
+           "is_user_model", "load", "load_variables", "numerics_digest", "pack_bits", "packed_nbytes", "quant_of",
            "read_dataset_facts", "resolve_model", "save", "size_report", "size_report_for_model", "size_report_for_variables",
            "unflatten_names", "unpack_bits", "unpack_bits_jnp"]

@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import math
+import os
 import struct
 from typing import Any, Mapping, Sequence
 
@@ -35,6 +36,20 @@ FORMAT_NAME = "dq_jax.export"
 _PREFIX = struct.Struct("<8sIQ32s")  # magic, version, header length, header sha256
 PREFIX_SIZE = _PREFIX.size  # 52
 DEFAULT_APPLY_KWARGS = {"train": False}
+# Headers are kilobytes (about 200 bytes per tensor); a larger claim is refused unread.
+MAX_HEADER_BYTES = 64 * 2**20
+# Header keys that cannot change a prediction: everything else is covered by numerics_sha256.
+_INFORMATIVE_KEYS = ("source", "numerics_sha256")
+
+
+def numerics_digest(header: Mapping) -> str:
+    """sha256 (hex) of the header without `source` and itself (docs/format.md): every field
+    that sets the model's numbers (`config.half_precision`, `normalization`, `quant`, the
+    payload's sha256, ...). The header checksum only proves the bytes are as written; this
+    also refuses a file whose fields were edited and the header checksum recomputed."""
+    body = {k: v for k, v in header.items() if k not in _INFORMATIVE_KEYS}
+    return hashlib.sha256(json.dumps(body, separators=(",", ":"), sort_keys=True)
+                          .encode("utf-8")).hexdigest()
 
 
 def is_user_model(name: str) -> bool:
@@ -175,6 +190,7 @@ def encode(*, model: str | nn.Module, variables: Mapping, num_classes: int,
     }
     if kwargs is not None:
         header["model_kwargs"] = kwargs
+    header["numerics_sha256"] = numerics_digest(header)
     hjson = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hjson), hashlib.sha256(hjson).digest())
     return prefix + hjson + payload
@@ -316,12 +332,14 @@ def _fail(path: str, what: str, fix: str) -> None:
 _REEXPORT = "Re-export the model with `python -m dq_jax.export --workdir=... --out=...`."
 
 
-def _parse(blob: bytes, path: str, expected_model: str | None = None) -> Export:
-    size = len(blob)
-    if size < PREFIX_SIZE:
+def _parse_head(head: bytes, size: int, path: str) -> tuple[dict, int, int]:
+    """Checks the prefix and header (`head`: the file's first bytes, at least through the
+    header when the prefix is sound) against the file's `size`; returns the header, the
+    payload's start and its size. Every size claim is checked before the payload is read."""
+    if size < PREFIX_SIZE or len(head) < PREFIX_SIZE:
         _fail(path, f"file is truncated or not a dq_jax export: {size} bytes, shorter than "
               f"the {PREFIX_SIZE}-byte .dqz prefix", _REEXPORT)
-    magic, version, hlen, hsha = _PREFIX.unpack_from(blob, 0)
+    magic, version, hlen, hsha = _PREFIX.unpack_from(head, 0)
     if magic != MAGIC:
         _fail(path, f"not a dq_jax .dqz export (magic bytes {magic!r}, expected {MAGIC!r})",
               "Pass a file written by `python -m dq_jax.export` / dq_jax.export.save.")
@@ -332,19 +350,26 @@ def _parse(blob: bytes, path: str, expected_model: str | None = None) -> Export:
     if PREFIX_SIZE + hlen > size:
         _fail(path, f"file is truncated: header needs {hlen} bytes but only "
               f"{size - PREFIX_SIZE} follow the prefix", _REEXPORT)
-    hjson = blob[PREFIX_SIZE:PREFIX_SIZE + hlen]
+    if hlen > MAX_HEADER_BYTES:
+        _fail(path, f"header claims {hlen} bytes, more than the {MAX_HEADER_BYTES} any export "
+              "needs (not read)", _REEXPORT)
+    hjson = head[PREFIX_SIZE:PREFIX_SIZE + hlen]
     if hashlib.sha256(hjson).digest() != hsha:
         _fail(path, "header checksum mismatch (sha256): the file is corrupted", _REEXPORT)
     try:
         header = json.loads(hjson.decode("utf-8"))
         payload_size = int(header["payload"]["size"])
-        payload_sha = str(header["payload"]["sha256"])
-        table = list(header["tensors"])
+        str(header["payload"]["sha256"])
+        list(header["tensors"])
     except (ValueError, KeyError, TypeError) as e:
         _fail(path, f"header is not valid .dqz JSON ({type(e).__name__}: {e})", _REEXPORT)
     if header.get("format") != FORMAT_NAME or header.get("format_version") != version:
         _fail(path, f"header format {header.get('format')!r} v{header.get('format_version')} "
               f"does not match the prefix ({FORMAT_NAME!r} v{version})", _REEXPORT)
+    if "numerics_sha256" in header and header["numerics_sha256"] != numerics_digest(header):
+        _fail(path, "header fields that set the model's numbers (config, normalization, quant, "
+              "layers, tensors, payload) do not match its numerics_sha256: the header was "
+              "edited", _REEXPORT)
     start = PREFIX_SIZE + hlen
     if size - start < payload_size:
         _fail(path, f"file is truncated: payload has {size - start} of {payload_size} bytes",
@@ -352,8 +377,15 @@ def _parse(blob: bytes, path: str, expected_model: str | None = None) -> Export:
     if size - start > payload_size:
         _fail(path, f"{size - start - payload_size} unexpected bytes after the payload "
               "(file was appended to or is not one export)", _REEXPORT)
+    return header, start, payload_size
+
+
+def _parse(blob: bytes | bytearray, path: str, expected_model: str | None = None) -> Export:
+    size = len(blob)
+    header, start, payload_size = _parse_head(blob, size, path)
+    table = list(header["tensors"])
     payload = memoryview(blob)[start:]
-    if hashlib.sha256(payload).hexdigest() != payload_sha:
+    if hashlib.sha256(payload).hexdigest() != str(header["payload"]["sha256"]):
         _fail(path, "payload checksum mismatch (sha256): the file is corrupted", _REEXPORT)
     if expected_model is not None and header.get("model") != expected_model:
         _fail(path, f"holds model {header.get('model')!r}, not the requested "
@@ -514,5 +546,13 @@ def load(path: str, expected_model: str | None = None) -> Export:
         (checksum), inconsistent, or (with `expected_model`) another model.
     """
     with open(path, "rb") as f:
-        blob = f.read()
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(PREFIX_SIZE)
+        if len(head) == PREFIX_SIZE:  # the header, if the file holds it (checked below)
+            head += f.read(min(_PREFIX.unpack_from(head, 0)[2], size - PREFIX_SIZE,
+                               MAX_HEADER_BYTES))
+        _parse_head(head, size, str(path))  # refuses a file whose sizes do not add up unread
+        blob = bytearray(size)
+        blob[:len(head)] = head
+        f.readinto(memoryview(blob)[len(head):])
     return _parse(blob, str(path), expected_model)

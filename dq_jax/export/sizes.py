@@ -126,7 +126,7 @@ def size_report_for_model(model_name: str, weight_bits: int, *, weights: str = "
               "runtime_weights": RUNTIME_WEIGHTS, "normalization": None,
               "layers": [l.record() for l in layers], "tensors": table,
               "payload": {"size": sum(r["nbytes"] for r in table), "sha256": "0" * 64},
-              "source": {}}
+              "numerics_sha256": "0" * 64, "source": {}}
     return size_report(header)
 
 
