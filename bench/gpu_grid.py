@@ -64,6 +64,12 @@ VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
                            "feedback_residual_bits=1")),
     # The in-frame use of the float positions: output-aware rounding at conversion (AdaRound).
     "adaround": (3, ("conversion_rounding=adaround",)),
+    # The latent-free update with inertia (issue 26): deterministic one-level moves when the
+    # code momentum's step reaches half a gap, the momentum a leaky accumulator (0.999) seeded
+    # with the float position (no state beyond DQ's bfloat16 momentum); the 1-epoch screen's
+    # best row.
+    "inertia": (3, ("rounding=inertia", "code_momentum=0.999", "code_learning_rate=0.1",
+                    "inertia_threshold=0.5", "feedback_residual=float")),
 }
 ROW_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
 
