@@ -51,6 +51,27 @@ def test_user_module_round_trips_through_predict(trained, tmp_path):
     np.testing.assert_array_equal(got, np.asarray(want))
 
 
+def test_raw_pixels_without_normalisation_name_the_export_and_the_fix(trained, tmp_path):
+    model, variables, x = trained
+    path = str(tmp_path / "user.dqz")
+    export.save(path, model=REF, model_kwargs={"num_classes": 10}, variables=variables,
+                num_classes=10, image_shape=SHAPE)
+    m = predict.load_model(path, batch_size=16)
+    with pytest.raises(ValueError, match=r"records none: it was exported without them; export "
+                                         r"again with normalization=.*--prenormalized"):
+        m.predict_raw(np.zeros((2, *SHAPE), np.float32))
+
+
+def test_uncalibrated_export_warns_at_load(trained, tmp_path):
+    model, variables, x = trained
+    fresh = model.init(jax.random.PRNGKey(1), x, train=False)  # never trained: uncalibrated
+    path = str(tmp_path / "fresh.dqz")
+    export.save(path, model=REF, model_kwargs={"num_classes": 10}, variables=fresh,
+                num_classes=10, image_shape=SHAPE)
+    with pytest.warns(UserWarning, match="conv1 is evaluated but was never calibrated"):
+        predict.load_model(path, batch_size=16)
+
+
 def test_module_instance_with_non_json_fields_asks_for_a_factory(trained, tmp_path):
     model, variables, _ = trained
     with pytest.raises(ValueError, match="field conv=.*importable factory"):
