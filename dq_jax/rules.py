@@ -99,8 +99,8 @@ def _quantized_twin(module: nn.Module, quant: QuantConfig) -> nn.Module:
 class QuantizedModel(nn.Module):
     """`model` with the layers `rules` select quantized; variables at the model's own paths.
 
-    Built by `quantize_model`. `apply(..., method=...)` is not forwarded: the model runs through
-    its `__call__` (with every argument passed on).
+    Built by `quantize_model`. The model runs through its `__call__` (every argument passed on;
+    `apply(..., method=...)` is not forwarded); its other attributes read through.
     """
 
     model: nn.Module
@@ -108,6 +108,16 @@ class QuantizedModel(nn.Module):
 
     def setup(self):
         nn.share_scope(self, self.model)  # no 'model/' level in any variable path
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped model's fields read through (`qmodel.dtype`, `qmodel.num_classes`)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("model")
+            if model is None or name.startswith("_"):
+                raise
+            return getattr(model, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         won: set[int] = set()

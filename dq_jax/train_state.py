@@ -3,8 +3,8 @@
 It carries the DQ-W layers' integer `codes` and the `batch_stats` / `quant_stats` collections
 beside `params`, and its `apply_gradients(grads=...)` runs the whole DQ update (float params,
 levels + sort, direct code re-assignment) through `tx`, a transformation containing
-`dq_jax.optim.dq_optimizer`. The Flax ImageNet example's `train_step` works with three lines
-changed (README.md, "Flax's TrainState").
+`dq_jax.optim.dq_optimizer`. The Flax ImageNet example's `train_step` works with four lines
+changed (README.md; the whole script's diff: docs/quantize_any_model.md).
 """
 from __future__ import annotations
 
