@@ -191,3 +191,64 @@ def test_bad_rules_are_named(data):
 
     with pytest.raises(ValueError, match="MyConv .*cannot replace"):
         quantize_model(Sub(), [QuantRule(".*", W2A2)]).init(jax.random.key(0), x[:2])
+
+
+# ------------------------------------------------------------------------------- NNX
+
+def test_nnx_rules_convert_a_float_model_in_place_and_train(data):
+    """dq_jax.nnx.quantize_model: the same rules over an NNX model's nnx.Conv / nnx.Linear;
+    each matched layer's levels and codes are fitted to its current (float) kernel, and the
+    model trains with dq_jax.nnx.Optimizer (codes move in every quantized layer)."""
+    from flax import nnx
+    import dq_jax.nnx as dqnnx
+    from dq_jax.nnx.layers import _lloyd_init
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
+            self.bn1 = nnx.BatchNorm(32, rngs=rngs)
+            self.blocks = nnx.List([nnx.Conv(32, 32, (3, 3), rngs=rngs) for _ in range(2)])
+            self.head = nnx.Linear(32, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.bn1(self.conv1(x)))
+            for block in self.blocks:
+                x = nnx.relu(block(x))
+            return self.head(x.mean((1, 2)))
+
+    (x, y), (x_test, y_test) = data
+    model = Net(nnx.Rngs(0))
+    float_kernel, float_bias = model.blocks[1].kernel[...], model.blocks[1].bias[...]
+    rules = [QuantRule("conv1|head", W8A8), QuantRule("blocks/.*", W2A2)]
+    assert dqnnx.quantize_model(model, rules) is model
+    assert type(model.blocks[1]) is dqnnx.QuantConv and type(model.head) is dqnnx.QuantLinear
+    levels, codes = _lloyd_init(float_kernel, 4, "per_layer", W2A2.lloyd_iters)
+    np.testing.assert_array_equal(model.blocks[1].kernel_levels[...], levels)
+    np.testing.assert_array_equal(model.blocks[1].kernel_codes[...], codes)
+    np.testing.assert_array_equal(model.blocks[1].bias[...], float_bias)
+    assert model.conv1.kernel_levels.shape == model.head.kernel_levels.shape == (1, 256)
+    linen = dqnnx.linen_variables(model)
+    assert set(linen["codes"]) == {"conv1", "blocks", "head"}
+
+    optimizer = dqnnx.Optimizer(model, dq_optimizer(0.05, 1e-3, key=1))
+    codes0 = {p: np.asarray(l.kernel_codes[...]) for p, l in dqnnx.quant_layers(model)}
+
+    @nnx.jit
+    def step(model, optimizer, xb, yb):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(xb), yb).mean()
+        loss, grads = dqnnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    model.train()
+    rng = np.random.default_rng(0)
+    for _ in range(15):
+        idx = rng.choice(len(x), 64, replace=False)
+        step(model, optimizer, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+    for p, layer in dqnnx.quant_layers(model):
+        assert np.any(np.asarray(layer.kernel_codes[...]) != codes0[p]), p
+    model.eval()
+    assert model(jnp.asarray(x_test[:8])).shape == (8, 10)
+    with pytest.raises(ValueError, match=r"rule\(s\) \['conv9'\] match no .*blocks/0"):
+        dqnnx.quantize_model(Net(nnx.Rngs(1)), [QuantRule("conv9", W2A2)])
