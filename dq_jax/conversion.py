@@ -21,6 +21,7 @@ from dq_jax.layers import (CODES, LEVEL_FIT_DRAW, PERTURBATIONS, QUANT_STATS,
 from dq_jax.optim import effective_kernels
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
+from dq_jax.rules import QuantizedModel
 from dq_jax.trees import flatten
 
 PyTree = Any
@@ -50,16 +51,18 @@ def convert_params(float_params: Mapping, params: PyTree, codes: PyTree,
         module = p[:-1]
         if p[-1] == wq.LEVELS:
             quant = quant_of(module)
-            levels, c = wq.lloyd_init(jnp.asarray(get(module + ("kernel",))),
-                                      quant.num_weight_levels, quant.granularity,
-                                      quant.lloyd_iters)
+            levels, c = _per_slice(
+                lambda k: wq.lloyd_init(k, quant.num_weight_levels, quant.granularity,
+                                        quant.lloyd_iters),
+                get(module + ("kernel",)), np.ndim(leaf) - 2)
             new_params[p] = levels
             if module + ("kernel",) in target_codes:
                 new_codes[module + ("kernel",)] = c
         elif p[-1] == wq.STEP:
             quant = quant_of(module)
-            new_params[p] = wq.lsq_init_step(jnp.asarray(get(module + ("kernel",))),
-                                             quant.weight_bits, quant.granularity)
+            (new_params[p],) = _per_slice(
+                lambda k: (wq.lsq_init_step(k, quant.weight_bits, quant.granularity),),
+                get(module + ("kernel",)), np.ndim(leaf) - 1)
         else:
             value = get(p)
             if value.shape != np.shape(leaf):
@@ -68,6 +71,17 @@ def convert_params(float_params: Mapping, params: PyTree, codes: PyTree,
                     f"{np.shape(leaf)}; the architectures differ.")
             new_params[p] = jnp.asarray(value, jnp.asarray(leaf).dtype)
     return new_params, new_codes
+
+
+def _per_slice(fit: Callable, kernel: np.ndarray, stack_dims: int) -> tuple:
+    """`fit(kernel)` (a tuple of arrays), or, for a layer stacked by `nn.scan` / `nn.vmap`
+    (`stack_dims` leading axes), each slice's fit stacked back."""
+    kernel = jnp.asarray(kernel)
+    if stack_dims <= 0:
+        return fit(kernel)
+    stack = kernel.shape[:stack_dims]
+    fits = [fit(k) for k in kernel.reshape(-1, *kernel.shape[stack_dims:])]
+    return tuple(jnp.stack(parts).reshape(*stack, *parts[0].shape) for parts in zip(*fits))
 
 
 def _init_without_fits(model: nn.Module, args: tuple, apply_kwargs: Mapping):
@@ -134,10 +148,10 @@ def from_float(model: nn.Module, float_variables: Mapping, *args: Any,
     out[QUANT_STATS] = variables.get(QUANT_STATS, {})
     if adaround_images is not None and codes:
         if float_model is None:
-            float_model = getattr(model, "model", None)
-            if float_model is None or not hasattr(model, "rules"):
+            if not isinstance(model, QuantizedModel):
                 raise ValueError("from_float: AdaRound needs the float model's forward; pass "
                                  "float_model= (the model without quantized layers).")
+            float_model = model.model
         out[CODES] = adaround.round_from_float(
             float_model, float_variables, out["params"], out[CODES], adaround_images,
             steps=adaround_steps, seed=seed, apply_kwargs=apply_kwargs)

@@ -21,7 +21,6 @@ import re
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
-import jax
 
 from dq_jax.layers import QuantConv, QuantDense, _QuantizedKernelMixin
 from dq_jax.quant.config import QuantConfig
@@ -173,22 +172,3 @@ def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedMod
                         f"{type(model).__name__} (for NNX use dq_jax.nnx.quantize_model).")
     return QuantizedModel(model=model, rules=_check_rules(rules))
 
-
-def layer_configs(model: nn.Module, *args: Any, **kwargs: Any) -> dict[tuple[str, ...], QuantConfig]:
-    """{module path: QuantConfig} of every quantized (non-float) layer of `model`, from an
-    abstract `init` on `args` (nothing is computed)."""
-    seen: dict[tuple[str, ...], QuantConfig] = {}
-
-    def interceptor(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        if (context.method_name == "__call__" and isinstance(module, _QuantizedKernelMixin)
-                and not module.quant.is_float):
-            seen[tuple(module.scope.path)] = module.quant
-        return next_fun(*call_args, **call_kwargs)
-
-    def init():
-        with nn.intercept_methods(interceptor):
-            return model.init(jax.random.PRNGKey(0), *args, **kwargs)
-
-    jax.eval_shape(init)
-    return seen

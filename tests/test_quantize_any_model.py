@@ -99,3 +99,34 @@ def test_docs_worked_example_runs():
     assert acc > 0.5, out  # chance is 0.1
     assert set(moved) == {"Conv_0", "Conv_1", "Conv_2", "Dense_0"}
     assert all(m > 0 for m in moved.values()), moved
+
+
+def test_from_float_fits_each_slice_of_a_scanned_layer():
+    """A layer stacked by nn.scan gets one fit per slice (as `init` would), not one over the
+    stack."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.relu(nn.Conv(8, (3, 3), name="conv")(x)), None
+
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), name="stem")(x)
+            x, _ = nn.scan(Block, variable_axes={"params": 0, "codes": 0, "quant_stats": 0,
+                                                 "perturbations": 0},
+                           split_rngs={"params": True}, length=3)(name="blocks")(x, None)
+            return x
+
+    x = jnp.ones((1, 8, 8, 1))
+    fv = Scanned().init(jax.random.key(0), x)
+    model = quantize_model(Scanned(), [QuantRule("blocks/conv", QuantConfig())])
+    v = dq_jax.from_float(model, fv, x)
+    kernels = fv["params"]["blocks"]["conv"]["kernel"]
+    assert v["params"]["blocks"]["conv"]["kernel_levels"].shape == (3, 1, 4)
+    for i in range(3):
+        levels, codes = wq.lloyd_init(kernels[i], 4, "per_layer", QuantConfig().lloyd_iters)
+        np.testing.assert_array_equal(v["params"]["blocks"]["conv"]["kernel_levels"][i], levels)
+        np.testing.assert_array_equal(v["codes"]["blocks"]["conv"]["kernel"][i], codes)
