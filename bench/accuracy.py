@@ -165,12 +165,35 @@ def summarize_diagnostics(scalars: dict) -> dict:
                   for layer, v in flips.items()}
     entropy = {k[len("layers/"):-len("/code_entropy")]: sorted(v)[-1][1]
                for k, v in scalars.items() if k.endswith("/code_entropy")}
-    return {"flip_rate_mean": float(np.mean(curve)), "flip_rate_first_log": curve[0],
+    noise = noise_share(flips, scalars)
+    return {**noise, "flip_rate_mean": float(np.mean(curve)), "flip_rate_first_log": curve[0],
             "flip_rate_last_log": curve[-1], "num_dq_layers": len(flips),
             "flip_rate_curve": {"steps": steps, "mean_over_layers": curve},
             "flips_per_weight": float(np.mean(list(integrated.values()))),
             "flips_per_weight_by_layer": integrated,
             "code_entropy_final_by_layer": entropy}
+
+
+def noise_share(flips: dict, scalars: dict) -> dict:
+    """The share of flips undone within a log window (the noise share): per window, the
+    flips (steps x mean per-step flip rate) against the codes changed between its two ends
+    (`codes_changed`, logged since this measurement existed); a flip and its undoing count 2
+    flips and 0 net. Summed over windows, averaged over layers like `flips_per_weight`."""
+    import numpy as np
+    net = {k[len("layers/"):-len("/codes_changed")]: dict(v) for k, v in scalars.items()
+           if k.endswith("/codes_changed")}
+    if not net or set(net) != set(flips):
+        return {}
+    total_flips, total_net, window = [], [], None
+    for layer, v in flips.items():
+        steps = [s for s, _ in v]
+        widths = np.diff([0] + steps)
+        window = int(np.median(widths))
+        total_flips.append(float(np.sum(widths * np.array([x for _, x in v]))))
+        total_net.append(float(sum(net[layer].get(s, 0.0) for s in steps)))
+    flips_mean, net_mean = float(np.mean(total_flips)), float(np.mean(total_net))
+    return {"net_changes_per_weight": net_mean, "noise_window_steps": window,
+            "noise_share": 1.0 - net_mean / flips_mean if flips_mean > 0 else None}
 
 
 def level_drift(initial_params, final_params) -> dict:

@@ -1,4 +1,4 @@
-"""Input channel-energy spread of every quantized layer of a float model (RESULTS.md §1).
+"""Input channel-energy spread of every quantized layer of a float model (docs/notebook.md §1).
 
 Channel-aware activation quantization (DQ-A) should matter most where a few input channels
 carry most of a layer's energy: a plain squared error then fits those and crushes the rest.

@@ -11,7 +11,7 @@ activations), which split DQ's compile between its two quantizers. Rounds interl
 methods; on a loaded machine one compile moves by tens of percent, so each round's ratio is
 taken against float's compile of the same round and all rounds are printed with the minimum.
 For where the time goes inside XLA, run it with
-`TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=cpu_compiler=1,hlo_pass_pipeline=1` (RESULTS.md §2.2).
+`TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=cpu_compiler=1,hlo_pass_pipeline=1` (docs/notebook.md §2.2).
 Last line (when dq_w2a2 runs): `dq_compile_over_float=<ratio of the minima>`.
 """
 from __future__ import annotations

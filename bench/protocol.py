@@ -1,4 +1,4 @@
-"""The CIFAR-10 ResNet-20 accuracy protocol (RESULTS.md §1.1), every row, resumable.
+"""The CIFAR-10 ResNet-20 accuracy protocol (docs/notebook.md §1.1), every row, resumable.
 
   python bench/protocol.py --float_workdir=FLOAT                 # the whole grid, CPU-sized
   python bench/protocol.py --float_workdir=FLOAT --dry_run       # the commands, nothing run
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.full and not args.float_workdir:
         p.error("--float_workdir=FLOAT is required (the float model every row starts from; "
-                "RESULTS.md §1.1 gives its command), or --full to train one at paper scale")
+                "docs/notebook.md §1.1 gives its command), or --full to train one at paper scale")
     if args.full and args.float_workdir:
         p.error("--full trains its own 200-epoch float model; drop --float_workdir")
     if args.max_seeds < 1:

@@ -1,6 +1,6 @@
 """Post-training quantization from a float checkpoint: top-1 with no training at all.
 
-The starting point every quantized fine-tune begins from (RESULTS.md §1): Lloyd levels and
+The starting point every quantized fine-tune begins from (docs/notebook.md §1): Lloyd levels and
 nearest codes (DQ, latent-STE) or LSQ's initial step, one calibration batch for the activation
 quantizers, evaluated as is and after re-estimating BatchNorm statistics on 50 batches.
 

@@ -34,8 +34,8 @@ import bench  # noqa: E402  (after the path set-up)
 
 from bench import parse_methods  # noqa: E402  (after the path set-up)
 
-METHODS = ("float", "dq_w2a2", "dq_w4a4", "latent_ste_w2a2", "lsq_w2a2", "qwix_w4a4",
-           "qwix_w2a2")
+METHODS = ("float", "dq_w2a2", "dq_w2a2_inertia", "dq_w4a4", "latent_ste_w2a2", "lsq_w2a2",
+           "qwix_w4a4", "qwix_w2a2")
 
 
 def parse_args(argv=None):
@@ -88,9 +88,14 @@ def base_config(model: str, batch: int):
 
 
 def variant_config(c, method: str):
+    """`dq_w2a2_inertia`: DQ W2A2 with rounding='inertia' (no random draws in the step)."""
     from dq_jax.main import apply_variant
     if method.startswith("qwix_"):
         return apply_variant(c, "float")
+    if method.endswith("_inertia"):
+        c = variant_config(c, method[:-len("_inertia")])
+        c.rounding = "inertia"
+        return c
     return apply_variant(c, method[len("dq_"):] if method.startswith("dq_") else method)
 
 

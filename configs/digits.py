@@ -5,7 +5,7 @@ Command (float, DQ W2A2 and W4A4 side by side, ~1-2 min on 2 CPU cores):
       --variants=float,w2a2,w4a4
 Schedule: trained from scratch, 400 steps (~19 epochs of 1347 images), SGD momentum
 0.9, peak LR 0.05 cosine, weight decay 5e-4; levels Adam 1e-3. No augmentation.
-Expected (RESULTS.md §1.2, 3 seeds): float ~0.991, W2A2 ~0.990, W3A3 ~0.989, W4A4 ~0.990 top-1
+Expected (docs/notebook.md §1.2, 3 seeds): float ~0.991, W2A2 ~0.990, W3A3 ~0.989, W4A4 ~0.990 top-1
 on the 450 held-out images (one image = 0.22 points).
 """
 from dq_jax.configlib import base_config

@@ -1,7 +1,7 @@
 """Output-aware rounding of a float checkpoint into DQ codes (AdaRound-style), at conversion.
 
 DQ's conversion (`checkpoints.init_from_float`) keeps, for every weight, only the nearest of
-its group's levels: where the float weight sat *inside* its cell is lost, and RESULTS.md §1.1
+its group's levels: where the float weight sat *inside* its cell is lost, and docs/notebook.md §1.1
 measures that this is most of DQ's gap to latent-STE when fine-tuning from a float model.
 This module uses those positions once, at conversion, and keeps nothing of them afterwards
 (the model state stays levels + integer codes, the paper's frame): each weight chooses the

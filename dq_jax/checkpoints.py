@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 
 from dq_jax import conversion
-from dq_jax.optim import CODES, LEVELS, PARAMS, with_feedback_residual
+from dq_jax.optim import CODES, LEVELS, PARAMS, with_feedback_residual, with_inertia_residual
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
@@ -532,7 +532,8 @@ def load_float_variables(path: str) -> dict:
 
 def init_from_float(path: str, state: Any, quant: QuantConfig,
                     optimizer: optax.GradientTransformation, *,
-                    float_residual: bool = False) -> Any:
+                    float_residual: bool = False,
+                    inertia_code_rate: float | None = None) -> Any:
     """Quantized state initialised from a float checkpoint (DESIGN §1.1 "Initialisation").
 
     Float kernels become: DQ-W levels by Lloyd + nearest codes; latent-STE the
@@ -542,7 +543,8 @@ def init_from_float(path: str, state: Any, quant: QuantConfig,
     state's `tx`; its code-update key is the optimizer's own, as at `train.init_state`).
     `float_residual` (feedback-rounding ablations only): the optimizer's residual starts at
     float kernel - W_q instead of 0, so the implied latent `W_q + r` is the float kernel, as
-    latent-STE's is.
+    latent-STE's is. With `inertia_code_rate` (rounding='inertia': the code LR of the first
+    update) the residual seeds the code momentum instead (`optim.with_inertia_residual`).
     """
     src = load_float_variables(path)
     source = flax.traverse_util.flatten_dict(src["params"])
@@ -557,7 +559,8 @@ def init_from_float(path: str, state: Any, quant: QuantConfig,
         residual = {k: jnp.asarray(source[k], jnp.float32)
                     - wq.gather_levels(new_params[k[:-1] + (LEVELS,)], c)
                     for k, c in new_codes.items()}
-        opt_state = with_feedback_residual(
-            opt_state, flax.traverse_util.unflatten_dict(residual))
+        residual = flax.traverse_util.unflatten_dict(residual)
+        opt_state = (with_feedback_residual(opt_state, residual) if inertia_code_rate is None
+                     else with_inertia_residual(opt_state, residual, inertia_code_rate))
     return state.replace(params=params, codes=codes_tree, batch_stats=batch_stats,
                          opt_state=opt_state)

@@ -1,6 +1,6 @@
 """JAX's persistent compilation cache for the training program (`config.compilation_cache_dir`).
 
-A DQ step compiles in 2-3x the float step's time (RESULTS.md §2.2); a resumed or repeated run
+A DQ step compiles in 2-3x the float step's time (docs/notebook.md §2.2); a resumed or repeated run
 (a preemption, another seed of the same shapes) loads the compiled programs from the cache
 instead of compiling them again. The cache key covers the program, the devices and the XLA
 flags, so a stale entry is never used; an entry only saves time, results are the same.

@@ -61,7 +61,7 @@ def deferred_level_fits() -> Iterator[dict]:
 
     Why: inlined into a jitted `init`, every layer's Lloyd fit has a loop of its own and
     XLA:CPU compiles them with the model's init graph, slower than apart (ResNet-18,
-    RESULTS.md §2.2). Same values: the fits read the same draws and give `lloyd_init`'s
+    docs/notebook.md §2.2). Same values: the fits read the same draws and give `lloyd_init`'s
     results bitwise (per slice for `nn.scan`-stacked layers).
     """
     fits: dict = {}

@@ -33,7 +33,7 @@ import optax
 
 from dq_jax.layers import CODES, PERTURBATIONS
 from dq_jax.quant import weights as wq
-from dq_jax.quant.config import FEEDBACK_ROUNDINGS, ROUNDINGS
+from dq_jax.quant.config import FEEDBACK_ROUNDINGS, INERTIA_AFTER_MOVE, ROUNDINGS
 from dq_jax.trees import flatten
 
 LEVELS = wq.LEVELS
@@ -228,6 +228,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
                  code_momentum: float | None = None,
                  rounding_temperature: ScalarOrSchedule | None = None,
                  feedback_residual_bits: int | None = None,
+                 inertia_threshold: float = 1.0, inertia_after_move: str = "subtract",
                  key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
     """The DQ update as one optax transformation over `{"params": params, "codes": codes}`.
 
@@ -247,10 +248,14 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         'latent_feedback' (ablation: the same residual, re-measured after the levels' update
         and sort, with the codes re-chosen as the nearest updated level, so the latent
         `W_q + r` stays put when levels move: latent-STE re-expressed in DQ's state, except
-        that weight decay acts on W_q and the momentum has the code momentum's dtype).
+        that weight decay acts on W_q and the momentum has the code momentum's dtype), or
+        'inertia' (the multi-level form of Bop, Helwegen et al. 2019): the code momentum is
+        the evidence; a weight moves one level toward `u = -code_lr * m` only when
+        `|u| >= inertia_threshold * gap` to that level, deterministically, else it stays (no
+        random draws). The code momentum is a plain trace (`nesterov` does not apply to it).
       code_momentum_dtype: dtype of the per-weight momentum of W_q, most of a DQ model's train
         state: 'bfloat16' (default; 2 bytes next to the 1-byte code) or 'float32' (twice the
-        buffer; no better on the CIFAR-10 protocol, RESULTS.md §1.1).
+        buffer; no better on the CIFAR-10 protocol, docs/notebook.md §1.1).
       code_learning_rate: LR of the direct code update; None = `learning_rate`. A 2-bit level
         gap is large next to a float-LR step, so the codes may want another step.
       code_momentum: SGD momentum of the code update; None = `momentum`. A larger one averages
@@ -265,13 +270,19 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         (`quant.weights.quantize_cell_residual`, stochastic, unbiased) at every update, so
         the carried information is that of a b-bit memory per weight (stored in float32
         here): how many bits of the within-cell position DQ's state would need.
+      inertia_threshold: rounding='inertia' only: the evidence a move needs, in gaps to the
+        next level (1: the update must reach it; 0.5: nearest rounding of `W_q + u`).
+      inertia_after_move: rounding='inertia' only: what a move does to the weight's code
+        momentum: 'subtract' (default: the gap it moved is spent, `u <- u - moved`, so the
+        momentum carries the rest), 'reset' (to 0: the evidence starts anew) or 'keep' (Bop's
+        binary rule; with several levels a persistent signal moves a level per step).
       key: PRNG key (or int seed, made into `jax.random.PRNGKey(seed)` at `init`) of the
         stochastic re-assignment. It lives in the state and is split once per update, so a
         resumed state continues the same random stream.
 
     Use `optax.inject_hyperparams(dq_optimizer, static_args=("momentum", "nesterov",
     "weight_decay", "rounding", "code_momentum_dtype", "code_momentum",
-    "feedback_residual_bits", "key"))(...)` to schedule the learning rates and read them back
+    "feedback_residual_bits", "inertia_threshold", "inertia_after_move", "key"))(...)` to schedule the learning rates and read them back
     from `opt_state.hyperparams`.
 
     Updates: float params get their optax update unchanged. Levels get it too, except the
@@ -315,10 +326,24 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         raise ValueError(f"feedback_residual_bits={feedback_residual_bits} applies to the "
                          f"feedback roundings {FEEDBACK_ROUNDINGS} only (got rounding="
                          f"{rounding!r}); pass feedback_residual_bits=0.")
+    inertia = rounding == "inertia"
+    if inertia_after_move not in INERTIA_AFTER_MOVE:
+        raise ValueError(f"inertia_after_move={inertia_after_move!r} is not supported; allowed "
+                         f"values: {', '.join(repr(r) for r in INERTIA_AFTER_MOVE)}.")
+    # A Python number is checked here; an injected one (inject_hyperparams) is a traced value.
+    static_threshold = isinstance(inertia_threshold, (int, float))
+    if static_threshold and not 0 < inertia_threshold < np.inf:
+        raise ValueError(f"inertia_threshold={inertia_threshold!r} must be a number > 0 (the "
+                         "evidence a move needs, in level gaps; e.g. 1.0).")
+    if not inertia and ((static_threshold and inertia_threshold != 1.0)
+                        or inertia_after_move != "subtract"):
+        raise ValueError(f"inertia_threshold / inertia_after_move apply to rounding='inertia' "
+                         f"only (got rounding={rounding!r}); leave them at 1.0 / 'subtract'.")
     code_lr = learning_rate if code_learning_rate is None else code_learning_rate
     code_mom = momentum if code_momentum is None else code_momentum
 
-    def sgd(lr, wd, mom, accumulator_dtype=None) -> optax.GradientTransformation:
+    def sgd(lr, wd, mom, accumulator_dtype=None, nesterov=nesterov
+            ) -> optax.GradientTransformation:
         # A Python 0 (weight decay, momentum) leaves the transformation out, as optax.sgd
         # does for momentum=None; a traced value (inject_hyperparams) keeps it.
         static_zero = lambda v: isinstance(v, (int, float)) and not v
@@ -332,7 +357,9 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
          "no_decay": sgd(learning_rate, 0.0, momentum),
          "levels": optax.adam(levels_learning_rate)},
         lambda params: flax.traverse_util.path_aware_map(_param_label, params))
-    codes_tx = sgd(code_lr, weight_decay, code_mom, jnp.dtype(code_momentum_dtype))
+    # The inertia rule thresholds the momentum itself: a plain trace, whose scale it spends.
+    codes_tx = sgd(code_lr, weight_decay, code_mom, jnp.dtype(code_momentum_dtype),
+                   nesterov=nesterov and not inertia)
 
     def init_fn(trainable: PyTree) -> DQState:
         _check_tree(trainable, "params")
@@ -385,7 +412,14 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         flat_p, flat_wq, flat_u = flatten(p), flatten(w_q), flatten(u)
         flat_r = flatten(residual) if feedback else {}
         new_codes, new_r = {}, {}
-        for i, module in enumerate(dq_layer_paths(c)):
+        if inertia:
+            moved = {}
+            for module in dq_layer_paths(c):
+                path = module + ("kernel",)
+                new_codes[path], moved[path] = _inertia(
+                    flat_p[module + (LEVELS,)], flat_c[path], flat_u[path], inertia_threshold)
+            codes_state = _spend_evidence(codes_state, flat_u, moved, inertia_after_move)
+        for i, module in enumerate([] if inertia else dq_layer_paths(c)):
             path = module + ("kernel",)
             target, layer_key = flat_wq[path] + flat_u[path], jax.random.fold_in(step_key, i)
             if feedback:
@@ -465,6 +499,74 @@ def _reassign(levels: jax.Array, target: jax.Array, key: jax.Array, rounding: st
                          "their leading (stack) axes.")
     return _keyed_over_stack(
         lambda lv, t, k: wq.reassign_codes(lv, t, k, rounding, temperature), levels, key, target)
+
+
+def _inertia(levels: jax.Array, codes: jax.Array, step: jax.Array, threshold: float):
+    """`wq.inertia_codes` over the leading stack axes of `levels` too."""
+    return _over_stack(lambda lv, c, u: wq.inertia_codes(lv, c, u, threshold),
+                       _stack_dims(levels))(levels, codes, step)
+
+
+def _spend_evidence(codes_state: PyTree, steps: dict, moved: dict, rule: str) -> PyTree:
+    """The code momentum after the inertia moves (`rule`: see `dq_optimizer`). The step is
+    `u = -lr * m`, so scaling `m` by `(u - moved) / u` leaves `u - moved`: the evidence the
+    move did not use. A code update without momentum has no trace: nothing to spend."""
+    if rule == "keep":
+        return codes_state
+
+    def spend(m, u, d):
+        hit = d != 0
+        m32 = m.astype(jnp.float32)
+        if rule == "reset":
+            out = jnp.where(hit, 0.0, m32)
+        else:
+            out = jnp.where(hit, m32 * ((u - d) / jnp.where(hit, u, 1.0)), m32)
+        return out.astype(m.dtype)
+
+    def visit(x):
+        if not isinstance(x, optax.TraceState):
+            return x
+        flat = flatten(x.trace)
+        return x._replace(trace=_replace_leaves(x.trace, {
+            k: spend(m, steps[k], moved[k]) for k, m in flat.items()}))
+
+    return jax.tree.map(visit, codes_state, is_leaf=lambda x: isinstance(x, optax.TraceState))
+
+
+def with_inertia_residual(opt_state: PyTree, residual: PyTree,
+                          code_learning_rate: float) -> PyTree:
+    """`opt_state` of a rounding='inertia' optimizer with its code momentum set so that the
+    first code update starts from `residual` (kernel-shaped, e.g. float kernel - W_q when
+    converting a float checkpoint): `m = -residual / code_learning_rate` (the rate of the first
+    update), so `u = -lr * m = residual` before the first gradient, and a weight the float
+    model put near a mid-point moves after a small push. No state is added: it is the
+    momentum the code update keeps anyway (at its dtype)."""
+    if not code_learning_rate > 0:
+        raise ValueError(f"with_inertia_residual: the first update's code learning rate is "
+                         f"{code_learning_rate}; a residual needs a rate > 0 (no warm-up from 0).")
+    flat_r = {k: jnp.asarray(r, jnp.float32) for k, r in flatten(residual).items()}
+    found = []
+
+    def visit(x):
+        if not isinstance(x, optax.TraceState):
+            return x
+        flat = flatten(x.trace)
+        if set(flat) != set(flat_r) or any(np.shape(flat[k]) != np.shape(flat_r[k])
+                                           for k in flat):
+            raise ValueError("with_inertia_residual: the residual's leaves must match the codes "
+                             f"({sorted('/'.join(k) for k in flat)}).")
+        found.append(True)
+        return x._replace(trace=_replace_leaves(x.trace, {
+            k: (-flat_r[k] / code_learning_rate).astype(m.dtype) for k, m in flat.items()}))
+
+    is_dq = lambda x: isinstance(x, DQState)
+    out = jax.tree.map(lambda x: x._replace(codes=jax.tree.map(
+        visit, x.codes, is_leaf=lambda y: isinstance(y, optax.TraceState))) if is_dq(x) else x,
+        opt_state, is_leaf=is_dq)
+    if not found:
+        raise ValueError("with_inertia_residual: opt_state holds no code momentum of a "
+                         "dq_optimizer (build it with rounding='inertia' and code momentum > 0).")
+    return out
 
 
 def _quantize_residual(levels: jax.Array, codes: jax.Array, residual: jax.Array, bits: int,

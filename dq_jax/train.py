@@ -38,7 +38,8 @@ from dq_jax.train_state import TrainState  # everything a step reads and writes;
 PyTree = Any
 # dq_optimizer's arguments that are not learning rates: fixed, not injected hyperparameters.
 STATIC_ARGS = ("momentum", "nesterov", "weight_decay", "rounding", "code_momentum_dtype",
-               "code_momentum", "feedback_residual_bits", "key")
+               "code_momentum", "feedback_residual_bits", "inertia_threshold",
+               "inertia_after_move", "key")
 
 
 # --------------------------------------------------------------------------- setup
@@ -116,6 +117,9 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
         code_momentum_dtype=config.code_momentum_dtype,
         code_momentum=config.code_momentum if config.code_momentum >= 0 else None,
         feedback_residual_bits=int(config.feedback_residual_bits),
+        **({"inertia_threshold": float(config.inertia_threshold),
+            "inertia_after_move": config.inertia_after_move}
+           if config.rounding == "inertia" else {}),
         key=int(config.seed) + 1)
     return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
 
@@ -139,6 +143,14 @@ def _learning_rate(opt_state: PyTree) -> jax.Array:
     if not hyperparams or "learning_rate" not in hyperparams:
         return jnp.array(jnp.nan, jnp.float32)
     return jnp.asarray(hyperparams["learning_rate"], jnp.float32)
+
+
+def _code_rate(opt_state: PyTree) -> float:
+    """The code learning rate an injected `dq_optimizer` state will apply next (its
+    `code_learning_rate`, or the float params' rate when that is None)."""
+    hyperparams = getattr(_injected(opt_state), "hyperparams", None) or {}
+    rate = hyperparams.get("code_learning_rate")
+    return float(hyperparams["learning_rate"] if rate is None else rate)
 
 
 def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_classes: int):
@@ -181,7 +193,7 @@ def init_state(model, optimizer: optax.GradientTransformation, image_shape: tupl
     Two jits (`init_jits`): `model.init` with the level fits deferred, then the fits and the
     optimizer init. The variables are a plain `model.init`'s (tests/test_train.py compares
     them bitwise); compiled apart, the two take XLA:CPU less time than one graph holding
-    both (RESULTS.md §2.2). Under `jit` at all because eager init of a quantized net (Lloyd
+    both (docs/notebook.md §2.2). Under `jit` at all because eager init of a quantized net (Lloyd
     iterations per layer, op by op) takes tens of seconds.
     """
     draw, finish = init_jits(model, optimizer, image_shape)
@@ -242,7 +254,7 @@ def train_step(state: TrainState, batch: dict, *, model,
     kept = state.replace(step=state.step + 1)
     # One predicate for the whole state. A per-leaf `where(ok, new, old)` let XLA fuse the
     # whole finiteness reduction (one `and` per leaf) into every leaf's select: quadratic in
-    # the number of leaves, and most of the step's compile time (RESULTS.md §2.2).
+    # the number of leaves, and most of the step's compile time (docs/notebook.md §2.2).
     new_state = jax.lax.cond(ok, lambda: updated, lambda: kept)
     metrics = {
         "loss": loss,
@@ -505,10 +517,21 @@ def _write_nonfinite_report(workdir: epath.Path, step: int, got: list[dict]) -> 
     return f"steps {bad_steps[:5]}{'...' if len(bad_steps) > 5 else ''}; layers: {layers}"
 
 
-def _log_scalars(writer, step: int, got: list[dict], params: PyTree, seconds: float) -> None:
+def _codes_changed(before: PyTree, after: PyTree) -> dict[str, float]:
+    """Per DQ-W layer, the fraction of codes that differ between two host copies of the
+    codes (e.g. at consecutive log steps): the net movement, where the per-step flip rates
+    count every flip, also the ones undone within the window (their ratio is the noise share)."""
+    old = flax.traverse_util.flatten_dict(before)
+    return {f"layers/{'/'.join(path[:-1])}/codes_changed": float(np.mean(new != old[path]))
+            for path, new in flax.traverse_util.flatten_dict(after).items() if path in old}
+
+
+def _log_scalars(writer, step: int, got: list[dict], params: PyTree, seconds: float,
+                 codes_changed: dict[str, float]) -> None:
     scalars = {k: float(np.mean([m[k] for m in got])) for k in ("loss", "accuracy", "learning_rate")}
     layer_metrics = jax.tree.map(lambda *xs: np.mean(xs), *[m["layers"] for m in got])
     scalars.update(_layer_scalars(layer_metrics))
+    scalars.update(codes_changed)
     scalars["steps_per_sec"] = len(got) / max(seconds, 1e-9)
     scalars["nonfinite_steps"] = int(sum(m["nonfinite"] for m in got))
     writer.write_scalars(step, scalars)
@@ -527,7 +550,9 @@ def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> Train
     if config.init_from:
         state = checkpoints.init_from_float(
             config.init_from, state, quant, optimizer,
-            float_residual=config.feedback_residual == "float")
+            float_residual=config.feedback_residual == "float",
+            inertia_code_rate=_code_rate(state.opt_state) if config.rounding == "inertia"
+            else None)
         logging.info("Initialised quantized model from float checkpoint %s.", config.init_from)
         if config.conversion_rounding == "adaround":
             state = adaround_conversion(config, state, optimizer, ds)
@@ -684,6 +709,7 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
     # process must run the same eval steps).
     eval_stop = (lambda: watcher.requested) if jax.process_count() == 1 else None
     pending, t_start, t_log = [], time.time(), time.time()
+    codes_at_log = jax.device_get(state.codes)  # a host copy: the train step donates `state`
     # Host batches become sharded device arrays in the prefetch thread, off the step's path.
     train_iter = data.prefetch(to_global(b, steps.batch) for b in ds.train_batches(start_step))
     step, preempted = start_step, False
@@ -696,8 +722,10 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
             if bar is not None:
                 bar.update(1)
             if step % config.log_every_steps == 0 or step == end_step:
-                got = jax.device_get(pending)
-                _log_scalars(writer, step, got, jax.device_get(state.params), time.time() - t_log)
+                got, codes_now = jax.device_get((pending, state.codes))
+                _log_scalars(writer, step, got, jax.device_get(state.params), time.time() - t_log,
+                             _codes_changed(codes_at_log, codes_now))
+                codes_at_log = codes_now
                 pending, t_log = [], time.time()
                 if any(m["nonfinite"] for m in got) and config.nonfinite_policy == "stop":
                     summary = _write_nonfinite_report(workdir, step, got)

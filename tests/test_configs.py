@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dq_jax import configlib, data
+from dq_jax.quant import weights as wq
 from tests.helpers import REPO, load_config
 
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
@@ -79,3 +80,33 @@ def test_applicable_drops_irrelevant_keys_and_complete_restores_them():
     assert configlib.complete(a).to_dict() == c.to_dict()
     with pytest.raises(ValueError, match="recorded config key bogus is unknown"):
         configlib.complete({"bogus": 1})
+
+
+RECIPES = ["cifar10_resnet20", "cifar100_alexnet", "cifar100_mobilenetv2", "cifar100_resnet",
+           "imagenet_alexnet", "imagenet_mobilenetv2", "imagenet_resnet"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_carry_the_cifar10_study_findings(name):
+    """Every shipped DQ recipe takes the settings the CIFAR-10 study chose: the code step as a
+    ratio of the float LR (effective code step lr_c / (1 - beta_c) = the float LR: 1e-4 / 0.01
+    at float LR 0.01), code momentum 0.99, levels Adam 1e-3, BN re-estimation, the default
+    rounding, and per-channel levels wherever a channel has as many weights as levels; its
+    docstring separates what was measured from what is extrapolated."""
+    from dq_jax.configlib import DQ_CODE_LR_RATIO
+    c = load_config(name)
+    assert c.quant.weights == "dq"
+    assert c.code_learning_rate == pytest.approx(DQ_CODE_LR_RATIO * c.learning_rate, rel=1e-12)
+    assert DQ_CODE_LR_RATIO == 0.01 and c.code_momentum == 0.99
+    assert c.code_learning_rate / (1 - c.code_momentum) == pytest.approx(c.learning_rate)
+    assert c.levels_learning_rate == 1e-3 and c.bn_recalibration_batches == 50
+    assert c.rounding == configlib.base_config().rounding
+    doc = (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
+    assert "Measured" in doc and "Extrapolated:" in doc
+    configlib.validate(c, device_count=1)
+    if "mobilenetv2" in name:  # depthwise 3x3 kernels: 9 weights per channel < 16 levels
+        assert c.quant.granularity == "per_layer" and c.quant.weight_bits == 4
+        with pytest.raises(ValueError, match="needs at least 16 weights per output channel"):
+            wq.check_kernel_shape((3, 3, 1, 32), "per_channel", 16)
+    else:
+        assert c.quant.granularity == "per_channel"

@@ -1211,3 +1211,163 @@ def test_same_shape_layers_match_frozen_reference_bitwise(key_impl, rounding):
         flips += sum(float(d["flip_rate"]) for d in diag.values())
         params, codes = r_params, r_codes
     assert flips > 0 or rounding == "nearest"
+
+
+# ---------------------------------------------------------------- inertia rounding (Bop for L levels)
+
+def _inertia_steps(rule: str, steps: int = 6):
+    """One layer, levels [-1, 0, 1, 2], codes [1, 1, 1, 1, 0], constant dL/dW_q
+    [-1, 1, -3, 0, 3], code LR 0.25, momentum 0.5 (float32): every number exact in binary.
+    Yields (codes, code momentum) after each update."""
+    levels = jnp.float32([[-1.0, 0.0, 1.0, 2.0]])
+    trainable = {"params": {"l": {"kernel_levels": levels}},
+                 "codes": {"l": {"kernel": jnp.uint8([[1, 1, 1, 1, 0]])}}}
+    grads = {"params": {"l": {"kernel_levels": jnp.zeros_like(levels)}},
+             "codes": {"l": {"kernel": jnp.float32([[-1.0, 1.0, -3.0, 0.0, 3.0]])}}}
+    tx = dq_optimizer(0.25, 0.0, momentum=0.5, rounding="inertia", inertia_after_move=rule,
+                      code_momentum_dtype="float32", key=0)
+    state = tx.init(trainable)
+    for _ in range(steps):
+        trainable, state, _ = _run(tx, trainable, grads, state)
+        trace = [x for x in jax.tree.leaves(state.codes, is_leaf=lambda x: isinstance(
+            x, optax.TraceState)) if isinstance(x, optax.TraceState)][0].trace
+        yield (np.asarray(trainable["codes"]["l"]["kernel"])[0].tolist(),
+               np.asarray(trace["l"]["kernel"])[0].tolist())
+
+
+@pytest.mark.parametrize("rule, codes2, momentum2", [
+    # weight 2: m = 0.5 m + (-3), u = -0.25 m, gap 1. u = 0.75 (stays), 1.125 (moves; subtract
+    # leaves u = 0.125, m = -0.5), 0.8125 (stays), 1.15625 (moves to the top, m = -0.625),
+    # then the top level never moves outward.
+    ("subtract", [1, 2, 2, 3, 3, 3], [-3.0, -0.5, -3.25, -0.625, -3.3125, -4.65625]),
+    ("reset", [1, 2, 2, 3, 3, 3], [-3.0, 0.0, -3.0, 0.0, -3.0, -4.5]),
+    # Bop's rule kept: a persistent signal moves a level per step (u = 1.3125 at step 3)
+    ("keep", [1, 2, 3, 3, 3, 3], [-3.0, -4.5, -5.25, -5.625, -5.8125, -5.90625]),
+])
+def test_inertia_moves_one_level_only_past_the_threshold_hand_computed(rule, codes2, momentum2):
+    """rounding='inertia': a code moves one level toward u = -lr m only when |u| reaches the
+    gap to that level; below it nothing moves (weights 0, 1: |u| -> 0.5 < 1; weight 3: no
+    gradient), an end level never moves outward (weight 4 at level 0 pushed down: its
+    momentum is not spent), and the rule decides what a move leaves of the momentum."""
+    seen = list(_inertia_steps(rule))
+    assert [c[2] for c, _ in seen] == codes2
+    assert [m[2] for _, m in seen] == momentum2
+    for codes, m in seen:
+        assert codes[0] == codes[1] == codes[3] == 1 and codes[4] == 0
+    assert [m[4] for _, m in seen] == [3.0, 4.5, 5.25, 5.625, 5.8125, 5.90625]
+    assert [m[0] for _, m in seen][-1] == -1.96875  # no move: plain trace
+
+
+def test_inertia_threshold_half_is_nearest_rounding_of_the_update():
+    """inertia_threshold=0.5: a weight moves when u reaches half the gap (nearest rounding of
+    W_q + u); per-channel levels use each channel's own gap (1 vs 4: the same u = 0.75 moves
+    channel 0 only); no random draw: another key gives the same codes and momentum."""
+    levels = jnp.float32([[0.0, 1.0, 2.0, 3.0], [0.0, 4.0, 8.0, 12.0]])
+    trainable = {"params": {"l": {"kernel_levels": levels}},
+                 "codes": {"l": {"kernel": jnp.ones((3, 2), jnp.uint8)}}}
+    grads = {"params": {"l": {"kernel_levels": jnp.zeros_like(levels)}},
+             "codes": {"l": {"kernel": jnp.full((3, 2), -3.0)}}}  # u = +0.75
+    out = []
+    for k in (0, 1):
+        tx = dq_optimizer(0.25, 0.0, momentum=0.5, rounding="inertia", inertia_threshold=0.5,
+                          key=k)
+        new, state, _ = _run(tx, trainable, grads)
+        out.append((new, state.codes))
+    np.testing.assert_array_equal(np.asarray(out[0][0]["codes"]["l"]["kernel"]),
+                                  np.uint8([[2, 1]] * 3))
+    _assert_trees_equal(out[0], out[1])
+
+
+def test_inertia_is_deterministic_and_composes_with_optax_wrappers(np_rng):
+    """On the exact problem (big steps, so codes move): another key changes nothing;
+    MultiSteps(k=2) is the single update on the mean gradient (codes, momentum) bitwise;
+    apply_if_finite skips a NaN step whole (codes, momentum unchanged)."""
+    trainable, grads = _exact_problem(np_rng)
+    g = lambda seed: jax.tree.map(lambda a: a * 8, grads(seed))
+    tx = lambda key=jax.random.PRNGKey(7): _tx(rounding="inertia", key=key)
+    a, sa, _ = _run(tx(), trainable, g(0))
+    b, sb, _ = _run(tx(jax.random.PRNGKey(8)), trainable, g(0))
+    _assert_trees_equal(a, b)
+    _assert_trees_equal(sa.codes, sb.codes)
+    assert any(np.any(np.asarray(x) != np.asarray(y)) for x, y in zip(
+        jax.tree.leaves(a["codes"]), jax.tree.leaves(trainable["codes"])))
+
+    mean = jax.tree.map(lambda x, y: (x + y) / 2, g(20), g(21))  # exact (dyadic)
+    ms = optax.MultiSteps(tx(), every_k_schedule=2)
+    first, state, _ = _run(ms, trainable, g(20))
+    _assert_trees_equal(first, trainable)
+    second, state, _ = _run(ms, first, g(21), state)
+    single, s_single, _ = _run(tx(), trainable, mean)
+    _assert_trees_equal(second, single)
+    _assert_trees_equal(state.inner_opt_state, s_single)
+
+    guarded = optax.apply_if_finite(tx(), max_consecutive_errors=5)
+    bad = g(2)
+    bad["codes"]["dense"]["kernel"] = bad["codes"]["dense"]["kernel"].at[0, 0].set(jnp.nan)
+    s0 = guarded.init(trainable)
+    after, s1, _ = _run(guarded, trainable, bad, s0)
+    _assert_trees_equal(after, trainable)
+    _assert_trees_equal(s1.inner_state, s0.inner_state)
+
+
+def test_inertia_stacked_levels_update_like_their_slices():
+    """Levels [S, G, L] (nn.scan-stacked): each slice moves exactly as the same layer alone."""
+    lv = np.float32([[-1.5, -0.5, 0.5, 1.5]])
+    levels = np.stack([lv, lv * 2, lv * 4])
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 4, (3, 3, 3, 2, 4)).astype(np.uint8)
+    gw = (rng.integers(-16, 17, codes.shape) / 2).astype(np.float32)
+    make = lambda: dq_optimizer(0.25, 0.0, momentum=0.5, rounding="inertia", key=0)
+
+    def run(lv_, c_, gw_):
+        trainable = {"params": {"l": {"kernel_levels": jnp.asarray(lv_)}},
+                     "codes": {"l": {"kernel": jnp.asarray(c_)}}}
+        grads = {"params": {"l": {"kernel_levels": jnp.zeros(lv_.shape, jnp.float32)}},
+                 "codes": {"l": {"kernel": jnp.asarray(gw_)}}}
+        new, state, _ = _run(make(), trainable, grads)
+        trace = jax.tree.leaves(state.codes)[0]
+        return np.asarray(new["codes"]["l"]["kernel"]), np.asarray(trace)
+
+    stacked_codes, stacked_m = run(levels, codes, gw)
+    assert not np.array_equal(stacked_codes, codes)
+    for i in range(3):
+        c_i, m_i = run(levels[i], codes[i], gw[i])
+        np.testing.assert_array_equal(stacked_codes[i], c_i)
+        np.testing.assert_array_equal(stacked_m[i], m_i)
+
+
+def test_with_inertia_residual_seeds_the_code_momentum_hand_computed():
+    """with_inertia_residual(state, r, lr): m = -r / lr (so u = r before any gradient). Levels
+    [-1, 1] (gap 2), code 0, r = +0.75, lr 0.5, momentum 0.5: a push dL/dW_q = -3.5 gives
+    u = 0.5 (3.5 + 0.5 * 1.5) = 2.125 >= 2, a move; from m = 0 it gives 1.75: none."""
+    trainable = {"params": {"l": {"kernel_levels": jnp.float32([[-1.0, 1.0]])}},
+                 "codes": {"l": {"kernel": jnp.zeros((1, 2), jnp.uint8)}}}
+    grads = {"params": {"l": {"kernel_levels": jnp.zeros((1, 2))}},
+             "codes": {"l": {"kernel": jnp.full((1, 2), -3.5)}}}
+    tx = dq_optimizer(0.5, 0.0, momentum=0.5, rounding="inertia", key=0)
+    seeded = optim.with_inertia_residual(tx.init(trainable),
+                                         {"l": {"kernel": jnp.full((1, 2), 0.75)}}, 0.5)
+    m0 = jax.tree.leaves(seeded.codes)[0]
+    assert m0.dtype == jnp.bfloat16 and np.all(np.asarray(m0, np.float32) == -1.5)
+    moved, _, _ = _run(tx, trainable, grads, seeded)
+    stayed, _, _ = _run(tx, trainable, grads)
+    assert np.all(np.asarray(moved["codes"]["l"]["kernel"]) == 1)
+    assert np.all(np.asarray(stayed["codes"]["l"]["kernel"]) == 0)
+    with pytest.raises(ValueError, match="needs a rate > 0"):
+        optim.with_inertia_residual(tx.init(trainable), {"l": {"kernel": jnp.zeros((1, 2))}}, 0)
+    with pytest.raises(ValueError, match="must match the codes"):
+        optim.with_inertia_residual(tx.init(trainable), {"l": {"kernel": jnp.zeros((2, 2))}}, 1)
+    no_momentum = dq_optimizer(0.5, 0.0, momentum=0, rounding="inertia").init(trainable)
+    with pytest.raises(ValueError, match="holds no code momentum"):
+        optim.with_inertia_residual(no_momentum, {"l": {"kernel": jnp.zeros((1, 2))}}, 1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rounding": "inertia", "inertia_after_move": "zero"}, r"inertia_after_move='zero'.*'subtract', 'reset', 'keep'"),
+    ({"rounding": "inertia", "inertia_threshold": 0.0}, r"inertia_threshold=0.0 must be a number > 0"),
+    ({"inertia_threshold": 0.5}, r"apply to rounding='inertia' only"),
+    ({"inertia_after_move": "reset"}, r"apply to rounding='inertia' only"),
+])
+def test_inertia_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dq_optimizer(0.1, 0.0, **kwargs)

@@ -76,7 +76,7 @@ def _one_jit_init(model, opt, image_shape, seed):
 
 def test_init_state_equals_one_jitted_init_bitwise():
     """`init_state` runs `model.init` with the DQ layers' Lloyd fits deferred, then fits
-    them in a second jit (two compiles are cheaper than one holding both, RESULTS.md §2.2).
+    them in a second jit (two compiles are cheaper than one holding both, docs/notebook.md §2.2).
     The state must be a plain init's, bitwise: same draws, same fits, each layer with its
     own settings (2-bit per-layer / 4-bit per-channel with 3 Lloyd steps / float / LSQ /
     latent-STE in one model; nn.scan-stacked layers, fitted slice by slice), and no stored
@@ -321,7 +321,53 @@ def test_feedback_residual_float_starts_the_latent_at_the_float_kernel(tmp_path)
     assert any(np.any(np.asarray(r) != 0) for r in residual_after)
 
 
+def test_inertia_float_residual_seeds_the_code_momentum(tmp_path):
+    """rounding='inertia' with feedback_residual='float': at init_from the code momentum is
+    -(float kernel - W_q) / (code LR of the first update), in its bfloat16 dtype, so the first
+    code update starts at the float model's position inside each cell; levels, codes and
+    every other leaf are those of the zero start; the program trains from it."""
+    float_cfg = apply_variant(small_digits(num_train_steps=8), "float")
+    train.train_and_evaluate(float_cfg, str(tmp_path / "float"))
+    cfg = apply_variant(small_digits(num_train_steps=8, rounding="inertia",
+                                     code_learning_rate=0.5, code_momentum=0.99), "w2a2")
+    cfg.init_from = str(tmp_path / "float")
+    quant = configlib.validate(cfg, device_count=jax.device_count())
+    ds = data.create_dataset(cfg)
+    model = train.create_model(cfg, quant, ds.num_classes)
+    opt = train.create_optimizer(cfg, 10, ds.steps_per_epoch)
+    state0 = train.init_state(model, opt, ds.image_shape, cfg.seed)
+    rate = train._code_rate(state0.opt_state)
+    assert rate == pytest.approx(0.5)
+    zero = checkpoints.init_from_float(cfg.init_from, state0, quant, opt)
+    seeded = checkpoints.init_from_float(cfg.init_from, state0, quant, opt, float_residual=True,
+                                         inertia_code_rate=rate)
+    float_params = flax.traverse_util.flatten_dict(
+        checkpoints.load_float_variables(cfg.init_from)["params"])
+    trace = lambda s: flax.traverse_util.flatten_dict([
+        x for x in jax.tree.leaves(s.opt_state, is_leaf=lambda x: isinstance(
+            x, optax.TraceState)) if isinstance(x, optax.TraceState)][-1].trace)
+    m_zero, m_seeded = trace(zero), trace(seeded)
+    flat_codes = flax.traverse_util.flatten_dict(seeded.codes)
+    assert set(m_seeded) == set(flat_codes) and flat_codes
+    for k, c in flat_codes.items():
+        levels = flax.traverse_util.flatten_dict(seeded.params)[k[:-1] + ("kernel_levels",)]
+        r = np.asarray(float_params[k], np.float32) - np.asarray(wq.gather_levels(levels, c))
+        assert m_seeded[k].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(m_seeded[k]),
+                                      np.asarray(jnp.asarray(-r / np.float32(rate), jnp.bfloat16)))
+        assert np.all(np.asarray(m_zero[k]) == 0) and np.any(np.asarray(m_seeded[k]) != 0)
+    chex.assert_trees_all_equal((zero.params, zero.codes, zero.batch_stats),
+                                (seeded.params, seeded.codes, seeded.batch_stats))
+    cfg.feedback_residual = "float"
+    result = train.train_and_evaluate(cfg, str(tmp_path / "w2a2"))
+    assert result["steps"] == 8 and result["eval_top1"] > 0.1, result["eval_top1"]
+
+
 @pytest.mark.parametrize("override, match", [
+    ({"rounding": "inertia", "inertia_after_move": "zero"}, r"config.inertia_after_move='zero'; allowed"),
+    ({"rounding": "inertia", "inertia_threshold": -1.0}, r"inertia_threshold=-1.0 must be a number > 0"),
+    ({"inertia_threshold": 0.5}, r"apply to rounding='inertia' only"),
+    ({"feedback_residual": "float", "rounding": "inertia"}, r"and config.init_from"),
     ({"feedback_residual": "latent"}, r"config.feedback_residual='latent'; allowed: 'zero', 'float'"),
     ({"feedback_residual": "float"}, r"feedback_residual='float' seeds the residual.*rounding"),
     ({"feedback_residual": "float", "rounding": "latent_feedback"}, r"and config.init_from"),

@@ -19,7 +19,11 @@ ACT_ERRORS = ("channel", "global")
 # shadow weight in all but name), to measure what the missing accumulator is worth;
 # 'latent_feedback' keeps W_q + r fixed when levels move (latent-STE in DQ's state).
 FEEDBACK_ROUNDINGS = ("error_feedback", "latent_feedback")
-ROUNDINGS = ("stochastic", "nearest") + FEEDBACK_ROUNDINGS
+# 'inertia': the multi-level form of Bop (Helwegen et al. 2019): a weight moves one level when
+# its code update reaches the gap to that level, deterministically; the code momentum is the
+# evidence, and INERTIA_AFTER_MOVE says what a move does to it.
+ROUNDINGS = ("stochastic", "nearest") + FEEDBACK_ROUNDINGS + ("inertia",)
+INERTIA_AFTER_MOVE = ("subtract", "reset", "keep")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -64,7 +68,7 @@ class QuantConfig:
       act_calib_iters: closed-form fit iterations on the first batch.
       lloyd_iters: cap on the Lloyd (1-D k-means) iterations of the weight-level init;
         it stops at the fixed point. 200: on ResNet-20 kernels 5 left the 4-bit error up
-        to 2.2x the converged one (RESULTS.md §1), heavy tails need ~100.
+        to 2.2x the converged one (docs/notebook.md §1), heavy tails need ~100.
     """
 
     weights: str = "dq"

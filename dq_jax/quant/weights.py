@@ -248,6 +248,30 @@ def quantize_cell_residual(levels: jax.Array, codes: jax.Array, residual: jax.Ar
     return (z_q * side(z_q, up, down)).astype(residual.dtype)
 
 
+def inertia_codes(levels: jax.Array, codes: jax.Array, step: jax.Array,
+                  threshold: float) -> tuple[jax.Array, jax.Array]:
+    """Deterministic, evidence-thresholded re-assignment (the multi-level form of Bop).
+
+    A weight moves at most one level per update, toward the sign of `step` (its code update
+    `u`, in weight units), and only when `|u| >= threshold * gap`, the gap to the neighbouring
+    level on that side; otherwise it stays. An end level never moves outward. Returns the new
+    codes and the realised displacement `l_new - l_old` (0 where nothing moved), which the
+    optimizer uses to spend the evidence a move consumed. `levels`: [G, L] sorted.
+    """
+    chex.assert_rank(levels, 2)
+    top = levels.shape[-1] - 1
+    k = codes.astype(jnp.int32)
+    at = _lookup(levels, k)
+    up = _lookup(levels, jnp.minimum(k + 1, top)) - at
+    down = at - _lookup(levels, jnp.maximum(k - 1, 0))
+    step = step.astype(at.dtype)
+    move_up = (step > 0) & (k < top) & (step >= threshold * up)
+    move_down = (step < 0) & (k > 0) & (-step >= threshold * down)
+    moved = jnp.where(move_up, up, jnp.where(move_down, -down, jnp.zeros_like(at)))
+    new = k + move_up.astype(jnp.int32) - move_down.astype(jnp.int32)
+    return new.astype(CODE_DTYPE), moved
+
+
 def reassign_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
                    rounding: str, temperature: jax.Array | float | None = None) -> jax.Array:
     """Direct re-assignment of codes to the target values `W~` (DESIGN §1.1 step 3);
@@ -474,7 +498,7 @@ def lloyd_init_many(fits: Sequence[tuple[jax.Array, int, str, int]]
                     ) -> list[tuple[jax.Array, jax.Array]]:
     """`[lloyd_init(w, num_levels, granularity, iters) for ...]`, the same bits, with one
     Lloyd loop per distinct `num_levels` instead of one per kernel: what a model's init
-    compiles (one loop body instead of one per layer; ResNet-18, RESULTS.md §2.2)."""
+    compiles (one loop body instead of one per layer; ResNet-18, docs/notebook.md §2.2)."""
     out: list = [None] * len(fits)
     by_levels: dict[int, list[int]] = {}
     for i, (w, num_levels, granularity, _) in enumerate(fits):
