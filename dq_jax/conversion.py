@@ -7,6 +7,7 @@ zoo, `conv=partial(QuantConv, ...)`): the float `params/<path>/kernel` is the qu
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import flax
@@ -28,15 +29,30 @@ PyTree = Any
 Path = tuple[str, ...]
 
 
+def _lloyd_one_by_one(settings: tuple, kernels: list) -> list:
+    """`wq.lloyd_init` of each kernel, op by op: what `init_from` has always run (its bits)."""
+    return [wq.lloyd_init(k, *s) for k, s in zip(kernels, settings)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def lloyd_compiled(settings: tuple, kernels: list) -> list:
+    """`[jax.jit(wq.lloyd_init)(k, *s) ...]` bitwise (`wq.lloyd_init_many`, what a model's
+    `init` computes), one compiled Lloyd loop per level count: an 8-bit fit takes seconds op
+    by op. (Op by op and compiled may differ in the last bit of a level.)"""
+    return wq.lloyd_init_many([(k, *s) for k, s in zip(kernels, settings)])
+
+
 def convert_params(float_params: Mapping, params: PyTree, codes: PyTree,
-                   quant_of: Callable[[Path], QuantConfig], *,
-                   source: str) -> tuple[dict[Path, Any], dict[Path, Any]]:
+                   quant_of: Callable[[Path], QuantConfig], *, source: str,
+                   fit: Callable[[tuple, list], list] = _lloyd_one_by_one,
+                   ) -> tuple[dict[Path, Any], dict[Path, Any]]:
     """Flat (params, codes) of a quantized model from the float `float_params` (flat) of the
     same architecture, by path: DQ-W levels by Lloyd on the float kernel + nearest codes,
     latent-STE the kernel plus Lloyd levels, LSQ the kernel plus its initial step; every other
     leaf copied (shapes must match). `params` / `codes` give the target structure (values
     unused); `quant_of(module path)` each quantized layer's config; `source` names the float
-    variables in errors."""
+    variables in errors; `fit(settings, kernels)` runs the Lloyd fits (`lloyd_compiled`:
+    compiled)."""
     target, target_codes = flatten(params), flatten(codes)
 
     def get(path: Path) -> np.ndarray:
@@ -47,17 +63,17 @@ def convert_params(float_params: Mapping, params: PyTree, codes: PyTree,
         return np.asarray(float_params[path])
 
     new_params, new_codes = {}, {}
+    jobs, slots = [], []  # Lloyd fits, all run by one call of `fit`
     for p, leaf in target.items():
         module = p[:-1]
         if p[-1] == wq.LEVELS:
             quant = quant_of(module)
-            levels, c = _per_slice(
-                lambda k: wq.lloyd_init(k, quant.num_weight_levels, quant.granularity,
-                                        quant.lloyd_iters),
-                get(module + ("kernel",)), np.ndim(leaf) - 2)
-            new_params[p] = levels
-            if module + ("kernel",) in target_codes:
-                new_codes[module + ("kernel",)] = c
+            kernel = jnp.asarray(get(module + ("kernel",)))
+            stack = kernel.shape[:np.ndim(leaf) - 2]  # nn.scan / nn.vmap axes: one fit a slice
+            slices = kernel.reshape(-1, *kernel.shape[len(stack):])
+            jobs += [(k, (quant.num_weight_levels, quant.granularity, quant.lloyd_iters))
+                     for k in slices]
+            slots.append((p, stack, len(slices)))
         elif p[-1] == wq.STEP:
             quant = quant_of(module)
             (new_params[p],) = _per_slice(
@@ -70,17 +86,27 @@ def convert_params(float_params: Mapping, params: PyTree, codes: PyTree,
                     f"{source}: {'/'.join(p)} has shape {value.shape}, this model expects "
                     f"{np.shape(leaf)}; the architectures differ.")
             new_params[p] = jnp.asarray(value, jnp.asarray(leaf).dtype)
+    fitted = fit(tuple(s for _, s in jobs), [k for k, _ in jobs]) if jobs else []
+    i = 0
+    for p, stack, count in slots:
+        levels, layer_codes = (jnp.stack(parts).reshape(*stack, *parts[0].shape)
+                               for parts in zip(*fitted[i:i + count]))
+        i += count
+        new_params[p] = levels
+        if p[:-1] + ("kernel",) in target_codes:
+            new_codes[p[:-1] + ("kernel",)] = layer_codes
     return new_params, new_codes
 
 
-def _per_slice(fit: Callable, kernel: np.ndarray, stack_dims: int) -> tuple:
-    """`fit(kernel)` (a tuple of arrays), or, for a layer stacked by `nn.scan` / `nn.vmap`
-    (`stack_dims` leading axes), each slice's fit stacked back."""
+
+def _per_slice(fn: Callable, kernel: np.ndarray, stack_dims: int) -> tuple:
+    """`fn(kernel)` (a tuple of arrays), or, for a layer stacked by `nn.scan` / `nn.vmap`
+    (`stack_dims` leading axes), each slice's result stacked back."""
     kernel = jnp.asarray(kernel)
     if stack_dims <= 0:
-        return fit(kernel)
+        return fn(kernel)
     stack = kernel.shape[:stack_dims]
-    fits = [fit(k) for k in kernel.reshape(-1, *kernel.shape[stack_dims:])]
+    fits = [fn(k) for k in kernel.reshape(-1, *kernel.shape[stack_dims:])]
     return tuple(jnp.stack(parts).reshape(*stack, *parts[0].shape) for parts in zip(*fits))
 
 
@@ -114,7 +140,7 @@ def from_float(model: nn.Module, float_variables: Mapping, *args: Any,
     model with the same module paths: the paper's two-stage recipe for your own network.
 
     Every DQ-W layer gets Lloyd levels of its float kernel at its own width and the nearest
-    codes (`adaround_images`: codes chosen by AdaRound on those images instead,
+    codes (compiled: bitwise what `init` fits to a kernel, `lloyd_compiled`) (`adaround_images`: codes chosen by AdaRound on those images instead,
     `dq_jax.adaround`); latent-STE / LSQ layers their float kernel plus levels / step; biases,
     float layers and `batch_stats` are copied; `quant_stats` are fresh (the first training
     batch calibrates them). `args` are example inputs for `init` (shapes only), `apply_kwargs`
@@ -133,8 +159,8 @@ def from_float(model: nn.Module, float_variables: Mapping, *args: Any,
         return configs[module]
 
     params, codes = convert_params(flatten(float_variables["params"]), variables["params"],
-                                   variables.get(CODES), quant_of, source="from_float: "
-                                   "float_variables")
+                                   variables.get(CODES), quant_of, fit=lloyd_compiled,
+                                   source="from_float: float_variables")
     out = {"params": flax.traverse_util.unflatten_dict(params),
            CODES: flax.traverse_util.unflatten_dict(codes) if codes else {}}
     float_stats, stats = flatten(float_variables.get("batch_stats")), flatten(

@@ -18,6 +18,7 @@ from tests.helpers import REPO, run_python
 from tests.test_rules import RULES, PlainNet, digits
 
 FLAT = flax.traverse_util.flatten_dict
+_lloyd = jax.jit(wq.lloyd_init, static_argnums=(1, 2, 3))  # what init fits, compiled
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def float_and_x():
 
 def test_from_float_converts_by_module_path(float_and_x):
     """Each DQ layer: Lloyd levels of its float kernel at its own width and the nearest codes,
-    bitwise what `lloyd_init` gives; float layers, biases and batch_stats copied exactly."""
+    bitwise what the compiled `lloyd_init` gives (as `init` fits); float layers, biases and
+    batch_stats copied exactly."""
     fv, x = float_and_x
     rules = [QuantRule("Conv_0", QuantConfig(weight_bits=8, act_bits=8)),
              QuantRule("Conv_1", QuantConfig(weight_bits=3, granularity="per_channel")),
@@ -42,9 +44,8 @@ def test_from_float_converts_by_module_path(float_and_x):
     assert set(v) == {"params", "codes", "batch_stats", "quant_stats"}
     for (name, quant) in (("Conv_0", rules[0].quant), ("Conv_1", rules[1].quant),
                           ("Conv_2", rules[2].quant)):
-        levels, codes = wq.lloyd_init(jnp.asarray(fv["params"][name]["kernel"]),
-                                      quant.num_weight_levels, quant.granularity,
-                                      quant.lloyd_iters)
+        levels, codes = _lloyd(jnp.asarray(fv["params"][name]["kernel"]),
+                               quant.num_weight_levels, quant.granularity, quant.lloyd_iters)
         np.testing.assert_array_equal(v["params"][name]["kernel_levels"], levels)
         np.testing.assert_array_equal(v["codes"][name]["kernel"], codes)
         np.testing.assert_array_equal(v["params"][name]["bias"], fv["params"][name]["bias"])
@@ -127,6 +128,6 @@ def test_from_float_fits_each_slice_of_a_scanned_layer():
     kernels = fv["params"]["blocks"]["conv"]["kernel"]
     assert v["params"]["blocks"]["conv"]["kernel_levels"].shape == (3, 1, 4)
     for i in range(3):
-        levels, codes = wq.lloyd_init(kernels[i], 4, "per_layer", QuantConfig().lloyd_iters)
+        levels, codes = _lloyd(kernels[i], 4, "per_layer", QuantConfig().lloyd_iters)
         np.testing.assert_array_equal(v["params"]["blocks"]["conv"]["kernel_levels"][i], levels)
         np.testing.assert_array_equal(v["codes"]["blocks"]["conv"]["kernel"][i], codes)
