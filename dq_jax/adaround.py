@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import flax
 import flax.linen as nn
@@ -37,9 +37,11 @@ _ZETA, _GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound's values)
 
 
 def record_layer_inputs(model: nn.Module, variables: PyTree, images: jax.Array,
-                        paths: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], tuple]:
+                        paths: Iterable[tuple[str, ...]],
+                        apply_kwargs: Mapping | None = None) -> dict[tuple[str, ...], tuple]:
     """{module path: (input, module)} of the given `nn.Conv`/`nn.Dense` layers, from one
-    eval-mode forward of `model` (any quantization: pass the float model for float inputs)."""
+    eval-mode forward of `model` (any quantization: pass the float model for float inputs);
+    `apply_kwargs` (default `{'train': False}`) select eval mode."""
     wanted, seen = set(paths), {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -51,7 +53,8 @@ def record_layer_inputs(model: nn.Module, variables: PyTree, images: jax.Array,
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
-        model.apply(variables, images, train=False)
+        model.apply(variables, images,
+                    **({"train": False} if apply_kwargs is None else apply_kwargs))
     missing = wanted - set(seen)
     if missing:
         raise ValueError(f"adaround: no nn.Conv/nn.Dense call recorded at "
@@ -159,14 +162,14 @@ def adaround_codes(kernel: jax.Array, levels: jax.Array, inputs: jax.Array, appl
 
 def round_from_float(float_model: nn.Module, float_variables: PyTree, params: PyTree,
                      codes: PyTree, images: jax.Array, *, steps: int = 500,
-                     seed: int = 0) -> PyTree:
+                     seed: int = 0, apply_kwargs: Mapping | None = None) -> PyTree:
     """`codes` (the DQ layers' tree) re-chosen by `adaround_codes` from the float kernels in
     `float_variables`, the levels in `params`, and each layer's float-model inputs on `images`."""
     flat_codes = flax.traverse_util.flatten_dict(codes)
     flat_params = flax.traverse_util.flatten_dict(params)
     float_params = flax.traverse_util.flatten_dict(float_variables["params"])
     modules = [k[:-1] for k in flat_codes]
-    recorded = record_layer_inputs(float_model, float_variables, images, modules)
+    recorded = record_layer_inputs(float_model, float_variables, images, modules, apply_kwargs)
     out = {}
     for i, (path, c) in enumerate(flat_codes.items()):
         x, module = recorded[path[:-1]]

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from dq_jax import conversion
 from dq_jax.optim import CODES, LEVELS, PARAMS, with_feedback_residual, with_inertia_residual
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
@@ -929,38 +930,10 @@ def init_from_float(path: str, state: Any, quant: QuantConfig,
     update) the residual seeds the code momentum instead (`optim.with_inertia_residual`).
     """
     src = load_float_variables(path)
-    float_params = flax.traverse_util.flatten_dict(src["params"])
-    target = flax.traverse_util.flatten_dict(state.params)
-    codes = flax.traverse_util.flatten_dict(state.codes)
-    num_levels = quant.num_weight_levels
-
-    def source(path_: tuple) -> np.ndarray:
-        if path_ not in float_params:
-            raise ValueError(
-                f"config.init_from={path!r} has no parameter {'/'.join(path_)}; it must be a "
-                "float checkpoint of the same model architecture (config.model).")
-        return np.asarray(float_params[path_])
-
-    new_params, new_codes = {}, {}
-    for p, leaf in target.items():
-        module = p[:-1]
-        if p[-1] == LEVELS:
-            kernel = source(module + ("kernel",))
-            levels, c = wq.lloyd_init(jnp.asarray(kernel), num_levels, quant.granularity,
-                                      quant.lloyd_iters)
-            new_params[p] = levels
-            if module + ("kernel",) in codes:
-                new_codes[module + ("kernel",)] = c
-        elif p[-1] == "kernel_step":
-            new_params[p] = wq.lsq_init_step(jnp.asarray(source(module + ("kernel",))),
-                                             quant.weight_bits, quant.granularity)
-        else:
-            value = source(p)
-            if value.shape != np.shape(leaf):
-                raise ValueError(
-                    f"config.init_from={path!r}: {'/'.join(p)} has shape {value.shape}, this "
-                    f"model expects {np.shape(leaf)}; the architectures differ.")
-            new_params[p] = jnp.asarray(value, jnp.asarray(leaf).dtype)
+    source = flax.traverse_util.flatten_dict(src["params"])
+    new_params, new_codes = conversion.convert_params(
+        source, state.params, state.codes, lambda module: quant,
+        source=f"config.init_from={path!r}")
     params = flax.traverse_util.unflatten_dict(new_params)
     refuse_nonfinite(_host_leaves(params), f"config.init_from={path!r}: the initial parameters",
                      "Its float kernels give no finite levels; use another float checkpoint.")
@@ -968,7 +941,7 @@ def init_from_float(path: str, state: Any, quant: QuantConfig,
     batch_stats = jax.tree.map(jnp.asarray, src["batch_stats"]) or state.batch_stats
     opt_state = optimizer.init({PARAMS: params, CODES: codes_tree})
     if float_residual:
-        residual = {k: jnp.asarray(source(k), jnp.float32)
+        residual = {k: jnp.asarray(source[k], jnp.float32)
                     - wq.gather_levels(new_params[k[:-1] + (LEVELS,)], c)
                     for k, c in new_codes.items()}
         residual = flax.traverse_util.unflatten_dict(residual)

@@ -151,6 +151,15 @@ class _QuantizedKernelMixin:
                 f"{type(self).__name__} '{self.name}' uses weights='dq' but its integer "
                 f"codes are missing: pass the '{CODES}' collection returned by init, e.g. "
                 f"model.apply({{'params': ..., '{CODES}': ..., '{QUANT_STATS}': ...}}, x).")
+        if (not self.is_initializing() and not self.is_mutable_collection(PERTURBATIONS)
+                and not self.has_variable(PERTURBATIONS, "kernel") and under_autodiff(levels)):
+            raise ValueError(
+                f"{type(self).__name__} '{'/'.join(self.path)}': its levels are differentiated "
+                f"but no '{PERTURBATIONS}' were passed, so no gradient reaches its integer codes "
+                "and they would stay frozen. Differentiate w.r.t. {'params': params, "
+                f"'{PERTURBATIONS}': dq_jax.layers.zero_perturbations(codes)}} "
+                "(dq_jax.train_state.TrainState.differentiable()) and update with "
+                "dq_jax.optim.dq_optimizer (TrainState.apply_gradients).")
         w_q = wq.gather_levels(levels, codes)
         # `init` stores no perturbation (f32 zeros as large as 4x the codes, nothing to
         # keep); an apply that passes one gets `W_q + p`, whose gradient is dL/dW_q. A
@@ -185,7 +194,19 @@ class _QuantizedKernelMixin:
         cfg: QuantConfig = self.quant
         if cfg.acts == "float":
             return inputs
-        return ActQuantizer(cfg, name="act_quant")(inputs, train=self._train_mode(train))
+        train = self._train_mode(train)
+        try:
+            return ActQuantizer(cfg, name="act_quant")(inputs, train=train)
+        except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeVariableNotFoundError) as e:
+            if QUANT_STATS not in str(e):
+                raise
+            raise ValueError(
+                f"{type(self).__name__} '{'/'.join(self.path)}' finds no activation statistics "
+                f"('{QUANT_STATS}') in the variables passed to apply: pass every collection "
+                f"init returned (params, {CODES}, batch_stats, {QUANT_STATS}) and keep the "
+                f"updated '{QUANT_STATS}' after a train step; a train state that holds only "
+                "params and batch_stats (the Flax ImageNet example's) drops them: use "
+                "dq_jax.train_state.TrainState and apply with state.variables(...).") from e
 
 
 class QuantConv(_QuantizedKernelMixin, nn.Conv):
@@ -213,6 +234,22 @@ class QuantDense(_QuantizedKernelMixin, nn.Dense):
     @nn.compact
     def __call__(self, inputs: jax.Array, train: Optional[bool] = None) -> jax.Array:
         return super().__call__(self._quantize_input(inputs, train))
+
+
+def under_autodiff(x: Any) -> bool:
+    """Whether `x` is being differentiated (a JVP/linearize tracer, also under `vmap`).
+
+    JAX has no public test for this; the tracer classes are looked up by name so that a JAX
+    without them turns the check off instead of failing. Inside `nn.scan` / `nn.remat`
+    bodies (traced to a jaxpr first) it cannot tell and says False.
+    """
+    from jax._src.interpreters import ad  # pylint: disable=import-outside-toplevel
+    kinds = tuple(getattr(ad, n) for n in ("JVPTracer", "LinearizeTracer") if hasattr(ad, n))
+    while isinstance(x, jax.core.Tracer):
+        if isinstance(x, kinds):
+            return True
+        x = getattr(x, "val", None)  # a BatchTracer wraps the value it batches
+    return False
 
 
 def zero_perturbations(codes: Any, dtype: Any = jnp.float32) -> Any:

@@ -62,6 +62,7 @@ import numpy as np
 
 from dq_jax import export, intpath
 from dq_jax.data.arrays import npz_array
+from dq_jax.quant.activations import check_calibrated, skip_calibration_check
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
@@ -117,6 +118,9 @@ class Model:
         self.batch_size = int(batch_size)
         export.check_model(exported, module)  # a mismatched (given) module fails here
         self.module = exported.create_model() if module is None else module
+        for name, value in exported.tensors.items():  # here, not in every forward
+            if name.startswith("quant_stats/") and name.endswith("/initialized"):
+                check_calibrated(name[len("quant_stats/"):-len("/act_quant/initialized")], value)
         self._floats = {k: jnp.asarray(v) for k, v in exported.tensors.items()}
         self._packed = {k: jnp.asarray(data) for k, (data, _, _) in exported.packed.items()}
         self._packed_meta = {k: (bits, tuple(shape))
@@ -183,10 +187,15 @@ class Model:
     def normalize(self, pixels: Any) -> np.ndarray:
         """(pixels - mean) / std with the export's dataset statistics (raw pixel scale)."""
         if not self.normalization:
+            source = self.exported.header.get("source") or {}
+            why = (f"its workdir's dataset ({source['workdir']}) could not be read at export "
+                   "time; export again where it can, or pass" if "workdir" in source else
+                   "it was exported without them; export again with normalization={'mean': "
+                   "[...], 'std': [...], 'pixel_max': 255} (CLI: --normalization='{...}'), or "
+                   "pass")
             raise ValueError(
-                f"{self.exported.path}: the export holds no normalisation constants (its "
-                "dataset was unavailable at export time); pass normalised inputs to "
-                ".predict (CLI: --prenormalized).")
+                f"{self.exported.path}: raw pixels need the dataset's mean/std, and the export "
+                f"records none: {why} normalised inputs to .predict (CLI: --prenormalized).")
         mean = np.asarray(self.normalization["mean"], np.float32)
         std = np.asarray(self.normalization["std"], np.float32)
         x = np.asarray(pixels, np.float32)
@@ -219,10 +228,11 @@ def _unpack_all(meta, floats, packed):
 
 def _forward(module, meta, plan, apply_kwargs, floats, packed, images):
     variables = _unpack_all(meta, floats, packed)
-    if plan is not None:
-        with intpath.integer_inference(plan):
-            return module.apply(variables, images, **dict(apply_kwargs))
-    return module.apply(variables, images, **dict(apply_kwargs))
+    with skip_calibration_check():  # checked on the host when the file is loaded
+        if plan is not None:
+            with intpath.integer_inference(plan):
+                return module.apply(variables, images, **dict(apply_kwargs))
+        return module.apply(variables, images, **dict(apply_kwargs))
 
 
 def load_model(path: str, *, expected_model: str | None = None, integer: bool = False,

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dq_jax import adaround, checkpoints, configlib, data, jit_cache, layers, models, optim
 from dq_jax.layers import QUANT_STATS
 from dq_jax.optim import CODES, LEVELS, PARAMS
+from dq_jax.quant.activations import skip_calibration_check
 from dq_jax.quant.config import QuantConfig
 from dq_jax.train_state import TrainState  # everything a step reads and writes; checkpointed
 
@@ -273,7 +274,8 @@ def train_step(state: TrainState, batch: dict, *, model,
 
 def eval_step(state: TrainState, batch: dict, *, model) -> dict:
     """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count."""
-    logits = model.apply(state.variables(), batch["image"], train=False).astype(jnp.float32)
+    with skip_calibration_check():  # the program's states are calibrated; keeps it cacheable
+        logits = model.apply(state.variables(), batch["image"], train=False).astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -301,8 +303,9 @@ def bn_moments_step(state: TrainState, batch: dict, fill: jax.Array, *, model) -
     uses. Only `batch_stats` is mutable: activation quantizers and weights are untouched.
     """
     stats = jax.tree.map(lambda x: jnp.full_like(x, fill), state.batch_stats)
-    _, new_vars = model.apply(state.variables(batch_stats=stats), batch["image"], train=True,
-                              mutable=["batch_stats"])
+    with skip_calibration_check():
+        _, new_vars = model.apply(state.variables(batch_stats=stats), batch["image"],
+                                  train=True, mutable=["batch_stats"])
     return new_vars["batch_stats"]
 
 

@@ -3,8 +3,8 @@
 It carries the DQ-W layers' integer `codes` and the `batch_stats` / `quant_stats` collections
 beside `params`, and its `apply_gradients(grads=...)` runs the whole DQ update (float params,
 levels + sort, direct code re-assignment) through `tx`, a transformation containing
-`dq_jax.optim.dq_optimizer`. The Flax ImageNet example's `train_step` works with three lines
-changed (README.md, "Flax's TrainState").
+`dq_jax.optim.dq_optimizer`. The Flax ImageNet example's `train_step` works with four lines
+changed (README.md; the whole script's diff: docs/quantize_any_model.md).
 """
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ class TrainState(train_state.TrainState):
     and applies the model to `state.variables(those)`.
     """
 
-    codes: PyTree = struct.field(default_factory=dict)
-    batch_stats: PyTree = struct.field(default_factory=dict)
-    quant_stats: PyTree = struct.field(default_factory=dict)
+    # Keyword-only: a subclass may redeclare one without a default, as the Flax ImageNet
+    # example's TrainState declares `batch_stats: Any`.
+    codes: PyTree = struct.field(default_factory=dict, kw_only=True)
+    batch_stats: PyTree = struct.field(default_factory=dict, kw_only=True)
+    quant_stats: PyTree = struct.field(default_factory=dict, kw_only=True)
 
     @classmethod
     def create(cls, *, apply_fn: Callable, tx: optax.GradientTransformation,
@@ -97,6 +99,15 @@ class TrainState(train_state.TrainState):
     def variables(self, differentiable: dict | None = None, **collections: PyTree) -> dict:
         """The collections to apply the model with: the state's own, then `differentiable`
         (params, perturbations), then `collections` (any override) on top."""
+        if differentiable is not None and (
+                not hasattr(differentiable, "keys")
+                or not set(differentiable.keys()) <= {optim.PARAMS, optim.PERTURBATIONS}):
+            got = sorted(differentiable.keys()) if hasattr(differentiable, "keys") else type(
+                differentiable).__name__
+            raise ValueError(
+                f"TrainState.variables(differentiable): expected {{'params', 'perturbations'}} "
+                f"(differentiate w.r.t. state.differentiable()), got {got}; the params alone "
+                "would leave the codes without a gradient.")
         out = {optim.PARAMS: self.params, optim.CODES: self.codes,
                "batch_stats": self.batch_stats, QUANT_STATS: self.quant_stats}
         out.update(differentiable or {})

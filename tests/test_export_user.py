@@ -51,6 +51,27 @@ def test_user_module_round_trips_through_predict(trained, tmp_path):
     np.testing.assert_array_equal(got, np.asarray(want))
 
 
+def test_raw_pixels_without_normalisation_name_the_export_and_the_fix(trained, tmp_path):
+    model, variables, x = trained
+    path = str(tmp_path / "user.dqz")
+    export.save(path, model=REF, model_kwargs={"num_classes": 10}, variables=variables,
+                num_classes=10, image_shape=SHAPE)
+    m = predict.load_model(path, batch_size=16)
+    with pytest.raises(ValueError, match=r"records none: it was exported without them; export "
+                                         r"again with normalization=.*--prenormalized"):
+        m.predict_raw(np.zeros((2, *SHAPE), np.float32))
+
+
+def test_uncalibrated_export_warns_at_load(trained, tmp_path):
+    model, variables, x = trained
+    fresh = model.init(jax.random.PRNGKey(1), x, train=False)  # never trained: uncalibrated
+    path = str(tmp_path / "fresh.dqz")
+    export.save(path, model=REF, model_kwargs={"num_classes": 10}, variables=fresh,
+                num_classes=10, image_shape=SHAPE)
+    with pytest.warns(UserWarning, match="conv1 is evaluated but was never calibrated"):
+        predict.load_model(path, batch_size=16)
+
+
 def test_module_instance_with_non_json_fields_asks_for_a_factory(trained, tmp_path):
     model, variables, _ = trained
     with pytest.raises(ValueError, match="field conv=.*importable factory"):
@@ -126,3 +147,25 @@ def test_cli_exports_and_predicts_a_user_module_with_accuracy(trained, tmp_path)
     proc = run_python(["-m", "dq_jax.export", f"--model={REF}", f"--out={out}",
                        "--workdir=/nonexistent"], env=env)
     assert proc.returncode == 2 and "either --workdir" in proc.stderr
+
+
+def test_mixed_widths_by_rules_round_trip_through_export_predict_and_integer_path(tmp_path):
+    """An unmodified model quantized by rules (8-bit stem/head, 2-bit inner convs, issue 28
+    item 3): each layer is exported at its own width, predict gives the eval logits exactly,
+    and the integer path agrees (exact up to float round-off)."""
+    from tests.test_rules import digits, train
+    (x, y), (x_test, _) = digits()
+    model = user_models.rules_plain_net()
+    state, _ = train(model, jax.jit(model.init)(jax.random.key(0), x[:2]), x, y, steps=5)
+    variables = jax.tree.map(np.asarray, state.variables())
+    path = str(tmp_path / "mixed.dqz")
+    report = export.save(path, model="user_models:rules_plain_net", variables=variables,
+                         num_classes=10, image_shape=SHAPE)
+    bits = {layer["module"]: layer["bits"] for layer in export.load(path).header["layers"]}
+    assert bits == {"Conv_0": 8, "Conv_1": 2, "Conv_2": 2, "Dense_0": 8}
+    assert report["quantized_weight_bytes"] == (3 * 3 * 32 + 32 * 10) + 2 * (3 * 3 * 32 * 32) // 4
+    want = np.asarray(jax.jit(lambda v, xb: model.apply(v, xb, train=False))(variables, x_test))
+    m = predict.load_model(path, batch_size=len(x_test))
+    np.testing.assert_array_equal(m.predict(x_test), want)
+    got = predict.load_model(path, batch_size=len(x_test), integer=True).predict(x_test)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -199,3 +199,110 @@ def test_scan_and_vmap_stacked_quant_layers_train(data):
     # Eval-mode accuracy after 60 steps is noisy (BN running statistics lag): 0.30-0.50 over
     # keys 2-4 and both momentum dtypes, so 2x chance (0.1) is what "it learned" can assert.
     assert float(jnp.mean(jnp.argmax(logits, -1) == y_test)) > 0.2
+
+
+# ------------------------------------------------ the traps of issue 28 (item 7): named errors
+
+def _example_variables(model, x):
+    return jax.jit(model.init)(jax.random.key(0), x[:2])
+
+
+def test_swapping_only_the_conv_names_the_missing_quant_stats(data):
+    """The Flax example keeps only params and batch_stats: the missing activation statistics
+    are named with the fix, not a generic ScopeCollectionNotFound."""
+    (x, _), _ = data
+    model = make_model()
+    v = _example_variables(model, x)
+    example_vars = {"params": v["params"], "batch_stats": v["batch_stats"]}
+    for mutable in (["batch_stats"], False):
+        with pytest.raises(ValueError, match=r"'conv_init' finds no activation statistics "
+                                             r"\('quant_stats'\).*state.variables"):
+            model.apply(example_vars, x[:2], mutable=mutable, train=bool(mutable))
+
+
+@pytest.mark.filterwarnings("ignore:.*never calibrated")
+def test_plain_train_state_and_optax_sgd_is_an_error_not_frozen_codes(data):
+    """A plain Flax TrainState with optax.sgd (or any variables without 'perturbations'),
+    differentiated w.r.t. params, would train with the codes frozen: it is an error."""
+    from flax.training import train_state
+    (x, y), _ = data
+    model = make_model()
+    v = _example_variables(model, x)
+    state = train_state.TrainState.create(apply_fn=model.apply, params=v["params"],
+                                          tx=optax.sgd(0.1, momentum=0.9))
+
+    @jax.jit
+    def train_step(state, images, labels):
+        def loss_fn(params):
+            logits, new = state.apply_fn({**v, "params": params}, images,
+                                         mutable=["batch_stats", "quant_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return state.apply_gradients(grads=jax.grad(loss_fn)(state.params))
+
+    with pytest.raises(ValueError, match=r"'conv_init': its levels are differentiated but no "
+                                         r"'perturbations' were passed.*frozen"):
+        train_step(state, jnp.asarray(x[:8]), jnp.asarray(y[:8]))
+    # a DQ TrainState given the params alone says the same before the model runs
+    dq_state = TrainState.create(apply_fn=model.apply, variables=v,
+                                 tx=dq_optimizer(0.05, 1e-3, key=1))
+    with pytest.raises(ValueError, match=r"expected \{'params', 'perturbations'\}"):
+        dq_state.variables(dq_state.params)
+    # nn.vmap-stacked layers are found under their batching tracer too
+    stacked = _StackedNet()
+    sv = jax.jit(stacked.init)(jax.random.key(0), x[:2])
+    with pytest.raises(ValueError, match="'heads': its levels are differentiated"):
+        jax.grad(lambda p: jnp.sum(stacked.apply({**sv, "params": p}, x[:2], train=False)))(
+            sv["params"])
+    # differentiating w.r.t. the input only (e.g. a saliency map) is not an error
+    g = jax.grad(lambda im: jnp.sum(model.apply(v, im, train=False)))(jnp.asarray(x[:2]))
+    assert g.shape == x[:2].shape
+
+
+def test_evaluating_an_uncalibrated_quantizer_warns(data):
+    (x, y), _ = data
+    model = make_model()
+    v = _example_variables(model, x)
+    evaluate = jax.jit(lambda v, im: model.apply(v, im, train=False))
+    with pytest.warns(UserWarning, match="conv_init is evaluated but was never calibrated"):
+        jax.block_until_ready(evaluate(v, x[:4]))
+        jax.effects_barrier()
+    with pytest.warns(UserWarning, match="never calibrated"):  # eager: at once
+        model.apply(v, x[:4], train=False)
+    _, new = model.apply(v, x[:64], mutable=["batch_stats", "quant_stats"])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibrated: silent
+        jax.block_until_ready(evaluate({**v, **new}, x[:4]))
+        jax.effects_barrier()
+
+
+def test_float_params_gives_the_example_l2_penalty_to_w_q(data):
+    """The Flax example's penalty over `tree_leaves(params)` (ndim > 1) decays what float
+    training decays when given `dq_jax.float_params(state.variables(params))`: its gradient
+    w.r.t. the perturbations is W_q (decay 1, so d/dW (0.5 * W**2) = W exactly); over
+    `{'params', 'perturbations'}` itself it would be zero (the trap)."""
+    import dq_jax
+    from dq_jax.optim import effective_kernels
+    (x, _), _ = data
+    model = make_model()
+    v = _example_variables(model, x)
+    state = TrainState.create(apply_fn=model.apply, variables=v,
+                              tx=dq_optimizer(0.05, 1e-3, key=1))
+
+    def penalty(leaves):
+        return 0.5 * sum(jnp.sum(w ** 2) for w in leaves if w.ndim > 1)
+
+    g = jax.grad(lambda d: penalty(jax.tree_util.tree_leaves(
+        dq_jax.float_params(state.variables(d)))))(state.differentiable())
+    w_q = effective_kernels(state.params, state.codes)
+    assert set(w_q) == {k[:-1] for k in flax.traverse_util.flatten_dict(state.codes)}
+    for module, w in w_q.items():
+        got = flax.traverse_util.flatten_dict(g["perturbations"])[module + ("kernel",)]
+        np.testing.assert_array_equal(got, w)
+    # the float head is decayed as in float training; levels are not penalised directly
+    np.testing.assert_array_equal(g["params"]["Dense_0"]["kernel"],
+                                  state.params["Dense_0"]["kernel"])
+    view = dq_jax.float_params(state.variables())
+    assert all(k[-1] != "kernel_levels" for k in flax.traverse_util.flatten_dict(view))
+    trap = jax.grad(lambda d: penalty(jax.tree_util.tree_leaves(d)))(state.differentiable())
+    assert not any(np.any(p) for p in jax.tree.leaves(trap["perturbations"]))

@@ -348,6 +348,15 @@ def test_nnx_export_and_predict_equal_eval_logits(digits_runs, tmp_path):
     np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(fresh, t["images"]), t["logits"])
 
 
+def test_save_dqz_names_a_missing_quant(tmp_path):
+    """A registry model name without config['quant'] is named, not a bare KeyError."""
+    model = dqnnx.DigitsCNN(10, quant=W2A2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"has no 'quant': 'digits_cnn' is a dq_jax.models "
+                                         r"name.*dataclasses.asdict"):
+        dqnnx.save_dqz(str(tmp_path / "m.dqz"), model, model_name="digits_cnn",
+                       config={"model": "digits_cnn"}, num_classes=10, image_shape=(8, 8, 1))
+
+
 def test_orbax_checkpoint_round_trip_of_nnx_state(digits_runs, tmp_path):
     import orbax.checkpoint as ocp
     t = digits_runs

@@ -943,7 +943,7 @@ def test_stacked_levels_and_codes_update_like_their_slices(np_rng):
 
 
 def test_readme_flax_imagenet_train_step_diff_trains(small):
-    """README's diff of the Flax ImageNet example's `train_step`: three lines changed, and the
+    """README's diff of the Flax ImageNet example's `train_step`: four lines changed, and the
     changed function (context + '+' lines) trains a DQ model held in train_state.TrainState."""
     import re
     from dq_jax.train_state import TrainState
@@ -952,7 +952,8 @@ def test_readme_flax_imagenet_train_step_diff_trains(small):
     (diff,) = [b for b in re.findall(r"```diff\n(.*?)```", text, flags=re.S)
                if "def train_step" in b]
     lines = diff.splitlines()
-    assert sum(l.startswith("-") for l in lines) == 3 == sum(l.startswith("+") for l in lines)
+    assert sum(l.startswith("-") for l in lines) == 4 == sum(l.startswith("+") for l in lines)
+    assert "README" in text and "runs DQ with four lines changed" in text
     after = "\n".join(l[1:] for l in lines if not l.startswith("-"))
     model, params, codes, stats, x, y = small
 
@@ -962,7 +963,8 @@ def test_readme_flax_imagenet_train_step_diff_trains(small):
     def compute_metrics(logits, labels):
         return {"loss": cross_entropy_loss(logits, labels)}
 
-    namespace = {"jax": jax, "jnp": jnp, "cross_entropy_loss": cross_entropy_loss,
+    import dq_jax
+    namespace = {"jax": jax, "jnp": jnp, "dq_jax": dq_jax, "cross_entropy_loss": cross_entropy_loss,
                  "compute_metrics": compute_metrics}
     exec(compile(after, "README.md (train_step diff)", "exec"), namespace)
     train = partial(model.apply, train=True)  # the zoo's Small takes train= explicitly

@@ -296,9 +296,11 @@ def test_perturbation_gradient_equals_conv_kernel_gradient(np_rng):
         y = nn.Conv(**kw).apply({"params": {"kernel": kernel, "bias": v["params"]["bias"]}}, x)
         return jnp.sum(jnp.tanh(y) * r)
 
-    def lvl_loss(levels):
+    def lvl_loss(levels):  # (zero perturbations: a DQ layer refuses to be differentiated
+        # without them, which would leave its codes frozen in training)
         y = qlayer.apply({"params": {**v["params"], "kernel_levels": levels},
-                          "codes": v["codes"]}, x)
+                          "codes": v["codes"],
+                          "perturbations": zero_perturbations(v["codes"])}, x)
         return jnp.sum(jnp.tanh(y) * r)
 
     g_pert, g_ref, g_lv = jax.jit(lambda p, k, lv: (

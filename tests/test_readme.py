@@ -41,6 +41,16 @@ def test_readme_layer_example_runs_on_the_core_install():
     assert "codes dtype uint8" in proc.stdout
 
 
+def test_readme_rules_example_runs_on_the_core_install():
+    """The rules + float -> DQ example: 8-bit first/last, W2A2 inside, paths kept."""
+    readme = (REPO / "README.md").read_text()
+    blocks = [b for b in _python_blocks(readme) if "quantize_model" in b]
+    assert len(blocks) == 1, "README lost its rules example"
+    proc = run_python(["-c", BLOCK_TRAIN_EXTRAS + blocks[0]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'kernel_levels': (1, 4)" in proc.stdout, proc.stdout
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     test_cmds = [b.strip() for b in _bash_blocks(readme) if "pytest" in b]

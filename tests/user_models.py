@@ -46,3 +46,12 @@ def flax_example_resnet_tiny(num_classes: int = 10, bits: int = 2):
     import flax_example_resnet as example
     quant = QuantConfig(weights="dq", weight_bits=bits, acts="dq", act_bits=bits)
     return example.ResNetTiny(num_classes=num_classes, conv=functools.partial(QuantConv, quant=quant))
+
+
+def rules_plain_net(num_classes: int = 10):
+    """An unmodified plain-Flax model (hard-coded nn.Conv / nn.Dense) quantized by rules:
+    8-bit stem and head, W2A2 inner convs (tests/test_rules.py)."""
+    import dq_jax
+    from tests.test_rules import RULES, PlainNet
+    assert num_classes == 10
+    return dq_jax.quantize_model(PlainNet(), RULES)

@@ -18,8 +18,9 @@ from dq_jax.nnx.interop import linen_variables, load_dqz, load_linen_variables, 
 from dq_jax.nnx.layers import (ActQuantizer, QuantCodes, QuantConv, QuantLinear,
                                QuantPerturbation, QuantStats, quant_layers)
 from dq_jax.nnx.optim import Optimizer, codes_tree, grad, params_tree, value_and_grad
+from dq_jax.nnx.rules import quantize_model
 
 __all__ = ["ActQuantizer", "DigitsCNN", "Optimizer", "QuantCodes", "QuantConv", "QuantLinear",
            "QuantPerturbation", "QuantStats", "codes_tree", "grad",
            "linen_variables", "load_dqz", "load_linen_variables", "params_tree",
-           "quant_layers", "save_dqz", "value_and_grad"]
+           "quant_layers", "quantize_model", "save_dqz", "value_and_grad"]

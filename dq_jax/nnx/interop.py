@@ -95,6 +95,12 @@ def save_dqz(path: str, model: nnx.Module, *, model_name: str, config: Any,
     """
     cfg = dict(config)
     cfg.setdefault("model", model_name)
+    if "quant" not in cfg and not export.is_user_model(model_name):
+        raise ValueError(
+            f"save_dqz: config={sorted(cfg)} has no 'quant': {model_name!r} is a "
+            "dq_jax.models name, rebuilt from config['quant'] (the QuantConfig fields its inner "
+            "layers were trained with); pass config={'model': ..., 'quant': "
+            "dataclasses.asdict(quant_config)}.")
     return export.save(path, model=model_name, config=cfg,
                        variables=jax.tree.map(np.asarray, linen_variables(model)),
                        num_classes=num_classes, image_shape=image_shape,

@@ -10,10 +10,17 @@ BatchNorm's running statistics. Gradients pass through a clipped STE.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import warnings
+from typing import Iterator
+
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dq_jax.quant.config import QuantConfig
 
@@ -22,6 +29,51 @@ from dq_jax.quant.config import QuantConfig
 _REL_EPS = 1e-6
 # Calibration scans this many clipping fractions of max|x| before refining.
 _CALIB_GRID = 24
+
+# Whether an eval-mode quantizer checks (at run time, by a host callback) that it was
+# calibrated; `skip_calibration_check` turns it off where a caller checks on the host itself.
+_CHECK_CALIBRATION: contextvars.ContextVar = contextvars.ContextVar(
+    "dq_jax_check_calibration", default=True)
+
+
+class UncalibratedWarning(UserWarning):
+    """An activation quantizer ran in eval mode before any training batch calibrated it."""
+
+
+@contextlib.contextmanager
+def skip_calibration_check() -> Iterator[None]:
+    """Traces inside it build eval-mode quantizers without the calibration check.
+
+    The check is a host callback, and JAX's persistent compilation cache does not store
+    programs with host callbacks: the training program's eval step and `predict` (whose
+    states are calibrated, or checked on the host) trace under this.
+    """
+    token = _CHECK_CALIBRATION.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_CALIBRATION.reset(token)
+
+
+def _warn_uncalibrated(where: str, initialized) -> None:
+    if not np.all(np.asarray(initialized)):
+        warnings.warn(
+            f"activation quantizer {where or '(root)'} is evaluated but was never calibrated "
+            "(quant_stats 'initialized' is False): its step is the init placeholder, so the "
+            "outputs are meaningless. Run at least one training batch (quant_stats mutable, "
+            "or train=True) before evaluating, or load calibrated quant_stats.",
+            UncalibratedWarning, stacklevel=2)
+
+
+def check_calibrated(where: str, initialized: jax.Array) -> None:
+    """Warns (`UncalibratedWarning`) if `initialized` is False: now when it is concrete,
+    else when the traced program runs (a `jax.debug.callback`)."""
+    if not _CHECK_CALIBRATION.get():
+        return
+    if isinstance(initialized, jax.core.Tracer):
+        jax.debug.callback(functools.partial(_warn_uncalibrated, where), initialized)
+    else:
+        _warn_uncalibrated(where, initialized)
 
 
 def grid_bounds(num_levels: int, signed: bool) -> tuple[int, int]:
@@ -265,6 +317,8 @@ class ActQuantizer(nn.Module):
                     initialized.value, lambda cur: self._ema(xs, cur, w_c, signed),
                     lambda cur: self._calibrate(xs, w_c, signed), state.value)
             initialized.value = jnp.ones((), jnp.bool_)
+        elif not self.is_initializing():
+            check_calibrated("/".join(self.path[:-1]), initialized.value)
 
         if cfg.act_levels == "uniform":
             chex.assert_shape(state.value, ())
