@@ -14,8 +14,10 @@ channel, fewer than the 16 levels of 4 bits), levels Adam 1e-3, BatchNorm re-est
 batches after training.
 Measured: those settings were chosen on CIFAR-10 ResNet-20 W2A2 (5-epoch fine-tune from a
 20-epoch float model, 3 seeds; RESULTS.md), where the DQ default rounding trails LSQ and
-latent-STE by about 1 point. Extrapolated: everything about this recipe (CIFAR-100, MobileNetV2,
-W4A4, 100 epochs) — no run of it exists yet, so its accuracy is unknown.
+latent-STE by about 1 point; one 5-epoch seed of `rounding='inertia'` (float-seeded, RESULTS.md
+§2.2) closed most of that gap (82.73 vs 81.95), not yet the default. Extrapolated: everything
+about this recipe (CIFAR-100, MobileNetV2, W4A4, 100 epochs) — no run of it exists yet, so its
+accuracy is unknown.
 """
 from dq_jax.configlib import cifar100_recipe
 

@@ -26,8 +26,11 @@ Measured (RESULTS.md, the JPEG-degraded CIFAR-10 copy): from a 20-epoch float mo
 5 epochs (1,955 steps, --config.num_train_steps=1955) of this recipe give DQ W2A2 81.7% top-1
 (3 seeds 81.67-81.68; H200), LSQ 82.6% and latent-STE 82.8% in the same protocol (3 seeds
 each); 1 epoch (391 steps, seed 0) gives 80.4%; post-training quantization + BN re-estimation
-alone gives 71.7%. Extrapolated: the 60-epoch default (and the 200-epoch float stage) has not
-been run; W3A3/W4A4 with these settings were measured once each (84.85, 85.64).
+alone gives 71.7%. `rounding='inertia'` (float-seeded; RESULTS.md §2.2) gave 82.73% on one
+5-epoch seed (stochastic 81.95% on that seed): add --config.rounding=inertia
+--config.code_momentum=0.999 --config.code_learning_rate=0.1 --config.inertia_threshold=0.5
+--config.feedback_residual=float. Extrapolated: the 60-epoch default (and the 200-epoch float
+stage) has not been run; W3A3/W4A4 with these settings were measured once each (84.85, 85.64).
 """
 from dq_jax.configlib import apply_dq_findings, base_config
 

@@ -17,8 +17,10 @@ DQ settings: `configlib.apply_dq_findings` — code LR 0.01 x the float LR, code
 per-channel levels, levels Adam 1e-3, BatchNorm re-estimated on 50 batches after training.
 Measured: those settings were chosen on CIFAR-10 ResNet-20 W2A2 (5-epoch fine-tune from a
 20-epoch float model, 3 seeds; RESULTS.md), where the DQ default rounding trails LSQ and
-latent-STE by about 1 point. Extrapolated: everything about this recipe (ImageNet, ResNet-18,
-W2A2, 30 epochs, batch 1024) — no run of it exists yet, so its accuracy is unknown.
+latent-STE by about 1 point; one 5-epoch seed of `rounding='inertia'` (float-seeded, RESULTS.md
+§2.2) closed most of that gap (82.73 vs 81.95), not yet the default. Extrapolated: everything
+about this recipe (ImageNet, ResNet-18, W2A2, 30 epochs, batch 1024) — no run of it exists yet,
+so its accuracy is unknown.
 """
 from dq_jax.configlib import imagenet_recipe
 
