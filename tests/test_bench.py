@@ -357,13 +357,15 @@ def test_every_gpu_grid_row_and_variant_is_a_valid_config():
     overrides must name known keys and pass the program's own validation (fine-tuning from a
     float checkpoint, as the grid does)."""
     from dq_jax import configlib
-    from dq_jax.configlib import load_config_file
     from bench import accuracy, gpu_grid
     jobs = gpu_grid.jobs(variants=True)
-    assert {"v_lf_floatres_s0", "v_ef_floatlr_s0"} <= {j[0] for j in jobs}
-    for name, method, _, sets in jobs:
-        c = accuracy.method_config(load_config_file(ROOT / "configs" / "cifar10_resnet20.py"),
-                                   method)
-        accuracy.apply_overrides(c, accuracy.parse_overrides(list(sets)))
-        c.init_from = "/float/workdir"
+    assert {"v_lf_floatres_s0", "v_ef_floatlr_s0", "v_inertia_s2"} <= {j[0] for j in jobs}
+    for name, method, _, sets in jobs:  # built as `gpu_grid.one` builds them
+        args = gpu_grid.accuracy_args(method, "/float/workdir", sets, 1955, "/tmp/w")
+        base, _ = accuracy.cifar10_configs(args, accuracy.parse_overrides(args.set))
+        base.init_from = "/float/workdir"
+        c = accuracy.method_config(base, method)
         configlib.validate(c, device_count=1)
+        if name.startswith("w2a2_"):  # the protocol's DQ row: the paper's stochastic rule
+            assert (c.rounding, c.code_learning_rate, c.code_momentum) == (
+                "stochastic", 1e-4, 0.99), name
