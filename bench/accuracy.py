@@ -277,9 +277,13 @@ def initial_state(config):
 def same_run_config(saved: dict, mine: dict) -> bool:
     """Whether a workdir's recorded run config is this run's: keys that cannot change results
     (force_new, allow_config_change) are ignored, and a key the saved config lacks (added to
-    the schema since) matches when this run leaves it at its default."""
-    from dq_jax.configlib import base_config
+    the schema since) matches when this run leaves it at its default (for a key in
+    `checkpoints.LEGACY_VALUES`: at the value runs had before the key existed)."""
+    from dq_jax.checkpoints import LEGACY_VALUES
+    from dq_jax.configlib import base_config, random_rounding
     defaults = json.loads(base_config().to_json_best_effort())
+    if mine.get("quant", {}).get("weights") == "dq" and random_rounding(mine):
+        defaults.update(LEGACY_VALUES)  # e.g. a DQ run saved before the 'hash' random stream
     ignore = {"force_new", "allow_config_change"}
     for key in set(saved) | set(mine):
         if key in ignore:

@@ -39,7 +39,7 @@ PyTree = Any
 # dq_optimizer's arguments that are not learning rates: fixed, not injected hyperparameters.
 STATIC_ARGS = ("momentum", "nesterov", "weight_decay", "rounding", "code_momentum_dtype",
                "code_momentum", "feedback_residual_bits", "inertia_threshold",
-               "inertia_after_move", "key")
+               "inertia_after_move", "rounding_stream", "key")
 
 
 # --------------------------------------------------------------------------- setup
@@ -117,6 +117,7 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
         code_momentum_dtype=config.code_momentum_dtype,
         code_momentum=config.code_momentum if config.code_momentum >= 0 else None,
         feedback_residual_bits=int(config.feedback_residual_bits),
+        rounding_stream=config.rounding_stream,
         **({"inertia_threshold": float(config.inertia_threshold),
             "inertia_after_move": config.inertia_after_move}
            if config.rounding == "inertia" else {}),
