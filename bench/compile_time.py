@@ -15,7 +15,8 @@ For where the time goes inside XLA, run it with
 With `--counts`, also a table of op counts per method (issue 27's CPU proxy for what each
 quantizer adds): from the compiled HLO (after XLA's passes, this backend) the instructions
 outside fusions, fusions, `while` loops, `conditional`s, reductions, and from the lowered
-StableHLO the threefry call sites (random-bit draws) and the step's outputs. `--json=PATH`
+StableHLO the call sites of jax.random's helpers (threefry, split/fold_in, uniform) and the
+step's outputs. `--json=PATH`
 writes the times (and counts) to PATH.
 Last line (when dq_w2a2 runs): `dq_compile_over_float=<ratio of the minima>`.
 """
@@ -63,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def op_counts(lowered_text: str, compiled_text: str) -> dict[str, int]:
     """Op counts of one step: instructions of the entry and control-flow computations (not
     inside fusions), fusions, while loops, conditionals and reductions in the compiled HLO;
-    threefry call sites and the entry function's results in the lowered StableHLO."""
+    jax.random call sites and the entry function's results in the lowered StableHLO."""
     top, inside_fusion = 0, False
     for line in compiled_text.splitlines():
         if re.match(r"^\S.*\{\s*$", line):  # a computation's header
@@ -77,7 +78,7 @@ def op_counts(lowered_text: str, compiled_text: str) -> dict[str, int]:
             "while": len(re.findall(r" while\(", compiled_text)),
             "conditional": len(re.findall(r" conditional\(", compiled_text)),
             "reduce": len(re.findall(r" reduce\(", compiled_text)),
-            "threefry_calls": len(re.findall(r"call @threefry2x32", lowered_text)),
+            "random_calls": len(re.findall(r"call @\w*(?:threefry|_uniform)\w*", lowered_text)),
             "rng_bit_generator": len(re.findall(r"rng_bit_generator", lowered_text)),
             "outputs": main.group(2).count("tensor<") if main else -1}
 

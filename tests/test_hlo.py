@@ -172,19 +172,21 @@ def test_finiteness_guard_is_not_fused_into_every_leaf():
     assert compiled.count(" and(") <= 8 * leaves, (compiled.count(" and("), leaves)
 
 
-THREEFRY = re.compile(r"call @threefry2x32")
+# Call sites of jax.random's lowered helpers (threefry hashes, key split/fold_in, uniform draws).
+RANDOM_CALLS = re.compile(r"call @\w*(?:threefry|_uniform)\w*")
 
 
 def test_random_draws_are_one_hash_not_a_key_per_layer(w2a2_step):
     """Issue 27 (b): the stochastic re-assignment of all 18 DQ layers draws from one counter
-    hash (elementwise ops): the step's only threefry call site is the update key's split, and
-    there is no rng_bit_generator. The per-layer stream (kept for old workdirs) has a fold_in
-    and a draw per layer, so this test can fail."""
+    hash (elementwise ops): the step's only random calls are the update key's split (its
+    wrapper and the threefry it calls), and there is no rng_bit_generator. The per-layer
+    stream (kept for old workdirs) has a fold_in and a draw per layer (44 call sites
+    measured), so this test can fail."""
     step, state, batch, text = w2a2_step
     assert len(jax.tree.leaves(state.codes)) == 18
-    assert len(THREEFRY.findall(text)) <= 1 and "rng_bit_generator" not in text
+    assert len(RANDOM_CALLS.findall(text)) <= 2 and "rng_bit_generator" not in text
     old, state, batch = _train_step_and_args(2, 2, rounding_stream="per_layer")
-    assert len(THREEFRY.findall(old.lower(state, batch).as_text())) >= 18
+    assert len(RANDOM_CALLS.findall(old.lower(state, batch).as_text())) >= 2 * 18
 
 
 def test_train_step_outputs_no_per_layer_values(w2a2_step):
