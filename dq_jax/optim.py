@@ -104,7 +104,11 @@ def hash_uniform(seed: jax.Array, offset: int, shape: tuple[int, ...]) -> jax.Ar
     if offset < 0 or offset + size > 2 ** 32:
         raise ValueError(f"hash_uniform: counters [{offset}, {offset + size}) leave uint32; "
                          "the 'hash' random stream covers at most 2**32 DQ weights per model.")
-    seed = jnp.asarray(seed).astype(jnp.uint32)
+    seed = jnp.asarray(seed)
+    if seed.shape != (2,) or not jnp.issubdtype(seed.dtype, jnp.integer):
+        raise ValueError(f"hash_uniform: seed must be 2 integer words (uint32 [2], e.g. a raw "
+                         f"PRNGKey); got {seed.dtype}{list(seed.shape)}.")
+    seed = seed.astype(jnp.uint32)
     counter = jax.lax.iota(jnp.uint32, size) + np.uint32(offset)
     bits = _mix32(_mix32(counter ^ seed[0]) ^ seed[1])
     return ((bits >> 8).astype(jnp.float32) * np.float32(2.0 ** -24)).reshape(shape)

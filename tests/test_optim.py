@@ -1453,6 +1453,8 @@ def test_hash_uniform_is_one_counter_stream_and_uniform():
     assert np.all(np.abs(counts - expect) <= 5 * np.sqrt(expect * 15 / 16)), counts
     with pytest.raises(ValueError, match="at most 2\\*\\*32 DQ weights"):
         optim.hash_uniform(seed, 2 ** 32 - 10, (11,))
+    with pytest.raises(ValueError, match=r"seed must be 2 integer words .*got float32\[3\]"):
+        optim.hash_uniform(jnp.zeros(3), 0, (4,))
 
 
 def test_per_layer_stream_is_still_selectable_and_differs_from_hash():
