@@ -170,9 +170,10 @@ def _final_entropy(scalars: dict) -> dict:
 
 def _summarize_codes_changed(scalars: dict) -> dict:
     """From `codes_changed` alone: per log window the fraction of codes that changed (net: a
-    flip undone within the window is not seen), its sum over training (`net_changes_per_weight`,
-    a lower bound on the flips per weight) and the per-step net rate (that over the window's
-    steps: `net_flip_rate_*`, comparable to the old per-step `flip_rate_*` only as a lower bound)."""
+    flip undone within the window is not seen), its sum over training
+    (`net_changes_per_weight`, a lower bound on the flips per weight) and the per-step net rate
+    (that over the window's steps: `net_flip_rate_*`, comparable to the old per-step
+    `flip_rate_*` only as a lower bound)."""
     import numpy as np
     net = {k[len("layers/"):-len("/codes_changed")]: sorted(v) for k, v in scalars.items()
            if k.endswith("/codes_changed")}
@@ -471,7 +472,8 @@ def plot_flips(results: dict, path: str, title: str) -> bool:
         return False
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("fraction of weights changing code per step\n(net of a log window since issue 27)")
+    ax.set_ylabel("fraction of weights changing code per step\n"
+                  "(net of a log window since issue 27)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3, which="both")

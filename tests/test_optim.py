@@ -1376,7 +1376,7 @@ def test_inertia_bad_arguments(kwargs, match):
         dq_optimizer(0.1, 0.0, **kwargs)
 
 
-# ---------------------------------------------------------------- the 'hash' random stream (issue 27)
+# ---------------------------------------------------------------- 'hash' random stream (issue 27)
 
 def _stream_problem(p_up: float = 0.3):
     """Three layers (two of one shape, one nn.scan-stacked [3, ...]) with levels [0, 1, 2, 3],
