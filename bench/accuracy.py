@@ -129,7 +129,8 @@ def method_config(base, method: str):
 
 
 def read_layer_scalars(workdir: str) -> dict:
-    """Per-layer flip_rate / code_entropy (mean over the logged points) from TensorBoard events.
+    """Per-layer scalars ('layers/...': codes_changed, code_entropy, and flip_rate in runs
+    from before issue 27) as (step, value) lists, from TensorBoard events.
 
     Reads with TensorBoard's own event loader (no TensorFlow needed, e.g. on a JAX GPU image)."""
     try:
@@ -149,12 +150,51 @@ def read_layer_scalars(workdir: str) -> dict:
 
 
 def summarize_diagnostics(scalars: dict) -> dict:
-    """Flip rate (first/last/mean log, over-training curve), integrated flips, final entropy."""
-    import numpy as np
+    """Flip rate (first/last/mean log, over-training curve), integrated flips, final entropy.
+
+    The program logs per layer `codes_changed` (the fraction of codes that differ from the
+    previous log step) and `code_entropy` at each log step; runs from before issue 27 also
+    logged `flip_rate` (the mean per-step fraction of codes that changed, over the window),
+    summarised by `_summarize_flip_rates` as before."""
     flips = {k[len("layers/"):-len("/flip_rate")]: sorted(v) for k, v in scalars.items()
              if k.endswith("/flip_rate")}
-    if not flips:
+    if flips:
+        return _summarize_flip_rates(flips, scalars)
+    return _summarize_codes_changed(scalars)
+
+
+def _final_entropy(scalars: dict) -> dict:
+    return {k[len("layers/"):-len("/code_entropy")]: sorted(v)[-1][1]
+            for k, v in scalars.items() if k.endswith("/code_entropy")}
+
+
+def _summarize_codes_changed(scalars: dict) -> dict:
+    """From `codes_changed` alone: per log window the fraction of codes that changed (net: a
+    flip undone within the window is not seen), its sum over training
+    (`net_changes_per_weight`, a lower bound on the flips per weight) and the per-step net rate
+    (that over the window's steps: `net_flip_rate_*`, comparable to the old per-step
+    `flip_rate_*` only as a lower bound)."""
+    import numpy as np
+    net = {k[len("layers/"):-len("/codes_changed")]: sorted(v) for k, v in scalars.items()
+           if k.endswith("/codes_changed")}
+    if not net:
         return {}
+    steps = [s for s, _ in next(iter(net.values()))]
+    widths = np.diff([0] + steps)
+    changed = [float(np.mean([v[i][1] for v in net.values()])) for i in range(len(steps))]
+    rate = [c / w for c, w in zip(changed, widths)]
+    return {"net_flip_rate_mean": float(np.mean(rate)), "net_flip_rate_first_log": rate[0],
+            "net_flip_rate_last_log": rate[-1], "num_dq_layers": len(net),
+            "codes_changed_curve": {"steps": steps, "mean_over_layers": changed},
+            "net_changes_per_weight": float(np.mean([sum(x for _, x in v)
+                                                     for v in net.values()])),
+            "noise_window_steps": int(np.median(widths)),
+            "code_entropy_final_by_layer": _final_entropy(scalars)}
+
+
+def _summarize_flip_rates(flips: dict, scalars: dict) -> dict:
+    """The summary of a run that logged the per-step `flip_rate` (before issue 27)."""
+    import numpy as np
     steps = [s for s, _ in next(iter(flips.values()))]
     curve = [float(np.mean([v[i][1] for v in flips.values()])) for i in range(len(steps))]
     # Each log is the mean over the steps since the previous one: the integral over training
@@ -163,8 +203,7 @@ def summarize_diagnostics(scalars: dict) -> dict:
     widths = np.diff([0] + steps)
     integrated = {layer: float(np.sum(widths * np.array([x for _, x in v])))
                   for layer, v in flips.items()}
-    entropy = {k[len("layers/"):-len("/code_entropy")]: sorted(v)[-1][1]
-               for k, v in scalars.items() if k.endswith("/code_entropy")}
+    entropy = _final_entropy(scalars)
     noise = noise_share(flips, scalars)
     return {**noise, "flip_rate_mean": float(np.mean(curve)), "flip_rate_first_log": curve[0],
             "flip_rate_last_log": curve[-1], "num_dq_layers": len(flips),
@@ -277,9 +316,13 @@ def initial_state(config):
 def same_run_config(saved: dict, mine: dict) -> bool:
     """Whether a workdir's recorded run config is this run's: keys that cannot change results
     (force_new, allow_config_change) are ignored, and a key the saved config lacks (added to
-    the schema since) matches when this run leaves it at its default."""
-    from dq_jax.configlib import base_config
+    the schema since) matches when this run leaves it at its default (for a key in
+    `checkpoints.LEGACY_VALUES`: at the value runs had before the key existed)."""
+    from dq_jax.checkpoints import LEGACY_VALUES
+    from dq_jax.configlib import base_config, random_rounding
     defaults = json.loads(base_config().to_json_best_effort())
+    if mine.get("quant", {}).get("weights") == "dq" and random_rounding(mine):
+        defaults.update(LEGACY_VALUES)  # e.g. a DQ run saved before the 'hash' random stream
     ignore = {"force_new", "allow_config_change"}
     for key in set(saved) | set(mine):
         if key in ignore:
@@ -345,12 +388,15 @@ def fmt_table(results: dict, methods, epochs_note: str) -> str:
         t = np.array([r["top1"] for r in runs]) * 100
         bits = "32/32" if m == "float" else f"{BITS[m]}/{BITS[m]}"
         spread = f"{t.min():.2f}–{t.max():.2f}" if len(t) > 1 else "n/a (1 seed)"
-        flip = np.mean([r.get("flip_rate_mean", np.nan) for r in runs])
+        # the per-step flip rate (runs before issue 27), else its net lower bound (marked)
+        net = not any("flip_rate_mean" in r for r in runs)
+        flip = np.mean([r.get("net_flip_rate_mean" if net else "flip_rate_mean", np.nan)
+                        for r in runs])
         drift = np.mean([r.get("level_drift_rel", np.nan) for r in runs])
         lines.append(
             f"| {m} | {bits} | {t.mean():.2f} | {spread} | {len(t)} | {epochs_note} "
             f"| {np.mean([r['wall_seconds'] for r in runs]):.0f} "
-            f"| {'—' if np.isnan(flip) else f'{flip:.1e}'} "
+            f"| {'—' if np.isnan(flip) else f'{flip:.1e}' + (' (net)' if net else '')} "
             f"| {'—' if np.isnan(drift) else f'{drift:.3f}'} |")
     return "\n".join(lines)
 
@@ -402,13 +448,19 @@ def plot(results: dict, methods, path: str, title: str) -> None:
 def plot_flips(results: dict, path: str, title: str) -> bool:
     """Flip rate (mean over DQ layers) over training, one line per DQ run."""
     import matplotlib
+    import numpy as np
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     drawn = False
     for m, runs in results["runs"].items():
         for r in runs:
-            curve = r.get("flip_rate_curve")
+            curve, net = r.get("flip_rate_curve"), r.get("codes_changed_curve")
+            if not curve and net:  # net changes per window -> a per-step (net) rate
+                widths = np.diff([0] + net["steps"])
+                curve = {"steps": net["steps"],
+                         "mean_over_layers": [c / w for c, w in zip(net["mean_over_layers"],
+                                                                    widths)]}
             if not curve:
                 continue
             ys = [max(y, 1e-7) for y in curve["mean_over_layers"]]
@@ -420,7 +472,8 @@ def plot_flips(results: dict, path: str, title: str) -> bool:
         return False
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("fraction of weights changing code per step")
+    ax.set_ylabel("fraction of weights changing code per step\n"
+                  "(net of a log window since issue 27)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3, which="both")
@@ -505,6 +558,9 @@ def cifar10_configs(args, overrides: dict):
     # variant of bench/gpu_grid.py, its settings spelled out as --set overrides.
     base = apply_dq_findings(load_config_file(ROOT / "configs" / "cifar10_resnet20.py"),
                              "stochastic")
+    # ... drawn from the random stream they were measured with (issue 27 made one hash over all
+    # layers the default; `--set rounding_stream=hash` runs a row on it)
+    base.rounding_stream = "per_layer"
     use_cifar10_npz(base)  # the benchmark copy, not TFDS
     base.log_every_steps = 50
     fl = method_config(base, "float")
@@ -616,7 +672,7 @@ def main(argv=None):
             row = run_one(cfg, wd)
             row["seed"] = seed
             brief = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)
-                     and k.startswith(("flip", "level", "top1_", "codes_changed"))}
+                     and k.startswith(("flip", "net_", "level", "top1_", "codes_changed"))}
             print(f"   top-1 {row['top1']:.4f}  wall {row['wall_seconds']:.1f}s  {brief}",
                   flush=True)
             done.append(row)

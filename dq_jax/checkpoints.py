@@ -54,6 +54,13 @@ NON_RESULT_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoint
                    "compilation_cache_dir")
 
 
+# Keys whose default changed when they were added: a recorded config that lacks one (written
+# before it existed) ran with this value, not the new default. A DQ run with a random rounding
+# recorded before issue 27 drew from the per-layer stream; resuming it under the 'hash' stream
+# is a config change (refused, with the fix named in the message).
+LEGACY_VALUES = {"rounding_stream": "per_layer"}
+
+
 class WorkdirError(ValueError):
     """A workdir that cannot be used as asked: in use by another run, not writable, a file,
     damaged bookkeeping, or a changed config. The message is one line naming the fix."""
@@ -702,9 +709,10 @@ def config_changes(recorded: dict, config: ml_collections.ConfigDict) -> dict[st
     """Dotted key -> [recorded value, new value] for every key that differs (identity keys
     excluded: they are checked separately). Only keys that apply to the new config count
     (`configlib.applicable`); a key the recorded config lacks (written before that key existed,
-    or not applicable then) counts as its default."""
+    or not applicable then) counts as its default, except a key in LEGACY_VALUES: what runs
+    before that key existed did (e.g. the per-layer random stream)."""
     from dq_jax import configlib
-    defaults = _flat(_config_json(configlib.base_config()))
+    defaults = {**_flat(_config_json(configlib.base_config())), **LEGACY_VALUES}
     old, new = _flat(recorded), _flat(configlib.applicable(config))
     changes = {}
     for key in sorted(new):
@@ -779,10 +787,15 @@ def check_compatible(workdir: epath.Path, config: ml_collections.ConfigDict) -> 
     refused = {k: v for k, v in changes.items() if k not in NON_RESULT_KEYS}
     if refused and has_checkpoints(workdir) and not config.allow_config_change:
         details = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        stream = (refused.get("rounding_stream", [None])[0]
+                  if "rounding" not in refused else None)
+        hint = (f" (This workdir drew its stochastic rounding from the {stream!r} random "
+                f"stream: pass --config.rounding_stream={stream} to resume it bitwise.)"
+                if stream else "")
         raise WorkdirError(
             f"Resuming {workdir} under a changed config ({details}). Rerun with the recorded "
             f"values ({path}), pass --config.allow_config_change=True to continue with the "
-            f"changes (recorded in {HISTORY_FILE}), or use a new --workdir.")
+            f"changes (recorded in {HISTORY_FILE}), or use a new --workdir.{hint}")
     return changes
 
 

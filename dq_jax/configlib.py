@@ -17,7 +17,8 @@ from typing import Any
 
 import ml_collections
 
-from dq_jax.quant.config import FEEDBACK_ROUNDINGS, INERTIA_AFTER_MOVE, ROUNDINGS, QuantConfig
+from dq_jax.quant.config import (FEEDBACK_ROUNDINGS, INERTIA_AFTER_MOVE, RANDOM_STREAMS,
+                                 ROUNDINGS, QuantConfig)
 
 DATASETS = ("digits", "cifar10_npz", "npz", "cifar10", "cifar100", "imagenet2012")
 SCHEDULES = ("cosine", "step", "constant")
@@ -63,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.inertia_threshold = 1.0
     c.inertia_after_move = "subtract"
     c.rounding_anneal = False                      # stochastic -> nearest as the LR decays
+    # The random roundings' uniforms (stochastic; feedback_residual_bits): 'hash' = one
+    # counter-based hash over all layers (issue 27); 'per_layer' = the per-layer threefry
+    # stream before it, to resume a workdir trained with it (its config.json lacks this key)
+    c.rounding_stream = "hash"
     # feedback roundings and inertia only: the residual at init_from, 'zero' or 'float' (float
     # kernel - W_q, the float model's position inside each cell: latent-STE's start). For
     # inertia it seeds the code momentum (no extra state); for the feedback roundings (ablations)
@@ -111,6 +116,12 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def random_rounding(d: dict) -> bool:
+    """Whether a config (dict) draws random numbers in the DQ code update."""
+    return d.get("rounding", "stochastic") == "stochastic" or (
+        d.get("rounding") in FEEDBACK_ROUNDINGS and bool(d.get("feedback_residual_bits")))
+
+
 def _not_applicable(d: dict) -> set[str]:
     """Dotted keys of a config dict that its other settings make irrelevant."""
     quant = d.get("quant", {})
@@ -129,6 +140,8 @@ def _not_applicable(d: dict) -> set[str]:
                 "adaround_steps", "adaround_images"}
     if d.get("rounding") != "inertia":
         out |= {"inertia_threshold", "inertia_after_move"}
+    if weights != "dq" or not random_rounding(d):
+        out.add("rounding_stream")
     if weights not in ("dq", "latent_ste"):
         out |= {"levels_learning_rate", "quant.lloyd_iters"}
     if weights == "float":
@@ -239,6 +252,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
     if config.rounding not in ROUNDINGS:
         _fail(f"config.rounding={config.rounding!r}; allowed: "
               f"{', '.join(repr(r) for r in ROUNDINGS)}.")
+    if config.rounding_stream not in RANDOM_STREAMS:
+        _fail(f"config.rounding_stream={config.rounding_stream!r}; allowed: "
+              f"{', '.join(repr(r) for r in RANDOM_STREAMS)} ('per_layer' only to resume a "
+              "workdir trained before the 'hash' stream).")
     if config.conversion_rounding not in ("nearest", "adaround"):
         _fail(f"config.conversion_rounding={config.conversion_rounding!r}; allowed: 'nearest', "
               "'adaround'.")

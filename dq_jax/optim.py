@@ -33,7 +33,8 @@ import optax
 
 from dq_jax.layers import CODES, PERTURBATIONS
 from dq_jax.quant import weights as wq
-from dq_jax.quant.config import FEEDBACK_ROUNDINGS, INERTIA_AFTER_MOVE, ROUNDINGS
+from dq_jax.quant.config import (FEEDBACK_ROUNDINGS, INERTIA_AFTER_MOVE, RANDOM_STREAMS,
+                                 ROUNDINGS)
 from dq_jax.trees import flatten
 
 LEVELS = wq.LEVELS
@@ -73,6 +74,51 @@ def _over_stack(fn: Callable, n: int) -> Callable:
     for _ in range(n):
         fn = jax.vmap(fn)
     return fn
+
+
+# One counter-based hash for every layer's random draws (issue 27): no per-layer key split,
+# no per-layer threefry loop; elementwise uint32 arithmetic that fuses into the consumer.
+_MIX = (np.uint32(0x21F0AAAD), np.uint32(0x735A2D97))  # lowbias32 (C. Wellons): full avalanche
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A bijective uint32 -> uint32 mix in which every input bit flips every output bit with
+    probability ~1/2."""
+    x = x ^ (x >> 16)
+    x = x * _MIX[0]
+    x = x ^ (x >> 15)
+    x = x * _MIX[1]
+    return x ^ (x >> 15)
+
+
+def hash_uniform(seed: jax.Array, offset: int, shape: tuple[int, ...]) -> jax.Array:
+    """U[0, 1) float32 numbers (24-bit) for the counters `offset + 0 .. offset + size - 1` of
+    the stream `seed` (uint32 [2]): `mix(mix(counter ^ seed[0]) ^ seed[1])`, flat, reshaped.
+
+    Counter-based: each number depends on its counter and the seed only, so every layer of
+    an update draws from one stream at its own offset (the layers' sizes laid end to end),
+    the draws of different counters are distinct (a bijection of the counter for a given
+    seed), and the same on every backend.
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+    if offset < 0 or offset + size > 2 ** 32:
+        raise ValueError(f"hash_uniform: counters [{offset}, {offset + size}) leave uint32; "
+                         "the 'hash' random stream covers at most 2**32 DQ weights per model.")
+    seed = jnp.asarray(seed)
+    if seed.shape != (2,) or not jnp.issubdtype(seed.dtype, jnp.integer):
+        raise ValueError(f"hash_uniform: seed must be 2 integer words (uint32 [2], e.g. a raw "
+                         f"PRNGKey); got {seed.dtype}{list(seed.shape)}.")
+    seed = seed.astype(jnp.uint32)
+    counter = jax.lax.iota(jnp.uint32, size) + np.uint32(offset)
+    bits = _mix32(_mix32(counter ^ seed[0]) ^ seed[1])
+    return ((bits >> 8).astype(jnp.float32) * np.float32(2.0 ** -24)).reshape(shape)
+
+
+def _seed_words(key: jax.Array) -> jax.Array:
+    """The first two uint32 words of a key (raw key data or a typed key): a hash seed."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return key.reshape(-1)[:2]
 
 
 def _lookup(levels: jax.Array, codes: jax.Array) -> jax.Array:
@@ -229,6 +275,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
                  rounding_temperature: ScalarOrSchedule | None = None,
                  feedback_residual_bits: int | None = None,
                  inertia_threshold: float = 1.0, inertia_after_move: str = "subtract",
+                 rounding_stream: str = "hash",
                  key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
     """The DQ update as one optax transformation over `{"params": params, "codes": codes}`.
 
@@ -276,13 +323,22 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         momentum: 'subtract' (default: the gap it moved is spent, `u <- u - moved`, so the
         momentum carries the rest), 'reset' (to 0: the evidence starts anew) or 'keep' (Bop's
         binary rule; with several levels a persistent signal moves a level per step).
+      rounding_stream: where the random roundings' uniforms come from (stochastic
+        re-assignment, `feedback_residual_bits`): 'hash' (default) — one counter-based hash
+        (`hash_uniform`) seeded by the update's key, every layer at its own offset (its
+        weights after those of the layers before it, sorted by module path): no per-layer
+        key split or draw, which XLA compiles as one elementwise op chain per layer;
+        'per_layer' — the stream before issue 27 (`fold_in(update key, layer index)`, then
+        `jax.random.uniform`, one key per stack slice), kept so a workdir trained with it
+        resumes bitwise. The two are different streams with the same distribution.
       key: PRNG key (or int seed, made into `jax.random.PRNGKey(seed)` at `init`) of the
         stochastic re-assignment. It lives in the state and is split once per update, so a
         resumed state continues the same random stream.
 
     Use `optax.inject_hyperparams(dq_optimizer, static_args=("momentum", "nesterov",
     "weight_decay", "rounding", "code_momentum_dtype", "code_momentum",
-    "feedback_residual_bits", "inertia_threshold", "inertia_after_move", "key"))(...)` to schedule the learning rates and read them back
+    "feedback_residual_bits", "inertia_threshold", "inertia_after_move", "rounding_stream",
+    "key"))(...)` to schedule the learning rates and read them back
     from `opt_state.hyperparams`.
 
     Updates: float params get their optax update unchanged. Levels get it too, except the
@@ -300,6 +356,9 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r} is not supported; allowed values: "
                          f"{', '.join(repr(r) for r in ROUNDINGS)}.")
+    if rounding_stream not in RANDOM_STREAMS:
+        raise ValueError(f"rounding_stream={rounding_stream!r} is not supported; allowed "
+                         f"values: {', '.join(repr(r) for r in RANDOM_STREAMS)}.")
     # A typed key (e.g. jax.random.key(0, impl='unsafe_rbg')) is stored as its data and
     # re-wrapped with its impl at each update; a raw key or an int seed needs no impl.
     impl = None if isinstance(key, (int, np.integer)) else _key_data(key)[1]
@@ -412,6 +471,9 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         flat_p, flat_wq, flat_u = flatten(p), flatten(w_q), flatten(u)
         flat_r = flatten(residual) if feedback else {}
         new_codes, new_r = {}, {}
+        draws = rounding == "stochastic" or (feedback and bool(feedback_residual_bits))
+        uniforms = _hash_uniforms(step_key, c) if draws and rounding_stream == "hash" \
+            else {}
         if inertia:
             moved = {}
             for module in dq_layer_paths(c):
@@ -421,16 +483,19 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
             codes_state = _spend_evidence(codes_state, flat_u, moved, inertia_after_move)
         for i, module in enumerate([] if inertia else dq_layer_paths(c)):
             path = module + ("kernel",)
-            target, layer_key = flat_wq[path] + flat_u[path], jax.random.fold_in(step_key, i)
+            target = flat_wq[path] + flat_u[path]
+            # 'hash': this layer's slice of the one stream; 'per_layer': its own key.
+            layer_key = None if uniforms else jax.random.fold_in(step_key, i)
             if feedback:
                 r = flat_r[path]
                 if feedback_residual_bits:
                     r = _quantize_residual(flat_p[module + (LEVELS,)], flat_c[path], r,
-                                           feedback_residual_bits, layer_key)
+                                           feedback_residual_bits, layer_key,
+                                           uniforms.get(path))
                 target = targets[path] = target + r
             new_codes[path] = _reassign(flat_p[module + (LEVELS,)], target, layer_key,
                                         "nearest" if feedback else rounding,
-                                        rounding_temperature)
+                                        rounding_temperature, uniforms.get(path))
             if rounding == "error_feedback":  # against the levels the codes were chosen from
                 new_r[path] = (target - _lookup(flat_p[module + (LEVELS,)],
                                                 new_codes[path])).astype(jnp.float32)
@@ -490,13 +555,29 @@ def _keyed_over_stack(fn: Callable, levels: jax.Array, key: jax.Array, *arrays: 
     return _over_stack(fn, n)(levels, *arrays, jax.random.split(key, levels.shape[:n]))
 
 
-def _reassign(levels: jax.Array, target: jax.Array, key: jax.Array, rounding: str,
-              temperature: jax.Array | float | None = None) -> jax.Array:
-    """`wq.reassign_codes`, over the leading stack axes of `levels` too (one key per slice)."""
+def _hash_uniforms(step_key: jax.Array, codes: dict) -> dict:
+    """Code path -> its U[0, 1) draws (code-shaped) from the one hash stream of this update:
+    the layers laid end to end in `dq_layer_paths` order, each at its offset."""
+    seed, offset, out, flat = _seed_words(step_key), 0, {}, flatten(codes)
+    for module in dq_layer_paths(codes):
+        path = module + ("kernel",)
+        out[path] = hash_uniform(seed, offset, flat[path].shape)
+        offset += int(np.prod(flat[path].shape, dtype=np.int64))
+    return out
+
+
+def _reassign(levels: jax.Array, target: jax.Array, key: jax.Array | None, rounding: str,
+              temperature: jax.Array | float | None = None,
+              uniform: jax.Array | None = None) -> jax.Array:
+    """`wq.reassign_codes`, over the leading stack axes of `levels` too: stochastic draws
+    from `uniform` (target-shaped) when given, else from `key` (one key per slice)."""
     n = _stack_dims(levels)
     if n and target.shape[:n] != levels.shape[:n]:
         raise ValueError(f"stacked levels {levels.shape} and codes {target.shape} disagree on "
                          "their leading (stack) axes.")
+    if uniform is not None and rounding == "stochastic":
+        return _over_stack(lambda lv, t, u: wq.stochastic_codes(
+            lv, t, None, uniform=u, temperature=temperature), n)(levels, target, uniform)
     return _keyed_over_stack(
         lambda lv, t, k: wq.reassign_codes(lv, t, k, rounding, temperature), levels, key, target)
 
@@ -570,9 +651,13 @@ def with_inertia_residual(opt_state: PyTree, residual: PyTree,
 
 
 def _quantize_residual(levels: jax.Array, codes: jax.Array, residual: jax.Array, bits: int,
-                       key: jax.Array) -> jax.Array:
-    """`wq.quantize_cell_residual` over the leading stack axes of `levels` too (one key per
-    slice). The feedback roundings draw no other random numbers, so `key` is free."""
+                       key: jax.Array | None, uniform: jax.Array | None = None) -> jax.Array:
+    """`wq.quantize_cell_residual` over the leading stack axes of `levels` too, from `uniform`
+    (code-shaped) when given, else from `key` (one key per slice). The feedback roundings
+    draw no other random numbers, so the layer's draws are free."""
+    if uniform is not None:
+        return _over_stack(lambda lv, c, r, u: wq.quantize_cell_residual(
+            lv, c, r, bits, uniform=u), _stack_dims(levels))(levels, codes, residual, uniform)
     return _keyed_over_stack(lambda lv, c, r, k: wq.quantize_cell_residual(lv, c, r, bits, k),
                              levels, key, codes, residual)
 

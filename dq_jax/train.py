@@ -39,7 +39,7 @@ PyTree = Any
 # dq_optimizer's arguments that are not learning rates: fixed, not injected hyperparameters.
 STATIC_ARGS = ("momentum", "nesterov", "weight_decay", "rounding", "code_momentum_dtype",
                "code_momentum", "feedback_residual_bits", "inertia_threshold",
-               "inertia_after_move", "key")
+               "inertia_after_move", "rounding_stream", "key")
 
 
 # --------------------------------------------------------------------------- setup
@@ -117,6 +117,7 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
         code_momentum_dtype=config.code_momentum_dtype,
         code_momentum=config.code_momentum if config.code_momentum >= 0 else None,
         feedback_residual_bits=int(config.feedback_residual_bits),
+        rounding_stream=config.rounding_stream,
         **({"inertia_threshold": float(config.inertia_threshold),
             "inertia_after_move": config.inertia_after_move}
            if config.rounding == "inertia" else {}),
@@ -233,14 +234,9 @@ def _finite_by_layer(*trees: PyTree) -> dict[str, jax.Array]:
     return {k: jnp.all(jnp.stack(v)) for k, v in out.items()}
 
 
-def train_step(state: TrainState, batch: dict, *, model,
-               label_smoothing: float) -> tuple[TrainState, dict]:
-    """Forward/backward, direct code update, level sort; non-finite steps are skipped.
-
-    A step whose loss or gradients are not finite leaves the state untouched
-    (except `step`, so the data position still advances) and is counted in
-    `metrics['nonfinite']`: no NaN ever reaches the state or a checkpoint.
-    """
+def _forward_backward_update(state: TrainState, batch: dict, model, label_smoothing: float):
+    """(loss, logits, new mutable vars, grads, updated state) of one train step, before the
+    finiteness guard: shared by `train_step` and `nonfinite_layers_step`."""
     images, labels = batch["image"], batch["label"]
 
     def loss_fn(differentiable):  # {'params', 'perturbations'}: d/dperturbations = dL/dW_q
@@ -256,7 +252,24 @@ def train_step(state: TrainState, batch: dict, *, model,
         state.differentiable())
     updated = state.apply_gradients(grads=grads, batch_stats=new_vars.get("batch_stats", {}),
                                     quant_stats=new_vars.get(QUANT_STATS, {}))
-    diagnostics = optim.code_diagnostics(state.codes, updated.codes, updated.params)
+    return loss, logits, new_vars, grads, updated
+
+
+def train_step(state: TrainState, batch: dict, *, model,
+               label_smoothing: float) -> tuple[TrainState, dict]:
+    """Forward/backward, direct code update, level sort; non-finite steps are skipped.
+
+    A step whose loss or gradients are not finite leaves the state untouched
+    (except `step`, so the data position still advances) and is counted in
+    `metrics['nonfinite']`: no NaN ever reaches the state or a checkpoint. The metrics are
+    scalars only: per-layer numbers (codes changed, code entropy, which layers blew up) are
+    computed outside this program, at log steps and for skipped steps
+    (`nonfinite_layers_step`), since each per-layer output adds per-layer code that XLA
+    compiles one fusion at a time (issue 27: compile time).
+    """
+    loss, logits, new_vars, grads, updated = _forward_backward_update(
+        state, batch, model, label_smoothing)
+    labels = batch["label"]
     grads, w_grads = grads["params"], grads.get(optim.PERTURBATIONS, {})
     # The *updated* state must be finite too: finite gradients times an infinite learning rate,
     # or a BatchNorm variance that overflows, would otherwise reach a checkpoint.
@@ -274,13 +287,22 @@ def train_step(state: TrainState, batch: dict, *, model,
         # applied updates, which a skipped (non-finite) step does not advance.
         "learning_rate": _learning_rate(updated.opt_state),
         "nonfinite": 1.0 - ok.astype(jnp.float32),
-        "layers": diagnostics,
-        # Which layers' gradients / fitted activation statistics / new values blew up.
-        "finite_by_layer": _finite_by_layer(
-            grads, w_grads, new_vars.get(QUANT_STATS, {}), {"params": updated.params},
-            {"batch_stats": new_vars.get("batch_stats", {})}),
     }
     return new_state, metrics
+
+
+def nonfinite_layers_step(state: TrainState, batch: dict, *, model,
+                          label_smoothing: float) -> dict[str, jax.Array]:
+    """Which layers' gradients / fitted activation statistics / new values are not finite
+    (module path -> all finite; 'loss' -> the loss is) for the train step on these inputs:
+    the same computation as `train_step` up to its guard. A separate program, compiled only
+    when a step was skipped, so the train step carries no per-layer flags."""
+    loss, _, new_vars, grads, updated = _forward_backward_update(
+        state, batch, model, label_smoothing)
+    flags = _finite_by_layer(
+        grads["params"], grads.get(optim.PERTURBATIONS, {}), new_vars.get(QUANT_STATS, {}),
+        {"params": updated.params}, {"batch_stats": new_vars.get("batch_stats", {})})
+    return {**flags, "loss": jnp.isfinite(loss)}
 
 
 def eval_step(state: TrainState, batch: dict, *, model) -> dict:
@@ -379,6 +401,11 @@ class Steps:
             functools.partial(train_step, model=model, label_smoothing=label_smoothing),
             in_shardings=(self.replicated, self.batch),
             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        # Compiled on first use: only after a skipped (non-finite) step.
+        self.nonfinite_layers = jax.jit(
+            functools.partial(nonfinite_layers_step, model=model,
+                              label_smoothing=label_smoothing),
+            in_shardings=(self.replicated, self.batch), out_shardings=self.replicated)
         self.eval = jax.jit(functools.partial(eval_step, model=model),
                             in_shardings=(self.replicated, self.batch),
                             out_shardings=self.replicated)
@@ -411,10 +438,19 @@ def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict],
 
 # --------------------------------------------------------------------------- logging
 
-def _layer_scalars(metrics: dict) -> dict[str, float]:
-    """Per-layer flip rate / code entropy (mean over the logged steps)."""
-    return {f"layers/{layer}/{name}": float(np.mean(v))
-            for layer, values in metrics.items() for name, v in values.items()}
+def _code_entropies(codes: PyTree, params: PyTree) -> dict[str, float]:
+    """Per DQ-W layer, the entropy (bits) of its code histogram, from host copies (a log
+    step's): `optim.code_histogram_entropy` in numpy, nothing compiled."""
+    levels = flax.traverse_util.flatten_dict(params)
+    out = {}
+    for path, c in flax.traverse_util.flatten_dict(codes).items():
+        table = levels.get(path[:-1] + (LEVELS,))
+        if table is None:
+            continue
+        p = np.bincount(np.asarray(c).ravel(), minlength=table.shape[-1]) / max(np.size(c), 1)
+        p = p[p > 0]
+        out[f"layers/{'/'.join(path[:-1])}/code_entropy"] = float(-np.sum(p * np.log2(p)))
+    return out
 
 
 def _level_histograms(params: PyTree) -> dict[str, np.ndarray]:
@@ -516,16 +552,49 @@ class Interrupted(Exception):
         self.phase = phase
 
 
-def _write_nonfinite_report(workdir: epath.Path, step: int, got: list[dict]) -> str:
-    """Saves which layers had non-finite gradients/statistics; returns a summary."""
-    bad_steps, bad_layers = [], set()
+# Skipped steps whose per-layer finiteness a report re-computes (each one forward/backward).
+MAX_REPLAYED_STEPS = 8
+
+
+def _replay_nonfinite(steps: Steps, state: TrainState, ds, step: int,
+                      got: list[dict]) -> dict:
+    """Re-runs the per-layer finiteness check (`Steps.nonfinite_layers`) on the inputs of the
+    skipped steps of the log window `got` (ending at `step`).
+
+    A skipped step leaves the state as it found it (only `step` advances), so `state` is
+    bitwise the input of every skipped step after the window's last finite one; their batches
+    are re-read from the data (a batch is a function of its step). When the window ends with
+    a finite step, the skipped steps' input states are gone: their batches are replayed on
+    `state`, and the report says the replay is not exact. At most MAX_REPLAYED_STEPS (the
+    first ones). Returns {'layers', 'replayed_steps', 'exact'}."""
     first = step - len(got) + 1
-    for i, m in enumerate(got):
-        if m["nonfinite"]:
-            bad_steps.append(first + i)
-            bad_layers.update(k for k, ok in m["finite_by_layer"].items() if not ok)
-    report = {"steps": bad_steps, "layers": sorted(bad_layers),
-              "loss": [float(got[s - first]["loss"]) for s in bad_steps]}
+    bad = [first + i for i, m in enumerate(got) if m["nonfinite"]]
+    finite = [first + i for i, m in enumerate(got) if not m["nonfinite"]]
+    trailing = [s for s in bad if not finite or s > finite[-1]]
+    replay = (trailing or bad)[:MAX_REPLAYED_STEPS]
+    layers: set[str] = set()
+    if replay:
+        batches = ds.train_batches(replay[0] - 1)  # step s trained on data step s - 1
+        for s in range(replay[0], replay[-1] + 1):
+            batch = next(batches)
+            if s in replay:
+                flags = jax.device_get(steps.nonfinite_layers(state,
+                                                              to_global(batch, steps.batch)))
+                layers.update(k for k, ok in flags.items() if not ok and k != "loss")
+    return {"layers": sorted(layers), "replayed_steps": replay, "exact": bool(trailing)}
+
+
+def _write_nonfinite_report(workdir: epath.Path, step: int, got: list[dict],
+                            replayed: dict) -> str:
+    """Saves which steps were skipped and which layers had non-finite gradients/statistics/
+    new values (`replayed`: from `_replay_nonfinite`); returns a summary."""
+    first = step - len(got) + 1
+    bad_steps = [first + i for i, m in enumerate(got) if m["nonfinite"]]
+    report = {"steps": bad_steps, "layers": replayed["layers"],
+              "loss": [float(got[s - first]["loss"]) for s in bad_steps],
+              # the steps whose inputs the per-layer check re-ran on; exact: their own inputs
+              "layers_checked_at_steps": replayed["replayed_steps"],
+              "layers_check_exact": replayed["exact"]}
     if jax.process_index() == 0:
         (workdir / "nonfinite_report.json").write_text(json.dumps(report, indent=2))
     layers = ", ".join(report["layers"][:8]) or "(loss only)"
@@ -542,11 +611,13 @@ def _codes_changed(before: PyTree, after: PyTree) -> dict[str, float]:
 
 
 def _log_scalars(writer, step: int, got: list[dict], params: PyTree, seconds: float,
-                 codes_changed: dict[str, float]) -> None:
+                 codes_changed: dict[str, float], codes: PyTree) -> None:
+    """The log step's scalars: the window's mean loss/accuracy/LR, and per DQ-W layer the
+    fraction of codes changed since the previous log step (the flip-rate diagnostic) and the
+    code entropy now, both from host copies of the codes (not computed in the train step)."""
     scalars = {k: float(np.mean([m[k] for m in got])) for k in ("loss", "accuracy", "learning_rate")}
-    layer_metrics = jax.tree.map(lambda *xs: np.mean(xs), *[m["layers"] for m in got])
-    scalars.update(_layer_scalars(layer_metrics))
     scalars.update(codes_changed)
+    scalars.update(_code_entropies(codes, params))
     scalars["steps_per_sec"] = len(got) / max(seconds, 1e-9)
     scalars["nonfinite_steps"] = int(sum(m["nonfinite"] for m in got))
     writer.write_scalars(step, scalars)
@@ -739,11 +810,12 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
             if step % config.log_every_steps == 0 or step == end_step:
                 got, codes_now = jax.device_get((pending, state.codes))
                 _log_scalars(writer, step, got, jax.device_get(state.params), time.time() - t_log,
-                             _codes_changed(codes_at_log, codes_now))
+                             _codes_changed(codes_at_log, codes_now), codes_now)
                 codes_at_log = codes_now
                 pending, t_log = [], time.time()
                 if any(m["nonfinite"] for m in got) and config.nonfinite_policy == "stop":
-                    summary = _write_nonfinite_report(workdir, step, got)
+                    summary = _write_nonfinite_report(
+                        workdir, step, got, _replay_nonfinite(steps, state, ds, step, got))
                     checkpoints.save(manager, step, state, force=True)
                     checkpoints.finish_saves(manager)
                     writer.flush()

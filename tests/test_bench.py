@@ -136,6 +136,18 @@ def test_accuracy_overrides_and_diagnostics():
     assert d["flips_per_weight_by_layer"] == {"a": 0.6, "b": 0.0}
     assert d["flip_rate_curve"] == {"steps": [50, 100], "mean_over_layers": [0.005, 0.001]}
     assert d["code_entropy_final_by_layer"] == {"a": 1.9} and d["num_dq_layers"] == 2
+    # Since issue 27 the program logs codes_changed (net, per window) instead of flip_rate.
+    d = accuracy.summarize_diagnostics({
+        "layers/a/codes_changed": [(100, 0.25), (50, 0.5)],
+        "layers/b/codes_changed": [(50, 0.0), (100, 0.25)],
+        "layers/a/code_entropy": [(50, 1.5), (100, 1.75)]})
+    assert d["codes_changed_curve"] == {"steps": [50, 100], "mean_over_layers": [0.25, 0.25]}
+    assert d["net_changes_per_weight"] == 0.5 and d["num_dq_layers"] == 2
+    assert d["net_flip_rate_first_log"] == 0.005 and d["net_flip_rate_last_log"] == 0.005
+    assert d["code_entropy_final_by_layer"] == {"a": 1.75} and "flip_rate_mean" not in d
+    table = accuracy.fmt_table({"runs": {"w2a2": [{"top1": 0.5, "wall_seconds": 1.0, **d}]}},
+                               ["w2a2"], "note")
+    assert "5.0e-03 (net)" in table
     # Weight diagnostics against hand-computed values (exact in binary floating point).
     levels = np.array([[-1.0, 0.0, 1.0, 2.0]], np.float32)
     c0 = {"l": {"kernel": np.array([[0, 1], [2, 3]], np.uint8)}}
@@ -159,6 +171,13 @@ def test_accuracy_run_config_marker_tolerates_new_default_keys():
     # a schema key added since, left at its default, matches; set to another value it does not
     assert accuracy.same_run_config(saved, {**saved, "bn_recalibration_batches": 0})
     assert not accuracy.same_run_config(saved, {**saved, "bn_recalibration_batches": 50})
+    # A DQ run with stochastic rounding saved before rounding_stream existed drew from the
+    # per-layer stream: the 'hash' default is another run (its workdir is cleared)
+    dq = {"quant": {"weights": "dq"}, "rounding": "stochastic", "seed": 0}
+    assert not accuracy.same_run_config(dq, {**dq, "rounding_stream": "hash"})
+    assert accuracy.same_run_config(dq, {**dq, "rounding_stream": "per_layer"})
+    nearest = {"quant": {"weights": "dq"}, "rounding": "nearest", "seed": 0}
+    assert accuracy.same_run_config(nearest, {**nearest, "rounding_stream": "hash"})
     assert not accuracy.same_run_config(saved, {**saved, "learning_rate": 0.1})
     assert not accuracy.same_run_config(saved, {"learning_rate": 0.01})
 
@@ -368,8 +387,8 @@ def test_every_gpu_grid_row_and_variant_is_a_valid_config():
         c = accuracy.method_config(base, method)
         configlib.validate(c, device_count=1)
         if name.startswith("w2a2_"):  # the protocol's DQ row: the paper's stochastic rule
-            assert (c.rounding, c.code_learning_rate, c.code_momentum) == (
-                "stochastic", 1e-4, 0.99), name
+            assert (c.rounding, c.code_learning_rate, c.code_momentum, c.rounding_stream) == (
+                "stochastic", 1e-4, 0.99, "per_layer"), name
 
 
 def test_every_gpu_regime_row_is_a_valid_config_and_sized_to_its_epochs():

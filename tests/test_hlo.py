@@ -35,17 +35,19 @@ OPTIM_LEFTOVERS: dict = {}
 
 # --------------------------------------------------------------------------- helpers
 
-def _config(weight_bits: int, act_bits: int, act_levels: str = "uniform"):
+def _config(weight_bits: int, act_bits: int, act_levels: str = "uniform", **overrides):
     c = configlib.base_config()
+    c.update(overrides)
     c.model, c.batch_size = MODEL, BATCH
     c.quant.weights, c.quant.weight_bits = "dq", weight_bits
     c.quant.acts, c.quant.act_bits, c.quant.act_levels = "dq", act_bits, act_levels
     return c
 
 
-def _train_step_and_args(weight_bits: int, act_bits: int = 2, act_levels: str = "uniform"):
+def _train_step_and_args(weight_bits: int, act_bits: int = 2, act_levels: str = "uniform",
+                         **overrides):
     """(jitted train step, abstract state, abstract batch) of the training program."""
-    c = _config(weight_bits, act_bits, act_levels)
+    c = _config(weight_bits, act_bits, act_levels, **overrides)
     quant = configlib.validate(c, device_count=jax.device_count())
     model = train.create_model(c, quant, 10)
     optimizer = train.create_optimizer(c, 1000, 100)
@@ -160,13 +162,41 @@ def test_finiteness_guard_is_not_fused_into_every_leaf():
     With a per-leaf `where(ok, new, old)`, XLA fused the whole finiteness reduction (one
     `and` per state leaf) into each leaf's select: ~leaves^2 `and` ops (73,693 for these 254
     leaves) and most of the step's compile time. `lax.cond` on one predicate keeps it linear
-    (1,082 measured: the per-layer `finite_by_layer` metrics and the reductions' own bodies).
+    (1,082 measured with the per-layer `finite_by_layer` metrics, which have left the step
+    since issue 27, and the reductions' own bodies).
     """
     step, state, batch = _train_step_and_args(2, 2)
     compiled = step.lower(state, batch).compile().as_text()
     leaves = len(jax.tree.leaves(state))
     assert leaves > 200
     assert compiled.count(" and(") <= 8 * leaves, (compiled.count(" and("), leaves)
+
+
+# Call sites of jax.random's lowered helpers (threefry hashes, key split/fold_in, uniform draws).
+RANDOM_CALLS = re.compile(r"call @\w*(?:threefry|_uniform)\w*")
+
+
+def test_random_draws_are_one_hash_not_a_key_per_layer(w2a2_step):
+    """Issue 27 (b): the stochastic re-assignment of all 18 DQ layers draws from one counter
+    hash (elementwise ops): the step's only random calls are the update key's split (its
+    wrapper and the threefry it calls), and there is no rng_bit_generator. The per-layer
+    stream (kept for old workdirs) has a fold_in and a draw per layer (44 call sites
+    measured), so this test can fail."""
+    step, state, batch, text = w2a2_step
+    assert len(jax.tree.leaves(state.codes)) == 18
+    assert len(RANDOM_CALLS.findall(text)) <= 2 and "rng_bit_generator" not in text
+    old, state, batch = _train_step_and_args(2, 2, rounding_stream="per_layer")
+    assert len(RANDOM_CALLS.findall(old.lower(state, batch).as_text())) >= 2 * 18
+
+
+def test_train_step_outputs_no_per_layer_values(w2a2_step):
+    """Issue 27 (a): the step returns the state and four scalar metrics; per-layer code
+    diagnostics and finiteness flags are computed outside it (log steps, skipped steps)."""
+    step, state, batch, _ = w2a2_step
+    new_state, metrics = jax.eval_shape(step, state, batch)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert set(metrics) == {"loss", "accuracy", "learning_rate", "nonfinite"}
+    assert all(m.shape == () for m in metrics.values())
 
 
 def test_more_than_16_levels_keep_the_gather_and_segment_sum():

@@ -272,7 +272,10 @@ def digits_runs():
             if i == 0:
                 m_, o_ = nnx.merge(graphdef, pstate) if seed == 2 else (model, optimizer)
                 first_steps.append(dict(
-                    linen=jax.device_get((state, metrics["layers"])), start_codes=codes,
+                    # the program's step has no per-layer metrics (issue 27): the same
+                    # diagnostics, computed outside it
+                    linen=jax.device_get((state, optim.code_diagnostics(
+                        codes, state.codes, state.params))), start_codes=codes,
                     nnx=jax.device_get((dqnnx.linen_variables(m_), diagnostics,
                                         nnx.as_pure(o_.opt_state)))))
         if seed == 2:

@@ -620,6 +620,8 @@ def test_new_transform_matches_frozen_reference_bitwise(small, small_grads, roun
             "QuantDense_0": np.tile(np.float32([[1, -1, 1, -1]]), (3, 1))}
     gap = min(float(np.diff(np.asarray(params[n]["kernel_levels"])).min()) for n in push)
     shape = lambda step: 1.0 - 0.1 * step  # a schedule shape the two must follow alike
+    # The reference draws per layer: the new transform's 'per_layer' stream (kept for old
+    # workdirs) is the one to match bitwise; the default 'hash' stream is tested statistically.
     kw = dict(momentum=0.9, nesterov=True, weight_decay=0.05, rounding=rounding,
               code_momentum=0.5, code_momentum_dtype=momentum_dtype)
     lr, levels_lr, code_lr = 0.05, 0.6 * gap, 20.0  # code LR: nearest needs big moves to flip
@@ -630,14 +632,15 @@ def test_new_transform_matches_frozen_reference_bitwise(small, small_grads, roun
                   levels_learning_rate=lambda s: levels_lr * shape(s),
                   code_learning_rate=lambda s: code_lr * shape(s))
     if via == "dq_optimizer":
-        new = dq_optimizer(**scheds, key=key(3), **kw)
+        new = dq_optimizer(**scheds, key=key(3), rounding_stream="per_layer", **kw)
         inner = lambda st: st
         wrap = lambda st, ref_st: _to_new_state(ref_st, st)
     else:
         new = optax.inject_hyperparams(
             dq_optimizer, static_args=("momentum", "nesterov", "weight_decay", "rounding",
-                                       "code_momentum", "code_momentum_dtype", "key"))(
-            **scheds, key=key(3), **kw)
+                                       "code_momentum", "code_momentum_dtype",
+                                       "rounding_stream", "key"))(
+            **scheds, key=key(3), rounding_stream="per_layer", **kw)
         inner = lambda st: st.inner_state
         wrap = lambda st, ref_st: st._replace(inner_state=_to_new_state(ref_st, st.inner_state))
 
@@ -1188,7 +1191,7 @@ def test_same_shape_layers_match_frozen_reference_bitwise(key_impl, rounding):
               code_momentum=0.5, code_momentum_dtype="float32")
     lrs = dict(learning_rate=0.05, levels_learning_rate=1e-3, code_learning_rate=20.0)
     ref = reference_optim.QuantOptimizer(**lrs, schedule_shape=lambda s: 1.0, **kw)
-    new = dq_optimizer(**lrs, key=k, **kw)
+    new = dq_optimizer(**lrs, key=k, rounding_stream="per_layer", **kw)
     ref_state, new_state = ref.init(params, codes, k), new.init({"params": params,
                                                                  "codes": codes})
     flips = 0
@@ -1371,3 +1374,95 @@ def test_with_inertia_residual_seeds_the_code_momentum_hand_computed():
 def test_inertia_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dq_optimizer(0.1, 0.0, **kwargs)
+
+
+# ---------------------------------------------------------------- 'hash' random stream (issue 27)
+
+def _stream_problem(p_up: float = 0.3):
+    """Three layers (two of one shape, one nn.scan-stacked [3, ...]) with levels [0, 1, 2, 3],
+    every code at level 1 and a code step `u = p_up`: stochastic rounding takes level 2 with
+    probability p_up. Returns (trainable, grads)."""
+    lv = jnp.float32([[0.0, 1.0, 2.0, 3.0]])
+    shapes = {"a": (3, 3, 16, 64), "b": (3, 3, 16, 64), "s": (3, 3, 3, 8, 64)}
+    params = {n: {"kernel_levels": jnp.tile(lv, (3, 1, 1)) if n == "s" else lv} for n in shapes}
+    codes = {n: {"kernel": jnp.ones(s, jnp.uint8)} for n, s in shapes.items()}
+    grads = {"params": jax.tree.map(jnp.zeros_like, params),
+             "codes": jax.tree.map(lambda c: jnp.full(c.shape, -p_up, jnp.float32), codes)}
+    return {"params": params, "codes": codes}, grads
+
+
+def _stream_draws(key, updates: int = 4, stream: str = "hash") -> list[dict]:
+    """Per update (the key advancing in the state as in training): layer -> did each weight
+    go up (bool, code-shaped)."""
+    trainable, grads = _stream_problem()
+    tx = dq_optimizer(1.0, 0.0, momentum=0, code_momentum_dtype="float32", key=key,
+                      rounding_stream=stream)
+    state, out = tx.init(trainable), []
+    update = jax.jit(tx.update)
+    for _ in range(updates):
+        deltas, state = update(grads, state, trainable)
+        out.append({n: np.asarray(d["kernel"]) for n, d in deltas["codes"].items()})
+    for draw in out:
+        for d in draw.values():
+            assert set(np.unique(d)) <= {0.0, 1.0}  # level 1 -> 1 or 2, never further
+    return [{n: d == 1.0 for n, d in draw.items()} for draw in out]
+
+
+def test_hash_stream_is_unbiased_per_layer_and_per_stack_slice():
+    """E[code] = the target: the share of weights that go up is p = 0.3 within 5 binomial
+    standard deviations, in every layer, every stack slice and every update."""
+    for draw in _stream_draws(jax.random.PRNGKey(0)):
+        slices = {"a": draw["a"], "b": draw["b"], **{f"s{i}": draw["s"][i] for i in range(3)}}
+        for name, up in slices.items():
+            n = up.size
+            assert abs(up.mean() - 0.3) <= 5 * np.sqrt(0.3 * 0.7 / n), (name, up.mean())
+
+
+def test_hash_stream_is_independent_across_layers_slices_and_updates():
+    """Same-shape layers, stack slices and consecutive updates get different draws whose
+    up-indicators are uncorrelated (|r| within 5/sqrt(n)); the same key gives the same draws
+    (bitwise: integer arithmetic), another key others."""
+    draws = _stream_draws(jax.random.PRNGKey(1))
+    pairs = [(draws[0]["a"], draws[0]["b"]), (draws[0]["s"][0], draws[0]["s"][1]),
+             (draws[0]["s"][2], draws[0]["a"][:3, :, :8]), (draws[0]["a"], draws[1]["a"])]
+    for x, y in pairs:
+        x, y = x.ravel().astype(float), y.ravel().astype(float)
+        assert not np.array_equal(x, y)
+        assert abs(np.corrcoef(x, y)[0, 1]) <= 5 / np.sqrt(x.size)
+    again = _stream_draws(jax.random.PRNGKey(1))
+    other = _stream_draws(jax.random.PRNGKey(2))
+    for a, b, c in zip(draws, again, other):
+        for n in a:
+            np.testing.assert_array_equal(a[n], b[n])
+            assert not np.array_equal(a[n], c[n])
+    # a typed key of another impl works too (its first two words seed the hash)
+    typed = _stream_draws(jax.random.key(1, impl="unsafe_rbg"), updates=1)[0]
+    assert abs(typed["a"].mean() - 0.3) <= 5 * np.sqrt(0.21 / typed["a"].size)
+
+
+def test_hash_uniform_is_one_counter_stream_and_uniform():
+    """A layer's draws are its slice of one counter stream (an offset, no key of its own);
+    values lie in [0, 1) on a 2**-24 grid and fill 16 equal bins evenly (5 sigma)."""
+    seed = jnp.uint32([12345, 678])
+    whole = np.asarray(optim.hash_uniform(seed, 0, (70000,)))
+    np.testing.assert_array_equal(np.asarray(optim.hash_uniform(seed, 1000, (30, 100))).ravel(),
+                                  whole[1000:4000])
+    assert whole.min() >= 0 and whole.max() < 1 and np.all(whole * 2 ** 24 % 1 == 0)
+    counts = np.bincount((whole * 16).astype(int), minlength=16)
+    expect = whole.size / 16
+    assert np.all(np.abs(counts - expect) <= 5 * np.sqrt(expect * 15 / 16)), counts
+    with pytest.raises(ValueError, match="at most 2\\*\\*32 DQ weights"):
+        optim.hash_uniform(seed, 2 ** 32 - 10, (11,))
+    with pytest.raises(ValueError, match=r"seed must be 2 integer words .*got float32\[3\]"):
+        optim.hash_uniform(jnp.zeros(3), 0, (4,))
+
+
+def test_per_layer_stream_is_still_selectable_and_differs_from_hash():
+    """rounding_stream='per_layer' (the stream before issue 27, for old workdirs) draws with
+    the same distribution and other numbers; an unknown stream is refused in one line."""
+    old = _stream_draws(jax.random.PRNGKey(0), updates=1, stream="per_layer")[0]
+    new = _stream_draws(jax.random.PRNGKey(0), updates=1)[0]
+    assert not np.array_equal(old["a"], new["a"])
+    assert abs(old["a"].mean() - 0.3) <= 5 * np.sqrt(0.21 / old["a"].size)
+    with pytest.raises(ValueError, match="rounding_stream='philox' is not supported"):
+        dq_optimizer(0.1, 0.1, rounding_stream="philox")

@@ -150,6 +150,32 @@ def test_refuses_to_resume_other_config(tmp_path):
     assert out["resumed_from_step"] == 0 and out["steps"] == 24
 
 
+def test_workdir_of_the_per_layer_stream_resumes_only_with_it(tmp_path):
+    """A workdir written before `rounding_stream` existed (its config.json lacks the key) drew
+    its stochastic rounding from the per-layer stream: resuming it under the new default is
+    refused in one line naming the fix, and resumes with rounding_stream='per_layer'."""
+    train.train_and_evaluate(small_digits(), str(tmp_path), stop_after=8)
+    path = tmp_path / checkpoints.CONFIG_FILE
+    recorded = json.loads(path.read_text())
+    assert recorded["config"]["rounding_stream"] == "hash"
+    del recorded["config"]["rounding_stream"]  # as a workdir from before issue 27
+    path.write_text(json.dumps(recorded))
+    with pytest.raises(checkpoints.WorkdirError,
+                       match=r"rounding_stream: 'per_layer' -> 'hash'.*"
+                             r"--config.rounding_stream=per_layer") as err:
+        train.train_and_evaluate(small_digits(), str(tmp_path))
+    assert "\n" not in str(err.value)
+    out = train.train_and_evaluate(small_digits(rounding_stream="per_layer"), str(tmp_path),
+                                   stop_after=16)
+    assert out["steps"] == 16
+    # no random draws (nearest): the stream does not apply, nothing to refuse
+    nearest = small_digits(rounding="nearest")
+    assert "rounding_stream" not in configlib.applicable(nearest)
+    with pytest.raises(ValueError, match=r"config.rounding_stream='philox'; allowed: 'hash', "
+                                         r"'per_layer'"):
+        configlib.validate(small_digits(rounding_stream="philox"), device_count=1)
+
+
 SHARDED_SCRIPT = """
 import json, sys, jax, numpy as np
 from tests.helpers import load_config
@@ -665,3 +691,102 @@ def test_rounding_anneal_temperature_follows_the_lr_shape_after_warmup():
     config.rounding = "nearest"
     with pytest.raises(ValueError, match="rounding_anneal=True.*rounding='nearest'"):
         configlib.validate(config, device_count=1)
+
+
+def _pre_issue27_train_step(state, batch, *, model, label_smoothing):
+    """The train step before issue 27 (frozen here, from commit edeab95): the same update,
+    with the per-layer code diagnostics and per-layer finiteness flags in its metrics."""
+    from dq_jax import optim
+    from dq_jax.layers import QUANT_STATS
+    images, labels = batch["image"], batch["label"]
+
+    def loss_fn(differentiable):
+        logits, new_vars = model.apply(state.variables(differentiable), images, train=True,
+                                       mutable=["batch_stats", QUANT_STATS])
+        one_hot = jax.nn.one_hot(labels, logits.shape[-1])
+        if label_smoothing:
+            one_hot = optax.smooth_labels(one_hot, label_smoothing)
+        loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot))
+        return loss, (logits, new_vars)
+
+    (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.differentiable())
+    updated = state.apply_gradients(grads=grads, batch_stats=new_vars.get("batch_stats", {}),
+                                    quant_stats=new_vars.get(QUANT_STATS, {}))
+    diagnostics = optim.code_diagnostics(state.codes, updated.codes, updated.params)
+    grads, w_grads = grads["params"], grads.get(optim.PERTURBATIONS, {})
+    ok = jnp.isfinite(loss) & train._all_finite(grads) & train._all_finite(w_grads) & \
+        train._all_finite(train._float_leaves(updated))
+    new_state = jax.lax.cond(ok, lambda: updated, lambda: state.replace(step=state.step + 1))
+    return new_state, {
+        "loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "learning_rate": train._learning_rate(updated.opt_state),
+        "nonfinite": 1.0 - ok.astype(jnp.float32), "layers": diagnostics,
+        "finite_by_layer": train._finite_by_layer(
+            grads, w_grads, new_vars.get(QUANT_STATS, {}), {"params": updated.params},
+            {"batch_stats": new_vars.get("batch_stats", {})})}
+
+
+@pytest.mark.parametrize("rounding", ["inertia", "nearest"])
+def test_train_step_without_per_layer_metrics_updates_bitwise_like_before(rounding):
+    """Issue 27 moved the per-layer diagnostics and finiteness flags out of the train step:
+    4 steps of the program's step and of the step before (which computed them) give bitwise
+    the same params, codes, statistics and optimizer state, and the same scalar metrics
+    (deterministic roundings: a stochastic one is the same stream in both, but the test
+    should not rest on a draw). The step's metrics are now scalars only."""
+    config = small_digits(rounding=rounding, code_learning_rate=1000.0)
+    quant = configlib.validate(config, device_count=1)
+    ds = data.create_dataset(config)
+    model = train.create_model(config, quant, ds.num_classes)
+    opt = train.create_optimizer(config, 24, ds.steps_per_epoch)
+    steps = train.Steps(model, opt, train.create_mesh(config))
+    old_step = jax.jit(lambda s, b: _pre_issue27_train_step(s, b, model=model,
+                                                            label_smoothing=0.0))
+    start = jax.device_get(train.init_state(model, opt, ds.image_shape, 0))
+    new, old = steps.place(start), steps.place(start)
+    batches = ds.train_batches(0)
+    moved = 0
+    for _ in range(4):
+        batch = train.to_global(next(batches), steps.batch)
+        new, m_new = steps.train(new, batch)
+        old, m_old = old_step(old, batch)
+        assert set(m_new) == {"loss", "accuracy", "learning_rate", "nonfinite"}
+        for k in m_new:
+            np.testing.assert_array_equal(np.asarray(m_new[k]), np.asarray(m_old[k]), err_msg=k)
+        moved += sum(float(d["flip_rate"]) for d in jax.device_get(m_old["layers"]).values())
+    assert_states_equal(jax.device_get(new), jax.device_get(old))
+    assert moved > 0, "no code moved: the comparison lost its point"
+
+
+def test_nonfinite_report_replays_the_skipped_steps_per_layer(tmp_path, monkeypatch):
+    """A skipped step's layers are named by a separate check re-run on its inputs: exactly
+    when the window ends with skipped steps (the state is then theirs), else on the state at
+    the log step (said so in the report). The flags equal those the old in-step check gave."""
+    _poisoned_dataset(monkeypatch, {6, 7})  # steps 7 and 8: the end of the first window
+    with pytest.raises(FloatingPointError, match=r"steps \[7, 8\]; layers: .+"):
+        train.train_and_evaluate(small_digits(), str(tmp_path / "a"))
+    report = json.loads((tmp_path / "a" / "nonfinite_report.json").read_text())
+    assert report["steps"] == [7, 8] and report["layers_checked_at_steps"] == [7, 8]
+    assert report["layers_check_exact"] is True and report["layers"]
+    # the same inputs through the old step's in-graph flags name the same layers
+    config = small_digits()
+    quant = configlib.validate(config, device_count=1)
+    ds = data.create_dataset(config)
+    model = train.create_model(config, quant, ds.num_classes)
+    opt = train.create_optimizer(config, 24, ds.steps_per_epoch)
+    steps = train.Steps(model, opt, train.create_mesh(config))
+    manager = checkpoints.create_manager(__import__("etils").epath.Path(tmp_path / "a"), config)
+    state = checkpoints.restore(manager, 8, steps.place(train.init_state(
+        model, opt, ds.image_shape, 0)), steps.replicated)
+    batch = train.to_global(next(ds.train_batches(6)), steps.batch)
+    _, m_old = jax.jit(lambda s, b: _pre_issue27_train_step(
+        s, b, model=model, label_smoothing=0.0))(state, batch)
+    old_layers = sorted(k for k, ok in jax.device_get(m_old["finite_by_layer"]).items() if not ok)
+    assert report["layers"] == old_layers
+
+    monkeypatch.undo()
+    _poisoned_dataset(monkeypatch, {3})  # step 4, then finite steps: its inputs are gone
+    with pytest.raises(FloatingPointError, match=r"steps \[4\]; layers: .+"):
+        train.train_and_evaluate(small_digits(), str(tmp_path / "b"))
+    report = json.loads((tmp_path / "b" / "nonfinite_report.json").read_text())
+    assert report["layers_checked_at_steps"] == [4] and report["layers_check_exact"] is False

@@ -24,6 +24,9 @@ FEEDBACK_ROUNDINGS = ("error_feedback", "latent_feedback")
 # evidence, and INERTIA_AFTER_MOVE says what a move does to it.
 ROUNDINGS = ("stochastic", "nearest") + FEEDBACK_ROUNDINGS + ("inertia",)
 INERTIA_AFTER_MOVE = ("subtract", "reset", "keep")
+# Where the random roundings' uniforms come from: 'hash' (one counter-based hash over all
+# layers, issue 27) or 'per_layer' (a threefry key per layer: the stream before it).
+RANDOM_STREAMS = ("hash", "per_layer")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
