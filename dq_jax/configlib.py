@@ -81,6 +81,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.quant = ml_collections.ConfigDict(dataclasses.asdict(QuantConfig.float()))
     c.quantize_first_last = False
+    # Mixed widths (dq_jax/mixed.py, docs/quantize_any_model.md). first_last_bits=b (1..8): the
+    # first conv and the last dense at b bits, weights and the activations feeding them (the
+    # first conv's input image too: a fitted signed b-bit grid), whatever quantize_first_last
+    # says; 0: off (quantize_first_last decides). The LSQ/APoT convention is 8.
+    c.first_last_bits = 0
+    # rules: ((module-path regex, {QuantConfig field: value}), ...) applied on top of each
+    # matching layer's config, first match wins, before first_last_bits; e.g.
+    # --config.rules='(("stage3_.*", {"weight_bits": 4, "act_bits": 4}),)'. A regex that
+    # matches no conv/dense layer fails at start, listing the layer paths.
+    c.rules = ()
     c.calibration_batches = 1                      # activation calibration at start
     c.bn_recalibration_batches = 0                 # BN statistics re-estimated after training
     c.init_from = ""                               # float workdir/checkpoint to fine-tune from
@@ -327,6 +337,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
     if config.eval_every_steps == 0 or config.eval_every_steps < -1:
         _fail(f"config.eval_every_steps={config.eval_every_steps!r} must be >= 1, or -1 for "
               "once per epoch.")
+    _validate_mixed_widths(config)
     for key in ("force_new", "allow_config_change", "augment", "nesterov", "half_precision",
                 "quantize_first_last"):
         value = config.get(key, False)  # absent in configs recorded by older versions
@@ -345,6 +356,29 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
         return QuantConfig.from_mapping(config.quant)
     except ValueError as e:
         _fail(str(e).replace("QuantConfig.", "config.quant."))
+
+
+def _validate_mixed_widths(config: ml_collections.ConfigDict) -> None:
+    """config.first_last_bits and config.rules (dq_jax/mixed.py)."""
+    bits = config.get("first_last_bits", 0)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 8:
+        _fail(f"config.first_last_bits={bits!r} must be an integer in 1..8 (the first and last "
+              "layer's weight and input bits), or 0 for off.")
+    if bits and config.quant.weights == "float" and config.quant.acts == "float":
+        _fail(f"config.first_last_bits={bits} quantizes the first and last layer of a quantized "
+              "model, but config.quant is float; set config.quant.weights/acts, or "
+              "first_last_bits=0.")
+    from dq_jax import mixed  # local: imports the zoo
+    try:
+        overrides = mixed.overrides_from_pairs(config.get("rules", ()))
+    except ValueError as e:
+        _fail(str(e))
+    for i, rule in enumerate(overrides):
+        for field, value in rule.changes:
+            if field in ("weights", "acts") and value not in ("float", config.quant[field]):
+                _fail(f"config.rules[{i}] sets {field}={value!r}; a rule may set {field} only "
+                      f"to 'float' (the method is config.quant.{field}={config.quant[field]!r} "
+                      "for every quantized layer).")
 
 
 def _set_quant(c: ml_collections.ConfigDict, bits: int) -> None:

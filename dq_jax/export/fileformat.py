@@ -159,7 +159,13 @@ def encode(*, model: str | nn.Module, variables: Mapping, num_classes: int,
     """The bytes of a `.dqz` file (docs/format.md); `save` writes them."""
     name, kwargs, cfg, quant = _describe_model(model, config, model_kwargs)
     variables = {c: flax.core.unfreeze(variables.get(c, {})) for c in COLLECTIONS}
-    layers = quantized_layers(flat(variables["params"]), flat(variables[CODES]), quant)
+    from dq_jax import mixed  # imports the zoo: only when encoding
+    layer_quant = quant
+    if kwargs is None and mixed.uses_rules(cfg):  # per-layer widths (an LSQ layer's bits)
+        layer_quant = mixed.quant_by_layer(mixed.create_model(
+            cfg, quant, int(num_classes), image_shape, **dict(cfg.get("model_kwargs") or {})),
+            image_shape)
+    layers = quantized_layers(flat(variables["params"]), flat(variables[CODES]), layer_quant)
     if kwargs is not None:
         other = sorted({l.method for l in layers} - {"dq"})
         if other:
@@ -300,11 +306,11 @@ class Export:
             except ValueError as e:
                 _fail(self.path, str(e).rstrip("."), "Or pass the module itself "
                       "(dq_jax.predict.load_model(path, module=...)).")
-        from dq_jax import models
+        from dq_jax import mixed
         cfg = self.config
-        return models.create(
-            self.model_name, self.num_classes, quant=self.runtime_quant,
-            quantize_first_last=bool(cfg.get("quantize_first_last", False)),
+        return mixed.create_model(
+            {**cfg, "model": self.model_name}, self.runtime_quant, self.num_classes,
+            self.image_shape,
             dtype=jnp.bfloat16 if cfg.get("half_precision", False) else jnp.float32,
             **dict(cfg.get("model_kwargs") or {}))
 
