@@ -87,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
     # says; 0: off (quantize_first_last decides). The LSQ/APoT convention is 8.
     c.first_last_bits = 0
     # rules: ((module-path regex, {QuantConfig field: value}), ...) applied on top of each
-    # matching layer's config, first match wins, before first_last_bits; e.g.
+    # matching layer's config; every match applies, on a field set twice the earlier rule
+    # wins (config.rules before first_last_bits); e.g.
     # --config.rules='(("stage3_.*", {"weight_bits": 4, "act_bits": 4}),)'. A regex that
     # matches no conv/dense layer fails at start, listing the layer paths.
     c.rules = ()

@@ -5,9 +5,10 @@ Why a module of its own: the program, the exporter and `predict` must rebuild th
 model from a config, so the translation lives in one place; the matching itself is
 `dq_jax.rules`'.
 
-Order (first matching override wins, as in `quantize_model`): `config.rules` in the given order,
-then the first and last layer (`first_last_bits`, else float unless `quantize_first_last`),
-then every other layer keeps `config.quant` (with the grid sign its architecture fixes).
+Order: `config.rules` in the given order, then the first and last layer (`first_last_bits`,
+else float unless `quantize_first_last`); every override matching a layer applies to the
+layer's own config (`config.quant`, with the grid sign its architecture fixes), and where two
+set the same field the earlier wins: `config.rules` over `first_last_bits`.
 
 The first layer's input: with `first_last_bits=b` the first conv's weights *and its input*
 (the normalised image) are quantized at b bits, on a signed grid fitted on the calibration

@@ -16,7 +16,9 @@ their own config unless it is float (`QuantConfig.float()`, e.g. `dq_jax.models.
 
 `QuantOverride(module_path, changes)` is the other kind of rule: it changes fields of the config
 the layer already has (a zoo layer's, with the grid sign its architecture fixed; a plain
-`nn.Conv` / `nn.Dense` has `QuantConfig.float()`), e.g. `{"weight_bits": 8, "act_bits": 8}`.
+`nn.Conv` / `nn.Dense` has `QuantConfig.float()`), e.g. `{"weight_bits": 8, "act_bits": 8}`. Overrides
+compose: every override matching a layer applies, and where two set the same field the earlier
+one wins (so `{"granularity": "per_layer"}` on the head and the 8 bits of first/last both hold).
 The training program's `config.rules` and `config.first_last_bits` are overrides; a layer the
 model configured itself is matched against overrides only (a `QuantRule` never replaces it).
 """
@@ -176,14 +178,19 @@ class QuantizedModel(nn.Module):
                 return next_fun(*call_args, **call_kwargs)   # unmatched: stays float
             rule = self.rules[i]
             if isinstance(rule, QuantOverride):
-                won.add(i)
                 if not isinstance(module, _QuantizedKernelMixin) and type(module) not in _TWINS:
                     raise ValueError(
                         f"quantize_model: override {rule.module_path!r} matches {path}, a "
                         f"{type(module).__name__} it cannot replace; narrow the rule.")
                 own = module.quant if isinstance(module, _QuantizedKernelMixin) \
                     else QuantConfig.float()
-                new = rule.apply(own)
+                # Every matching override applies; on a field two of them set, the earlier.
+                hits = [j for j, r in enumerate(self.rules)
+                        if isinstance(r, QuantOverride) and r.matches(path)]
+                won.update(hits)
+                new = own
+                for j in reversed(hits):
+                    new = self.rules[j].apply(new)
                 if new == own:
                     return next_fun(*call_args, **call_kwargs)
                 twins[id(module)] = twin = _quantized_twin(module, new)

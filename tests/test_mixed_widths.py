@@ -21,10 +21,22 @@ WANT_BITS = {"conv1": (8, 8), "conv2": (4, 4), "conv3": (2, 2), "head": (8, 8)}
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory):
     """DQ W2A2 digits with 8-bit first/last and a 4-bit rule on conv2, 24 steps."""
+    import logging
     workdir = tmp_path_factory.mktemp("mixed")
     config = small_digits(first_last_bits=8, rules=RULES)
-    out = train.train_and_evaluate(config, str(workdir))
-    return config, workdir, out
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.addHandler(handler)
+    absl_logger.setLevel(logging.INFO)
+    try:
+        out = train.train_and_evaluate(config, str(workdir))
+    finally:
+        absl_logger.removeHandler(handler)
+        absl_logger.setLevel(level)
+    return config, workdir, {**out, "log": "\n".join(lines)}
 
 
 def _levels_bits(params) -> dict:
@@ -58,6 +70,12 @@ def test_mixed_run_trains_at_each_layers_width_and_records_it(mixed_run):
     assert results["config"]["first_last_bits"] == 8
     assert [list(r) for r in RULES] == results["config"]["rules"]
     assert 0.0 <= results["eval_top1"] <= 1.0 and results["steps"] == 24
+    # the start-up summary: each layer's width (size rows and the per-layer W/A table)
+    log = out["log"]
+    assert "per-layer widths below" in log, log[:2000]
+    for layer, (w, a) in WANT_BITS.items():
+        assert f"dq W{w} A{a}" in "".join(l for l in log.splitlines()
+                                          if l.strip().startswith(layer + " "))
     # activation grids: the 8-bit first/last inputs have 256 levels' worth of alpha, etc.
     stats = flax.traverse_util.flatten_dict(state.quant_stats)
     assert {"/".join(k[:-2]) for k in stats} >= set(WANT_BITS)
@@ -179,3 +197,16 @@ def test_rules_alone_keep_first_last_float_unless_asked():
     widths = mixed.quant_by_layer(train.create_model(config, quant, 10, (8, 8, 1)), (8, 8, 1))
     assert widths[("conv1",)] == quant.replace(act_signed=True)
     assert widths[("head",)].weight_bits == 2
+
+
+def test_rules_compose_with_first_last_bits_and_the_earlier_wins_a_field():
+    """A rule setting granularity on the head keeps first_last_bits' 8 bits; a rule setting
+    the head's weight_bits wins over first_last_bits."""
+    config = small_digits(first_last_bits=8, rules=(
+        ("head", {"granularity": "per_channel"}), ("conv1|head", {"weight_bits": 4})))
+    quant = configlib.validate(config, device_count=1)
+    widths = mixed.quant_by_layer(train.create_model(config, quant, 10, (8, 8, 1)), (8, 8, 1))
+    assert (widths[("head",)].granularity, widths[("head",)].weight_bits,
+            widths[("head",)].act_bits) == ("per_channel", 4, 8)
+    assert (widths[("conv1",)].granularity, widths[("conv1",)].weight_bits) == ("per_layer", 4)
+    assert widths[("conv2",)] == quant.replace(act_signed=False)
