@@ -43,7 +43,8 @@ LOCK_FILE = "workdir.lock"           # held (flock + pid/host inside) while a ru
 # Keys that define what a checkpoint *is*; resuming under different values
 # would silently mix two experiments.
 IDENTITY_KEYS = ("model", "model_kwargs", "dataset", "quant", "quantize_first_last",
-                 "num_classes", "seed", "first_last_bits", "rules", "bit_budget")
+                 "num_classes", "seed", "first_last_bits", "rules", "bit_budget",
+                 "allocation")
 # Keys that cannot change the trained model: how often the run logs, evaluates and saves, how
 # many checkpoints it keeps, the eval batch size, the start-up switches, and where compiled
 # programs are cached. Changing them on resume needs no permission (the change is still

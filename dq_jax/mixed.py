@@ -8,7 +8,9 @@ model from a config, so the translation lives in one place; the matching itself 
 Order: `config.rules` in the given order, then the first and last layer (`first_last_bits`,
 else float unless `quantize_first_last`); every override matching a layer applies to the
 layer's own config (`config.quant`, with the grid sign its architecture fixes), and where two
-set the same field the earlier wins: `config.rules` over `first_last_bits`.
+set the same field the earlier wins: `config.rules` over `first_last_bits`, and both over
+`config.allocation` (the widths `dq_jax.allocation` chose for `config.bit_budget`, which covers
+only the layers the other two leave at `config.quant`).
 
 The first layer's input: with `first_last_bits=b` the first conv's weights *and its input*
 (the normalised image) are quantized at b bits, on a signed grid fitted on the calibration
@@ -32,7 +34,8 @@ FLOAT_CHANGES = (("acts", "float"), ("weights", "float"))
 def uses_rules(config: Mapping) -> bool:
     """True when the config asks for per-layer widths (else the model is built as before
     these keys existed, bit for bit)."""
-    return bool(config.get("first_last_bits", 0)) or bool(config.get("rules") or ())
+    return (bool(config.get("first_last_bits", 0)) or bool(config.get("rules") or ())
+            or bool(config.get("bit_budget", 0.0)) or bool(config.get("allocation") or ()))
 
 
 def overrides_from_pairs(pairs: Sequence, where: str = "config.rules") -> tuple[
@@ -75,6 +78,12 @@ def program_overrides(config: Mapping, base: nn.Module,
         out.append(rules.QuantOverride(edges, {"weight_bits": bits, "act_bits": bits}))
     elif not config.get("quantize_first_last", False):
         out.append(rules.QuantOverride(edges, dict(FLOAT_CHANGES)))
+    if config.get("bit_budget", 0.0) and not config.get("allocation"):
+        raise ValueError("config.bit_budget needs the allocation it leads to: train with "
+                         "dq_jax.train.train_and_evaluate (it computes config.allocation), or "
+                         "set config.allocation=((layer path, bits), ...).")
+    from dq_jax import allocation
+    out.extend(allocation.overrides(tuple(config.get("allocation") or ())))
     return tuple(out)
 
 

@@ -28,7 +28,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dq_jax import adaround, checkpoints, configlib, data, jit_cache, layers, mixed, optim
+from dq_jax import (adaround, allocation, checkpoints, configlib, data, jit_cache, layers,
+                    mixed, optim)
 from dq_jax.layers import QUANT_STATS
 from dq_jax.optim import CODES, LEVELS, PARAMS
 from dq_jax.quant.activations import skip_calibration_check
@@ -690,6 +691,8 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                 f"config.num_classes={config.num_classes} is below the {ds.num_classes} classes "
                 f"of dataset {config.dataset!r} (labels would fall outside the logits); use "
                 "--config.num_classes=-1 for the dataset's own count.")
+        # config.bit_budget: the widths, from the float weights (config.allocation filled)
+        config = allocation.resolve_config(config, workdir, ds, num_classes)
         total_steps = total_train_steps(config, ds.steps_per_epoch)
         model = create_model(config, quant, num_classes, ds.image_shape)
         optimizer = create_optimizer(config, total_steps, ds.steps_per_epoch)
@@ -824,6 +827,7 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
         # This process's programs: loaded from the persistent cache (hits) or compiled.
         "compilation_cache": {"dir": cache[0], **cache[1].as_dict()},
         **mixed.results_entries(config, model, ds.image_shape),
+        **allocation.results_entries(config, workdir),
     }
     if not trained_here:
         results["reevaluated_at"] = checkpoints._now()
