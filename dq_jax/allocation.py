@@ -222,9 +222,11 @@ def compute(config, float_model, float_variables: Mapping, quant: QuantConfig,
     errors = quantization_errors(kernels, CANDIDATE_BITS, quant.granularity, quant.lloyd_iters)
     costs = sensitivities(traces, sizes, errors)
     capacity = budget_in_bits(float(config.bit_budget), sizes)
-    widths = allocate(costs, sizes, capacity)
+    method = config.get("allocation_method", "hessian")
+    widths = (allocate(costs, sizes, capacity) if method == "hessian"
+              else random_allocation(sizes, capacity, seed=int(config.seed)))
     used = sum(sizes[n] * widths[n] for n in widths)
-    return {"bit_budget": float(config.bit_budget), "widths": widths,
+    return {"bit_budget": float(config.bit_budget), "method": method, "widths": widths,
             "average_bits": used / sum(sizes.values()),
             "weight_bytes": weight_bytes(widths, sizes),
             "weight_bytes_uniform": {b: weight_bytes({n: b for n in sizes}, sizes)
@@ -255,7 +257,7 @@ def _inputs(config) -> dict:
     def plain(v):
         return v.to_dict() if hasattr(v, "to_dict") else v
     return json.loads(json.dumps({k: plain(config.get(k)) for k in (
-        "bit_budget", "init_from", "seed", "allocation_probes", "allocation_batches", "model",
+        "bit_budget", "allocation_method", "init_from", "seed", "allocation_probes", "allocation_batches", "model",
         "dataset", "batch_size", "quant", "rules", "first_last_bits", "quantize_first_last")},
         default=str))
 
@@ -293,8 +295,8 @@ def resolve_config(config, workdir, ds, num_classes: int):
         record = compute(config, float_model, float_variables, quant, paths, batches)
         record["inputs"] = _inputs(config)
         checkpoints.write_text_atomic(path, json.dumps(record, indent=1))
-    absl_logging.info("Bit allocation (config.bit_budget=%s, Hutchinson traces, %d probes on "
-                      "%d images):\n%s", config.bit_budget, record["probes"],
+    absl_logging.info("Bit allocation (config.bit_budget=%s, %s; Hutchinson traces, %d probes "
+                      "on %d images):\n%s", config.bit_budget, record["method"], record["probes"],
                       record["calibration_images"], format_allocation(record))
     config = copy.deepcopy(config)
     config.allocation = tuple((n, int(b)) for n, b in record["widths"].items())
@@ -310,7 +312,7 @@ def results_entries(config, workdir) -> dict:
         return {}
     record = json.loads(path.read_text())
     return {"bit_allocation": {k: record[k] for k in (
-        "bit_budget", "widths", "average_bits", "weight_bytes", "weight_bytes_uniform",
+        "bit_budget", "method", "widths", "average_bits", "weight_bytes", "weight_bytes_uniform",
         "total_sensitivity", "trace_per_weight", "probes", "calibration_images")}}
 
 

@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the chosen ((layer path, weight bits), ...), filled by the program (and recorded); set
     # it by hand to impose widths (e.g. a random control of the same size).
     c.bit_budget = 0.0
+    c.allocation_method = "hessian"                # or 'random': the seeded control (config.seed)
     c.allocation_probes = 16                       # Rademacher probes per trace
     c.allocation_batches = 2                       # calibration batches (train batches)
     c.allocation = ()
@@ -149,7 +150,7 @@ def _not_applicable(d: dict) -> set[str]:
                 "conversion_rounding", "inertia_threshold", "inertia_after_move",
                 "adaround_steps", "adaround_images"}
     if not d.get("bit_budget"):
-        out |= {"allocation_probes", "allocation_batches"}
+        out |= {"allocation_probes", "allocation_batches", "allocation_method"}
     if d.get("rounding") != "inertia":
         out |= {"inertia_threshold", "inertia_after_move"}
     if weights not in ("dq", "latent_ste"):
@@ -412,6 +413,9 @@ def validate_allocation(config: ml_collections.ConfigDict) -> None:
         if config.quant.weights not in ("dq", "latent_ste", "lsq"):
             _fail(f"config.bit_budget={budget} allocates weight widths, but "
                   f"config.quant.weights={config.quant.weights!r}; quantize the weights.")
+    if config.get("allocation_method", "hessian") not in ("hessian", "random"):
+        _fail(f"config.allocation_method={config.allocation_method!r}; allowed: 'hessian' (the "
+              "sensitivity DP), 'random' (a seeded allocation of the same budget).")
     for key in ("allocation_probes", "allocation_batches"):
         value = config.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -117,6 +117,7 @@ def test_budget_in_bits_is_exact_and_bad_budgets_name_the_feasible_range():
     ({"bit_budget": 9.0, "init_from": "/x"}, r"bit_budget=9\.0 is outside the feasible range"),
     ({"bit_budget": 2.5}, r"bit_budget=2\.5 allocates .* set config\.init_from"),
     ({"allocation_probes": 0}, r"allocation_probes=0 must be an integer >= 1"),
+    ({"allocation_method": "greedy"}, r"allocation_method='greedy'; allowed: 'hessian'"),
     ({"allocation": (("conv2", 9),)}, r"config\.allocation must be .*entry 0 is \('conv2', 9\)"),
 ])
 def test_bad_allocation_keys_fail_with_one_line(overrides, match):
