@@ -179,3 +179,14 @@ def test_program_allocates_from_float_weights_records_it_and_resumes_with_it(
     export.export_workdir(str(workdir), str(path))
     assert {l["module"]: l["bits"] for l in export.load(str(path)).layers} == widths
     predict.load_model(str(path))   # rebuilt from the header's config (its allocation)
+
+
+def test_the_start_up_table_names_each_width_and_the_predicted_size():
+    record = {"bit_budget": 2.75, "method": "hessian", "widths": {"a": 2, "b": 4},
+              "num_weights": {"a": 100, "b": 60}, "trace_per_weight": {"a": 0.5, "b": 2.0},
+              "average_bits": 2.75, "weight_bytes": 55,
+              "weight_bytes_uniform": {"2": 40, "3": 60, "4": 80, "8": 160}}
+    text = allocation.format_allocation(record)
+    assert "a" in text and text.splitlines()[1].rstrip().endswith("2")
+    assert text.splitlines()[2].rstrip().endswith("4")
+    assert "predicted weight size 55 bytes (uniform W2 40, W3 60, W4 80, W8 160)" in text
