@@ -54,9 +54,11 @@ def rademacher_like(key: jax.Array, tree: PyTree) -> PyTree:
                               for k, x in zip(keys, leaves)])
 
 
-def hutchinson_traces(loss_fn: Callable[[dict], jax.Array], kernels: Mapping[str, jax.Array],
-                      key: jax.Array, num_probes: int) -> dict[str, float]:
-    """Hutchinson estimates of tr(d^2 loss / dW_l^2) for each entry W_l of `kernels`.
+def hutchinson_traces(loss_fn: Callable[..., jax.Array], kernels: Mapping[str, jax.Array],
+                      key: jax.Array, num_probes: int, args: tuple = ()) -> dict[str, float]:
+    """Hutchinson estimates of tr(d^2 loss / dW_l^2) for each entry W_l of `kernels`, where the
+    loss is `loss_fn(kernels, *args)` (`args`: data and other weights, passed as jit
+    arguments: closed over, XLA would constant-fold the convolutions while compiling).
 
     One probe v draws every layer at once; v_l^T (H v)_l estimates layer l's diagonal block
     trace without bias (the cross-layer terms have mean zero). Returns the mean over
@@ -67,14 +69,14 @@ def hutchinson_traces(loss_fn: Callable[[dict], jax.Array], kernels: Mapping[str
     kernels = {k: jnp.asarray(v, jnp.float32) for k, v in kernels.items()}
 
     @jax.jit
-    def probe(k: jax.Array) -> dict[str, jax.Array]:
-        v = rademacher_like(k, kernels)
-        _, hv = jax.jvp(jax.grad(loss_fn), (kernels,), (v,))
-        return {name: jnp.vdot(v[name], hv[name]) for name in kernels}
+    def probe(k: jax.Array, ks: dict, rest: tuple) -> dict[str, jax.Array]:
+        v = rademacher_like(k, ks)
+        _, hv = jax.jvp(jax.grad(lambda w: loss_fn(w, *rest)), (ks,), (v,))
+        return {name: jnp.vdot(v[name], hv[name]) for name in ks}
 
     total = {name: 0.0 for name in kernels}
     for k in jax.random.split(key, num_probes):
-        for name, value in jax.device_get(probe(k)).items():
+        for name, value in jax.device_get(probe(k, kernels, tuple(args))).items():
             total[name] += float(value)
     return {name: t / num_probes for name, t in total.items()}
 
@@ -83,15 +85,24 @@ def quantization_errors(kernels: Mapping[str, jax.Array], bits: Sequence[int] = 
                         granularity: str = "per_layer",
                         lloyd_iters: int = 200) -> dict[str, dict[int, float]]:
     """||W - Q_b(W)||^2 per layer and width: Q_b = Lloyd levels + nearest codes (`lloyd_init`,
-    the fit a float -> DQ conversion starts from), compiled, one loop per level count."""
+    the fit a float -> DQ conversion starts from), compiled, one loop per level count. A width
+    a layer cannot take (per-channel levels: more levels than a channel's weights) is left out
+    of its candidates."""
     names = list(kernels)
+    pairs = []
+    for n in names:
+        for b in bits:
+            try:
+                wq.check_kernel_shape(jnp.shape(kernels[n]), granularity, 2 ** b)
+            except ValueError:
+                continue
+            pairs.append((n, b))
     jobs = [(jnp.asarray(kernels[n], jnp.float32), 2 ** b, granularity, lloyd_iters)
-            for n in names for b in bits]
+            for n, b in pairs]
     fitted = jax.jit(lambda ws: wq.lloyd_init_many(
         [(w, *job[1:]) for w, job in zip(ws, jobs)]))([j[0] for j in jobs])
     out: dict[str, dict[int, float]] = {n: {} for n in names}
-    for (w, *_), (levels, codes), (n, b) in zip(
-            jobs, fitted, [(n, b) for n in names for b in bits]):
+    for (w, *_), (levels, codes), (n, b) in zip(jobs, fitted, pairs):
         w_q = wq.gather_levels(levels, codes)
         out[n][b] = float(jnp.sum(jnp.square(w - w_q)))
     return out
@@ -207,18 +218,22 @@ def compute(config, float_model, float_variables: Mapping, quant: QuantConfig,
     labels = jnp.concatenate([jnp.asarray(b["label"]) for b in batches])
     import optax
 
-    def loss_fn(ks: dict) -> jax.Array:
-        p = dict(params)
+    def loss_fn(ks: dict, rest: dict, batch_stats: dict, x: jax.Array,
+                y: jax.Array) -> jax.Array:
+        p = dict(rest)
         for n, path in zip(names, paths):
             p[path + ("kernel",)] = ks[n]
-        variables = {"params": flax.traverse_util.unflatten_dict(p),
-                     "batch_stats": float_variables.get("batch_stats", {})}
-        logits = float_model.apply(variables, images, train=False).astype(jnp.float32)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        variables = {"params": flax.traverse_util.unflatten_dict(p), "batch_stats": batch_stats}
+        logits = float_model.apply(variables, x, train=False).astype(jnp.float32)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     sizes = {n: int(np.prod(k.shape)) for n, k in kernels.items()}
+    rest = {k: jnp.asarray(v) for k, v in params.items()
+            if k not in {p + ("kernel",) for p in paths}}
+    batch_stats = jax.tree.map(jnp.asarray, dict(float_variables.get("batch_stats", {})))
     traces = hutchinson_traces(loss_fn, kernels, jax.random.PRNGKey(int(config.seed)),
-                               int(config.allocation_probes))
+                               int(config.allocation_probes),
+                               args=(rest, batch_stats, images, labels))
     errors = quantization_errors(kernels, CANDIDATE_BITS, quant.granularity, quant.lloyd_iters)
     costs = sensitivities(traces, sizes, errors)
     capacity = budget_in_bits(float(config.bit_budget), sizes)

@@ -22,7 +22,7 @@ def _tiny_loss():
     kernels = {"a": jnp.asarray(rng.standard_normal((5, 4)), jnp.float32),
                "b": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}
 
-    def loss(ks):
+    def loss(ks):   # the data closed over: a tiny model, nothing to constant-fold
         logits = jnp.tanh(x @ ks["a"]) @ ks["b"]
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(32), y])
     return loss, kernels
@@ -190,3 +190,14 @@ def test_the_start_up_table_names_each_width_and_the_predicted_size():
     assert "a" in text and text.splitlines()[1].rstrip().endswith("2")
     assert text.splitlines()[2].rstrip().endswith("4")
     assert "predicted weight size 55 bytes (uniform W2 40, W3 60, W4 80, W8 160)" in text
+
+
+def test_widths_a_layer_cannot_take_are_left_out():
+    """Per-channel levels: 8 bits (256 levels) needs 256 weights per output channel."""
+    errors = allocation.quantization_errors(
+        {"small": jnp.ones((3, 3, 16, 16)) * jnp.arange(16.0),
+         "big": jax.random.normal(jax.random.PRNGKey(0), (3, 3, 32, 8))},
+        granularity="per_channel")
+    assert sorted(errors["small"]) == [2, 3, 4] and sorted(errors["big"]) == [2, 3, 4, 8]
+    widths = allocation.allocate(errors, {"small": 2304, "big": 2304}, 8 * 4608)
+    assert widths["big"] == 8 and widths["small"] in (2, 3, 4)  # small: exact at every width
