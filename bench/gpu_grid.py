@@ -78,7 +78,7 @@ VARIANTS: dict[str, tuple] = {
     "latent_ste_fl8": (3, protocol.PER_LAYER + ("first_last_bits=8",), "latent_ste_w2a2"),
     # Issue 28 item 6: accuracy vs weight size. The allocator sets weight widths only, so the
     # size axis is at A4: uniform W2A4 / W3A4 (W4A4 is the grid's row), Hessian-allocated
-    # budgets of 2.5 and 3.0 average bits over the 19 inner convs, and a seeded random
+    # budgets of 2.5 and 3.0 average bits over the 18 inner convs, and a seeded random
     # allocation of each budget (the control: same size, no sensitivity).
     "w2a4": (1, (), "w2a4"),
     "w3a4": (1, (), "w3a4"),
