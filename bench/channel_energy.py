@@ -8,6 +8,7 @@ checkpoint (eval mode) and reports, over the layer's input channels c,
   and the fraction of channels with E_c < 1% of the median (near-dead channels).
 
   python bench/channel_energy.py --init_from=/path/to/float_workdir [--images=2000]
+      [--model=mobilenetv2_cifar --out=results/channel_energy_mbv2_cifar10.json]
 Writes results/channel_energy_cifar10.json and prints a Markdown table.
 """
 from __future__ import annotations
@@ -95,11 +96,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--init_from", required=True, help="float workdir (with checkpoints/)")
     p.add_argument("--config", default=str(ROOT / "configs" / "cifar10_resnet20.py"))
+    p.add_argument("--model", default="",
+                   help="another model of the zoo on the same data (default: the config's), e.g. "
+                        "mobilenetv2_cifar (per-layer levels: its depthwise kernels have 9 "
+                        "weights per channel)")
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--out", default=str(ROOT / "results" / "channel_energy_cifar10.json"))
     args = p.parse_args(argv)
     from dq_jax.configlib import load_config_file
     config = load_config_file(args.config)
+    config.init_from = args.init_from  # the recipes' inertia start needs it to validate
+    if args.model:
+        config.model = args.model
+        if "mobilenet" in args.model:
+            config.quant.granularity = "per_layer"
     config.augment = False
     from bench import use_cifar10_npz
     use_cifar10_npz(config)

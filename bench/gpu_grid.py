@@ -123,7 +123,7 @@ def one(a) -> None:
     args = accuracy_args(a.method, a.float_workdir, a.set, a.steps, a.workdir)
     overrides = accuracy.parse_overrides(args.set)
     base, _ = accuracy.cifar10_configs(args, overrides)
-    base.init_from = a.float_workdir
+    base.init_from = a.float_workdir  # '' = from scratch (bench/gpu_regimes.py)
     cfg = accuracy.method_config(base, a.method)
     cfg.seed = a.seed
     t0 = time.time()
@@ -141,7 +141,14 @@ def run(a) -> None:
     if not (pathlib.Path(a.float_workdir) / "results.json").exists():
         sys.exit(f"--float_workdir={a.float_workdir!r} holds no finished float run "
                  "(results.json); pass the float model every row starts from")
-    rows = pathlib.Path(a.rows)
+    launch([(name, method, seed, sets, a.steps) for name, method, seed, sets
+            in jobs(a.variants, a.only)], a.float_workdir, a.rows, a.workdir, a.limit)
+
+
+def launch(todo, float_workdir: str, rows: str, workdir: str, limit: int) -> None:
+    """Starts every (name, method, seed, sets, steps) of `todo` whose row JSON is not in `rows`
+    as its own `one` process (at most `limit` seconds each), then waits for all of them."""
+    rows = pathlib.Path(rows)
     rows.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.04")  # ~20 processes share one GPU
@@ -151,14 +158,14 @@ def run(a) -> None:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT / "bench" / "no_tf"), str(ROOT), env.get("PYTHONPATH", "")])
     procs = []
-    for name, method, seed, sets in jobs(a.variants, a.only):
+    for name, method, seed, sets, steps in todo:
         if (rows / f"{name}.json").exists():
             continue
         cmd = [sys.executable, __file__, "one", name, method, str(seed),
-               f"--float_workdir={a.float_workdir}", f"--rows={rows}", f"--steps={a.steps}",
-               f"--workdir={a.workdir}"] + [f"--set={s}" for s in sets]
+               f"--float_workdir={float_workdir}", f"--rows={rows}", f"--steps={steps}",
+               f"--workdir={workdir}"] + [f"--set={s}" for s in sets]
         with open(rows / f"{name}.log", "w") as log:  # the child keeps its own descriptor
-            procs.append((name, subprocess.Popen(["timeout", str(a.limit)] + cmd, stdout=log,
+            procs.append((name, subprocess.Popen(["timeout", str(limit)] + cmd, stdout=log,
                                                  stderr=subprocess.STDOUT, env=env)))
     for name, p in procs:
         print(name, "ok" if p.wait() == 0 else f"FAILED (rc {p.returncode}; see its .log)",

@@ -30,7 +30,10 @@ def main(argv=None):
     from dq_jax import checkpoints, configlib, data, train
     from dq_jax.configlib import load_config_file
     from dq_jax.main import apply_variant
-    base = load_config_file(ROOT / "configs" / "cifar10_resnet20.py")
+    # post-training: no code update runs, so the rounding is moot; the stochastic settings need
+    # no init_from in the config (the float model comes in through --init_from below)
+    base = configlib.apply_dq_findings(
+        load_config_file(ROOT / "configs" / "cifar10_resnet20.py"), "stochastic")
     from bench import use_cifar10_npz
     use_cifar10_npz(base)
     out = {"init_from": args.init_from, "bn_batches": args.bn_batches, "runs": {}}

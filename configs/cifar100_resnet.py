@@ -8,12 +8,14 @@ Paper-style: float pre-training (`--config.quant.weights=float --config.quant.ac
 SGD momentum 0.9 (Nesterov), wd 5e-4, cosine, peak LR 0.01, batch 128, 100 epochs.
 Augmentation: pad-4 crop + flip.
 
-DQ settings: `configlib.apply_dq_findings` — code LR 0.01 x the float LR, code momentum 0.99,
+DQ settings: `configlib.apply_dq_findings` — rounding='inertia' (a weight moves one level when
+its code momentum's step reaches half a gap; momentum 0.999, seeded with the float model's
+position inside each cell, so this recipe needs --config.init_from), code LR 10 x the float LR,
 per-channel levels, levels Adam 1e-3, BatchNorm re-estimated on 50 batches after training.
 Measured: those settings were chosen on CIFAR-10 ResNet-20 W2A2 (5-epoch fine-tune from a
-20-epoch float model, 3 seeds; RESULTS.md), where the DQ default rounding trails LSQ and
-latent-STE by about 1 point; one 5-epoch seed of `rounding='inertia'` (float-seeded, RESULTS.md
-§2.2) closed most of that gap (82.73 vs 81.95), not yet the default. Extrapolated: everything
+20-epoch float model, 3 seeds each; RESULTS.md): inertia 82.67 (82.50-82.77, CPU) against 81.52
+for the paper's stochastic rounding, LSQ 82.63 and latent-STE 82.79 (H200). The stochastic rule
+at its own chosen step: `configlib.apply_dq_findings(c, 'stochastic')`. Extrapolated: everything
 about this recipe (CIFAR-100, ResNet-18, W2A2, 100 epochs) — no run of it exists yet, so its
 accuracy is unknown.
 """

@@ -154,6 +154,17 @@ def _code_rate(opt_state: PyTree) -> float:
     return float(hyperparams["learning_rate"] if rate is None else rate)
 
 
+def _inertia_seed_rate(config: ml_collections.ConfigDict, opt_state: PyTree) -> float:
+    """The code LR that `optim.with_inertia_residual` expresses the float residual in: the first
+    update's, or after a warm-up from 0 the peak's (the residual then takes effect as the
+    warm-up raises the rate, as every gradient's step does)."""
+    rate = _code_rate(opt_state)
+    if rate > 0:
+        return rate
+    return float(config.code_learning_rate if config.code_learning_rate > 0
+                 else config.learning_rate)
+
+
 def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_classes: int,
                  image_shape: tuple[int, ...] | None = None):
     """The zoo model, with the per-layer widths of `config.first_last_bits` / `config.rules`
@@ -560,11 +571,12 @@ def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> Train
         logging.info("Resuming from %s at step %d.", manager.directory, start)
         return checkpoints.restore(manager, start, state, steps.replicated)
     if config.init_from:
+        float_residual = config.feedback_residual == "float" and quant.weights == "dq"
         state = checkpoints.init_from_float(
-            config.init_from, state, _layer_quant(config, model, quant, ds.image_shape), optimizer,
-            float_residual=config.feedback_residual == "float",
-            inertia_code_rate=_code_rate(state.opt_state) if config.rounding == "inertia"
-            else None)
+            config.init_from, state, _layer_quant(config, model, quant, ds.image_shape),
+            optimizer, float_residual=float_residual,
+            inertia_code_rate=_inertia_seed_rate(config, state.opt_state)
+            if float_residual and config.rounding == "inertia" else None)
         logging.info("Initialised quantized model from float checkpoint %s.", config.init_from)
         if config.conversion_rounding == "adaround":
             state = adaround_conversion(config, state, optimizer, ds)

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts (bench/): they run and print what the report parses."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -357,16 +358,100 @@ def test_every_gpu_grid_row_and_variant_is_a_valid_config():
     overrides must name known keys and pass the program's own validation (fine-tuning from a
     float checkpoint, as the grid does)."""
     from dq_jax import configlib
-    from dq_jax.configlib import load_config_file
     from bench import accuracy, gpu_grid
     jobs = gpu_grid.jobs(variants=True)
-    assert {"v_lf_floatres_s0", "v_ef_floatlr_s0"} <= {j[0] for j in jobs}
-    for name, method, _, sets in jobs:
-        c = accuracy.method_config(load_config_file(ROOT / "configs" / "cifar10_resnet20.py"),
-                                   method)
-        accuracy.apply_overrides(c, accuracy.parse_overrides(list(sets)))
-        c.init_from = "/float/workdir"
+    assert {"v_lf_floatres_s0", "v_ef_floatlr_s0", "v_inertia_s2"} <= {j[0] for j in jobs}
+    for name, method, _, sets in jobs:  # built as `gpu_grid.one` builds them
+        args = gpu_grid.accuracy_args(method, "/float/workdir", sets, 1955, "/tmp/w")
+        base, _ = accuracy.cifar10_configs(args, accuracy.parse_overrides(args.set))
+        base.init_from = "/float/workdir"
+        c = accuracy.method_config(base, method)
         configlib.validate(c, device_count=1)
+        if name.startswith("w2a2_"):  # the protocol's DQ row: the paper's stochastic rule
+            assert (c.rounding, c.code_learning_rate, c.code_momentum) == (
+                "stochastic", 1e-4, 0.99), name
+
+
+def test_every_gpu_regime_row_is_a_valid_config_and_sized_to_its_epochs():
+    """The regimes waiting for a GPU (bench/gpu_regimes.py): each (row, seed) validates as
+    `gpu_grid.one` builds it (fine-tunes from a float model, or from scratch with no init_from);
+    the MobileNetV2 rows build (per-layer levels: 9 weights per depthwise channel); DQ rows
+    carry the rounding they are named for; steps = epochs x 391."""
+    import jax
+    import jax.numpy as jnp
+    from dq_jax import configlib, train
+    from bench import accuracy, gpu_grid, gpu_regimes
+    built = set()
+    for regime, r in gpu_regimes.REGIMES.items():
+        js = gpu_regimes.jobs(regime)
+        assert len(js) == len(r.rows) * len(r.seeds) and {j[4] for j in js} == {r.epochs * 391}
+        for name, method, seed, sets, steps in js:
+            args = gpu_grid.accuracy_args(method, "", sets, steps, "/tmp/w")
+            base, _ = accuracy.cifar10_configs(args, accuracy.parse_overrides(args.set))
+            base.init_from = "/float/workdir" if r.needs_float else ""
+            c = accuracy.method_config(base, method)
+            quant = configlib.validate(c, device_count=1)
+            assert c.num_train_steps == steps, name
+            if c.quant.weights == "dq":
+                assert c.rounding == ("inertia" if "inertia" in name or regime == "mbv2_w4a4"
+                                      else "stochastic"), name
+                assert (c.feedback_residual == "float") == r.needs_float or c.rounding != "inertia"
+            if "global" in name:
+                assert c.quant.act_error == "global"
+            if c.model not in built and c.model != "resnet20":
+                built.add(c.model)
+                model = train.create_model(c, quant, 10)
+                jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                  jnp.zeros((1, 32, 32, 3)), train=False))
+    assert built == {"mobilenetv2_cifar"}
+    with pytest.raises(SystemExit, match="not among regime 'long20'"):
+        gpu_regimes.jobs("long20", (5,))
+    with pytest.raises(SystemExit, match="trains from scratch: drop --float_workdir"):
+        gpu_regimes.run(gpu_regimes.parse_args(["run", "scratch30", "--rows=/tmp/r",
+                                                "--float_workdir=/f"]))
+    with pytest.raises(SystemExit, match="holds no finished float run"):
+        gpu_regimes.run(gpu_regimes.parse_args(["run", "long20", "--rows=/tmp/r",
+                                                "--float_workdir=/nope"]))
+
+
+def test_gpu_regimes_collect_groups_rows_by_regime(tmp_path):
+    """`collect` reads ROWS/<regime>_<row>_s<seed>.json (as `gpu_grid.one` writes them) into
+    one JSON with per-row seeds and a table of means and ranges."""
+    from bench import gpu_regimes
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    for row, seed, top1 in [("dq", 0, 0.80), ("dq", 1, 0.82), ("lsq", 0, 0.81)]:
+        (rows / f"long20_{row}_s{seed}.json").write_text(json.dumps(
+            {"meta": {"seed": seed}, "row": {"top1": top1, "codes_changed_by_end": 0.1}}))
+    (rows / "scratch30_dq_s0.json").write_text(json.dumps({"meta": {"seed": 0},
+                                                            "row": {"top1": 0.5}}))
+    out = gpu_regimes.collect(gpu_regimes.parse_args(
+        ["collect", "long20", f"--rows={rows}", f"--out={tmp_path / 'long20.json'}"]))
+    assert sorted(out["runs"]) == ["dq", "lsq"] and [x["seed"] for x in out["runs"]["dq"]] == [0, 1]
+    assert "| dq | 81.00 | 80.00–82.00 | 2 | 0.100 |" in out["table_markdown"]
+    assert json.loads((tmp_path / "long20.json").read_text())["steps"] == 7820
+    with pytest.raises(SystemExit, match="no rows of regime 'mbv2_w4a4'"):
+        gpu_regimes.collect(gpu_regimes.parse_args(["collect", "mbv2_w4a4", f"--rows={rows}"]))
+
+
+def test_ship_splits_under_the_limit_and_joins_verified(tmp_path):
+    """bench/ship.py: a file cut into parts of at most max_mib joins back byte-identical; a
+    missing or damaged part is named, never read as data."""
+    from bench import ship
+    data = os.urandom(2 ** 20 * 2 + 12345)
+    src = tmp_path / "big.npz"
+    src.write_bytes(data)
+    m = ship.split(src, tmp_path / "parts", max_mib=1)
+    assert [p["bytes"] for p in m["parts"]] == [2 ** 20, 2 ** 20, 12345]
+    assert ship.join(tmp_path / "parts", tmp_path / "out" / "big.npz").read_bytes() == data
+    (tmp_path / "parts" / "big.npz.part2").write_bytes(b"x" * 2 ** 20)
+    with pytest.raises(SystemExit, match="part big.npz.part2 is damaged"):
+        ship.join(tmp_path / "parts", tmp_path / "o2")
+    (tmp_path / "parts" / "big.npz.part3").unlink()
+    with pytest.raises(SystemExit, match="part big.npz.part2 is damaged|part big.npz.part3 is missing"):
+        ship.join(tmp_path / "parts", tmp_path / "o3")
+    with pytest.raises(SystemExit, match="no manifest.json"):
+        ship.join(tmp_path, tmp_path / "o4")
 
 
 def test_gpu_grid_lists_the_issue_28_rows_with_their_methods():

@@ -47,6 +47,7 @@ def test_cifar10_config_takes_any_npz(tmp_path):
              y_test=rng.integers(0, 10, 20))
     c = load_config("cifar10_resnet20")
     c.dataset, c.data_dir = "npz", str(path)
+    c.init_from = str(tmp_path / "float")  # the recipe fine-tunes (validate does not open it)
     configlib.validate(c, device_count=1)
     ds = data.create_dataset(c, process_index=0, process_count=1)
     assert (ds.name, ds.num_classes, ds.image_shape, ds.train_size) == (
@@ -88,25 +89,48 @@ RECIPES = ["cifar10_resnet20", "cifar100_alexnet", "cifar100_mobilenetv2", "cifa
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipes_carry_the_cifar10_study_findings(name):
-    """Every shipped DQ recipe takes the settings the CIFAR-10 study chose: the code step as a
-    ratio of the float LR (effective code step lr_c / (1 - beta_c) = the float LR: 1e-4 / 0.01
-    at float LR 0.01), code momentum 0.99, levels Adam 1e-3, BN re-estimation, the default
-    rounding, and per-channel levels wherever a channel has as many weights as levels; its
-    docstring separates what was measured from what is extrapolated."""
-    from dq_jax.configlib import DQ_CODE_LR_RATIO
+    """Every shipped DQ recipe takes the settings the CIFAR-10 study chose: rounding='inertia'
+    (threshold half a gap, code momentum 0.999 seeded from the float model) with the code LR as
+    a ratio of the float LR, 10 = 1 / (1 - 0.9): per gradient, the step of a latent weight under
+    SGD momentum 0.9 (latent-STE's); levels Adam 1e-3, BN re-estimation, per-channel levels
+    wherever a channel has as many weights as levels; its docstring separates what was measured
+    from what is extrapolated. It fine-tunes: without init_from it stops with the fix named."""
+    from dq_jax.configlib import DQ_INERTIA_CODE_LR_RATIO
     c = load_config(name)
     assert c.quant.weights == "dq"
-    assert c.code_learning_rate == pytest.approx(DQ_CODE_LR_RATIO * c.learning_rate, rel=1e-12)
-    assert DQ_CODE_LR_RATIO == 0.01 and c.code_momentum == 0.99
-    assert c.code_learning_rate / (1 - c.code_momentum) == pytest.approx(c.learning_rate)
+    assert (c.rounding, c.inertia_threshold, c.inertia_after_move, c.feedback_residual) == (
+        "inertia", 0.5, "subtract", "float")
+    assert DQ_INERTIA_CODE_LR_RATIO == 10.0 and c.code_momentum == 0.999
+    assert c.code_learning_rate == pytest.approx(10.0 * c.learning_rate, rel=1e-12)
+    assert c.code_learning_rate * (1 - c.momentum) == pytest.approx(c.learning_rate)
     assert c.levels_learning_rate == 1e-3 and c.bn_recalibration_batches == 50
-    assert c.rounding == configlib.base_config().rounding
     doc = (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
-    assert "Measured" in doc and "Extrapolated:" in doc
+    assert "Measured" in doc and "Extrapolated:" in doc and "inertia" in doc
+    with pytest.raises(ValueError, match=r"config.init_from, which is not set: pass "
+                                         r"--config.init_from=.*or --config.feedback_residual=zero"):
+        configlib.validate(c, device_count=1)
+    c.init_from = "/float/workdir"
     configlib.validate(c, device_count=1)
+    # the float pre-training stage the docstrings give (same file, weights and acts float)
+    f = load_config(name)
+    f.quant.weights, f.quant.acts = "float", "float"
+    configlib.validate(f, device_count=1)
     if "mobilenetv2" in name:  # depthwise 3x3 kernels: 9 weights per channel < 16 levels
         assert c.quant.granularity == "per_layer" and c.quant.weight_bits == 4
         with pytest.raises(ValueError, match="needs at least 16 weights per output channel"):
             wq.check_kernel_shape((3, 3, 1, 32), "per_channel", 16)
     else:
         assert c.quant.granularity == "per_channel"
+
+
+def test_apply_dq_findings_stochastic_gives_the_papers_rule_at_its_chosen_step():
+    """`apply_dq_findings(c, 'stochastic')`: the settings the study chose for the stochastic rule
+    (code LR 0.01 x float LR, momentum 0.99: effective step lr_c / (1 - beta_c) = the float LR),
+    no inertia keys; an unknown rounding is refused."""
+    c = configlib.apply_dq_findings(load_config("cifar10_resnet20"), "stochastic")
+    assert (c.rounding, c.inertia_threshold, c.feedback_residual) == ("stochastic", 1.0, "zero")
+    assert c.code_learning_rate == pytest.approx(1e-4) and c.code_momentum == 0.99
+    assert c.code_learning_rate / (1 - c.code_momentum) == pytest.approx(c.learning_rate)
+    configlib.validate(c, device_count=1)  # no float model needed
+    with pytest.raises(ValueError, match="rounding='nearest'; the study chose settings"):
+        configlib.apply_dq_findings(c, "nearest")

@@ -361,16 +361,24 @@ def test_inertia_float_residual_seeds_the_code_momentum(tmp_path):
     cfg.feedback_residual = "float"
     result = train.train_and_evaluate(cfg, str(tmp_path / "w2a2"))
     assert result["steps"] == 8 and result["eval_top1"] > 0.1, result["eval_top1"]
+    # after a warm-up from 0 (the ImageNet recipes') the residual is expressed in the peak rate
+    cfg.warmup_epochs = 1.0
+    opt = train.create_optimizer(cfg, 10, ds.steps_per_epoch)
+    state0 = train.init_state(model, opt, ds.image_shape, cfg.seed)
+    assert train._code_rate(state0.opt_state) == 0.0
+    assert train._inertia_seed_rate(cfg, state0.opt_state) == 0.5
+    result = train.train_and_evaluate(cfg, str(tmp_path / "w2a2_warmup"))
+    assert result["steps"] == 8 and result["eval_top1"] > 0.1, result["eval_top1"]
 
 
 @pytest.mark.parametrize("override, match", [
     ({"rounding": "inertia", "inertia_after_move": "zero"}, r"config.inertia_after_move='zero'; allowed"),
     ({"rounding": "inertia", "inertia_threshold": -1.0}, r"inertia_threshold=-1.0 must be a number > 0"),
     ({"inertia_threshold": 0.5}, r"apply to rounding='inertia' only"),
-    ({"feedback_residual": "float", "rounding": "inertia"}, r"and config.init_from"),
+    ({"feedback_residual": "float", "rounding": "inertia"}, r"config.init_from, which is not set: pass --config.init_from="),
     ({"feedback_residual": "latent"}, r"config.feedback_residual='latent'; allowed: 'zero', 'float'"),
     ({"feedback_residual": "float"}, r"feedback_residual='float' seeds the residual.*rounding"),
-    ({"feedback_residual": "float", "rounding": "latent_feedback"}, r"and config.init_from"),
+    ({"feedback_residual": "float", "rounding": "latent_feedback"}, r"config.init_from, which is not set: pass --config.init_from="),
     ({"feedback_residual_bits": 2}, r"feedback_residual_bits=2 keeps a feedback rounding"),
     ({"feedback_residual_bits": -1, "rounding": "latent_feedback"}, r"must be an int >= 0"),
 ])
@@ -430,6 +438,7 @@ def test_imagenet_configs_build_and_lower_a_step_without_data(name, tmp_path):
     batch shapes; without prepared TFDS data they fail fast with instructions."""
     config = load_config(name)
     config.batch_size = 8
+    config.init_from = "gs://bucket/float"  # a fine-tuning recipe (validate does not open it)
     quant = configlib.validate(config, device_count=jax.device_count())
     model = train.create_model(config, quant, 1000)
     opt = train.create_optimizer(config, 100, 10)
@@ -447,9 +456,12 @@ def test_imagenet_configs_build_and_lower_a_step_without_data(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")))
 def test_every_config_validates_and_documents_its_command(name):
     config = load_config(name)
+    module_doc = (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
+    if config.feedback_residual == "float":  # a fine-tuning recipe: its command names the start
+        assert "--config.init_from=" in module_doc
+        config.init_from = "/float/workdir"
     quant = configlib.validate(config, device_count=1)
     assert quant.weights == "dq"  # every shipped config is a DQ run (float via overrides)
-    module_doc = (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
     assert "python -m dq_jax.main" in module_doc and f"configs/{name}.py" in module_doc
 
 
