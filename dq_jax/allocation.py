@@ -167,24 +167,29 @@ def allocate(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int],
 
 
 def random_allocation(sizes: Mapping[str, int], budget_bits: int, seed: int,
-                      bits: Sequence[int] = CANDIDATE_BITS) -> dict[str, int]:
-    """A seeded random allocation that fills the same budget: start every layer at the
+                      bits: Sequence[int] | Mapping[str, Sequence[int]] = CANDIDATE_BITS
+                      ) -> dict[str, int]:
+    """A seeded random allocation that fills the same budget: start every layer at its
     smallest width, then raise random layers by one candidate step while it fits (the
-    control for item 6: does sensitivity beat chance at equal size?)."""
+    control for item 6: does sensitivity beat chance at equal size?). `bits`: the widths, or
+    layer -> the widths that layer can take (`quantization_errors` leaves out the others)."""
     rng = random.Random(seed)
-    ladder = sorted(bits)
-    widths = {n: ladder[0] for n in sizes}
-    used = sum(sizes[n] * ladder[0] for n in sizes)
+    ladders = {n: sorted(bits[n] if isinstance(bits, Mapping) else bits) for n in sizes}
+    widths = {n: ladders[n][0] for n in sizes}
+    used = sum(sizes[n] * widths[n] for n in sizes)
+
+    def up(n: str) -> int:
+        return ladders[n][ladders[n].index(widths[n]) + 1]
+
     while True:
-        options = [n for n in sizes if widths[n] != ladder[-1]
-                   and used + sizes[n] * (ladder[ladder.index(widths[n]) + 1] - widths[n])
-                   <= budget_bits]
+        options = [n for n in sizes if widths[n] != ladders[n][-1]
+                   and used + sizes[n] * (up(n) - widths[n]) <= budget_bits]
         if not options:
             return widths
         n = rng.choice(options)
-        up = ladder[ladder.index(widths[n]) + 1]
-        used += sizes[n] * (up - widths[n])
-        widths[n] = up
+        step = up(n)
+        used += sizes[n] * (step - widths[n])
+        widths[n] = step
 
 
 def total_cost(costs: Mapping[str, Mapping[int, float]], widths: Mapping[str, int]) -> float:
@@ -239,7 +244,8 @@ def compute(config, float_model, float_variables: Mapping, quant: QuantConfig,
     capacity = budget_in_bits(float(config.bit_budget), sizes)
     method = config.get("allocation_method", "hessian")
     widths = (allocate(costs, sizes, capacity) if method == "hessian"
-              else random_allocation(sizes, capacity, seed=int(config.seed)))
+              else random_allocation(sizes, capacity, seed=int(config.seed),
+                                     bits={n: sorted(c) for n, c in costs.items()}))
     used = sum(sizes[n] * widths[n] for n in widths)
     return {"bit_budget": float(config.bit_budget), "method": method, "widths": widths,
             "average_bits": used / sum(sizes.values()),

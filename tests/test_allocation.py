@@ -201,3 +201,22 @@ def test_widths_a_layer_cannot_take_are_left_out():
     assert sorted(errors["small"]) == [2, 3, 4] and sorted(errors["big"]) == [2, 3, 4, 8]
     widths = allocation.allocate(errors, {"small": 2304, "big": 2304}, 8 * 4608)
     assert widths["big"] == 8 and widths["small"] in (2, 3, 4)  # small: exact at every width
+    candidates = {n: sorted(e) for n, e in errors.items()}
+    for seed in range(20):   # the random control keeps to each layer's widths too
+        r = allocation.random_allocation({"small": 2304, "big": 2304}, 8 * 4608, seed,
+                                         bits=candidates)
+        assert r == {"small": 4, "big": 8}
+
+
+def test_program_random_allocation_is_the_seeded_control_of_the_same_budget(float_workdir,
+                                                                           tmp_path):
+    config = small_digits(bit_budget=3.0, allocation_method="random",
+                          init_from=str(float_workdir), allocation_probes=2)
+    out = train.train_and_evaluate(config, str(tmp_path / "r"), stop_after=4)
+    assert out["steps"] == 4
+    record = json.loads((tmp_path / "r" / allocation.ALLOCATION_FILE).read_text())
+    sizes, widths = record["num_weights"], record["widths"]
+    assert record["method"] == "random" and set(widths) == {"conv2", "conv3"}
+    assert widths == allocation.random_allocation(
+        sizes, allocation.budget_in_bits(3.0, sizes), seed=config.seed)
+    assert sum(sizes[n] * b for n, b in widths.items()) <= 3.0 * sum(sizes.values())
