@@ -31,8 +31,9 @@ if str(ROOT) not in sys.path:
 
 from bench import protocol  # noqa: E402  (after the path set-up)
 
-# DQ W2A2 ablations: name -> (seeds, extra --set overrides on top of the `w2a2` row).
-VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
+# DQ W2A2 ablations: name -> (seeds, extra --set overrides on top of the `w2a2` row), or
+# (seeds, overrides, accuracy.py method) for a row of another method.
+VARIANTS: dict[str, tuple] = {
     "bf16mom": (3, ("code_momentum_dtype=bfloat16",)),
     "clr3e-5": (3, ("code_learning_rate=3e-5",)),
     "clr1e-5": (1, ("code_learning_rate=1e-5",)),
@@ -70,6 +71,21 @@ VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
     # best row.
     "inertia": (3, ("rounding=inertia", "code_momentum=0.999", "code_learning_rate=0.1",
                     "inertia_threshold=0.5", "feedback_residual=float")),
+    # Issue 28 item 4: W2A2 with 8-bit first/last layers (weights and their inputs), the
+    # LSQ/APoT convention, for DQ, LSQ and latent-STE (per-layer steps/levels as their rows).
+    "fl8": (3, ("first_last_bits=8",)),
+    "lsq_fl8": (3, protocol.PER_LAYER + ("first_last_bits=8",), "lsq_w2a2"),
+    "latent_ste_fl8": (3, protocol.PER_LAYER + ("first_last_bits=8",), "latent_ste_w2a2"),
+    # Issue 28 item 6: accuracy vs weight size. The allocator sets weight widths only, so the
+    # size axis is at A4: uniform W2A4 / W3A4 (W4A4 is the grid's row), Hessian-allocated
+    # budgets of 2.5 and 3.0 average bits over the 18 inner convs, and a seeded random
+    # allocation of each budget (the control: same size, no sensitivity).
+    "w2a4": (1, (), "w2a4"),
+    "w3a4": (1, (), "w3a4"),
+    "alloc2.5": (3, ("bit_budget=2.5",), "w4a4"),
+    "alloc3.0": (1, ("bit_budget=3.0",), "w4a4"),
+    "random2.5": (1, ("bit_budget=2.5", "allocation_method=random"), "w4a4"),
+    "random3.0": (1, ("bit_budget=3.0", "allocation_method=random"), "w4a4"),
 }
 ROW_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
 
@@ -79,8 +95,9 @@ def jobs(variants: bool, only: str = "") -> list[tuple[str, str, int, tuple[str,
     out = [(f"{m}_s{s}", m, s, protocol.COMMON + sets)
            for m, (n, sets) in protocol.GRID.items() for s in range(n)]
     if variants:
-        out += [(f"v_{v}_s{s}", "w2a2", s, protocol.COMMON + sets)
-                for v, (n, sets) in VARIANTS.items() for s in range(n)]
+        out += [(f"v_{v}_s{s}", spec[2] if len(spec) > 2 else "w2a2", s,
+                 protocol.COMMON + spec[1])
+                for v, spec in VARIANTS.items() for s in range(spec[0])]
     if only:
         keep = set(only.split(","))
         unknown = keep - {ROW_NAME.match(name)["group"] for name, *_ in out}
@@ -207,13 +224,15 @@ def collect(a) -> None:
             written.append(str(path))
     if written and a.merged:
         accuracy.merge(written, a.merged)
-    lines = ["| variant (DQ W2A2 +) | overrides | top-1 per seed | mean | codes changed "
+    lines = ["| variant (DQ W2A2 unless named +) | overrides | top-1 per seed | mean | codes changed "
              "| W_q rel. error end |", "|---|---|---|---|---|---|"]
     for group, ds in sorted(groups.items()):
         if group in protocol.GRID:
             continue
         t = [d["row"]["top1"] * 100 for d in ds]
         extra = [s for s in ds[0]["meta"]["sets"] if s not in protocol.COMMON]
+        method = ds[0]["meta"]["method"]
+        extra = ([] if method == "w2a2" else [f"method {method}"]) + extra
         lines.append(f"| {group} | {', '.join(extra)} | {', '.join(f'{x:.2f}' for x in t)} "
                      f"| {sum(t) / len(t):.2f} "
                      f"| {sum(d['row'].get('codes_changed_by_end', 0) for d in ds) / len(ds):.4f} "

@@ -9,11 +9,11 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["QuantConfig", "QuantConv", "QuantDense", "QuantRule", "TrainState", "dq_optimizer",
+__all__ = ["QuantConfig", "QuantConv", "QuantDense", "QuantOverride", "QuantRule", "TrainState", "dq_optimizer",
            "float_params", "from_float", "quantize_model", "__version__"]
 
 _LAZY = {"QuantConfig": "dq_jax.quant.config", "QuantConv": "dq_jax.layers",
-         "QuantDense": "dq_jax.layers", "QuantRule": "dq_jax.rules",
+         "QuantDense": "dq_jax.layers", "QuantRule": "dq_jax.rules", "QuantOverride": "dq_jax.rules",
          "quantize_model": "dq_jax.rules", "TrainState": "dq_jax.train_state",
          "dq_optimizer": "dq_jax.optim", "float_params": "dq_jax.conversion",
          "from_float": "dq_jax.conversion"}

@@ -19,7 +19,7 @@ import shutil
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import flax
 import jax
@@ -43,7 +43,8 @@ LOCK_FILE = "workdir.lock"           # held (flock + pid/host inside) while a ru
 # Keys that define what a checkpoint *is*; resuming under different values
 # would silently mix two experiments.
 IDENTITY_KEYS = ("model", "model_kwargs", "dataset", "quant", "quantize_first_last",
-                 "num_classes", "seed")
+                 "num_classes", "seed", "first_last_bits", "rules", "bit_budget",
+                 "allocation")
 # Keys that cannot change the trained model: how often the run logs, evaluates and saves, how
 # many checkpoints it keeps, the eval batch size, the start-up switches, and where compiled
 # programs are cached. Changing them on resume needs no permission (the change is still
@@ -686,6 +687,11 @@ def restore(manager: ocp.CheckpointManager, step: int, template: Any, sharding) 
         "Start over with --config.force_new=True, or restore a backup of the workdir.")
 
 
+def _base_config() -> ml_collections.ConfigDict:
+    from dq_jax import configlib  # local: configlib imports the zoo
+    return configlib.base_config()
+
+
 def _identity(config: ml_collections.ConfigDict) -> dict:
     d = config.to_dict()
     return {k: d.get(k) for k in IDENTITY_KEYS}
@@ -774,7 +780,9 @@ def check_compatible(workdir: epath.Path, config: ml_collections.ConfigDict) -> 
                 "resume under this config (recorded), or --config.force_new=True to start over.")
         _warn(f"{path} is missing; using the config {HISTORY_FILE} recorded at the run's "
               f"latest start (step {recorded['step']}); it is written back when this run starts.")
-    theirs = recorded["identity"]
+    # A key newer than the workdir's record had its default there.
+    theirs = {**json.loads(json.dumps(_identity(_base_config()), default=str)),
+              **recorded["identity"]}
     mine = json.loads(json.dumps(_identity(config), default=str))
     diff = sorted(k for k in IDENTITY_KEYS if theirs.get(k) != mine.get(k))
     if diff:
@@ -926,12 +934,13 @@ def load_float_variables(path: str) -> dict:
     return variables
 
 
-def init_from_float(path: str, state: Any, quant: QuantConfig,
+def init_from_float(path: str, state: Any, quant: QuantConfig | Mapping[tuple, QuantConfig],
                     optimizer: optax.GradientTransformation, *,
                     float_residual: bool = False,
                     inertia_code_rate: float | None = None) -> Any:
     """Quantized state initialised from a float checkpoint (DESIGN §1.1 "Initialisation").
 
+    `quant`: the training config, or module path tuple -> each layer's (mixed widths).
     Float kernels become: DQ-W levels by Lloyd + nearest codes; latent-STE the
     same kernel plus Lloyd levels; LSQ the same kernel plus LSQ's initial step.
     Every other leaf (biases, BN, float first/last layers) is copied; shapes
@@ -945,7 +954,8 @@ def init_from_float(path: str, state: Any, quant: QuantConfig,
     src = load_float_variables(path)
     source = flax.traverse_util.flatten_dict(src["params"])
     new_params, new_codes = conversion.convert_params(
-        source, state.params, state.codes, lambda module: quant,
+        source, state.params, state.codes,
+        quant.__getitem__ if isinstance(quant, Mapping) else lambda module: quant,
         source=f"config.init_from={path!r}")
     params = flax.traverse_util.unflatten_dict(new_params)
     refuse_nonfinite(_host_leaves(params), f"config.init_from={path!r}: the initial parameters",

@@ -86,6 +86,28 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.quant = ml_collections.ConfigDict(dataclasses.asdict(QuantConfig.float()))
     c.quantize_first_last = False
+    # Mixed widths (dq_jax/mixed.py, docs/quantize_any_model.md). first_last_bits=b (1..8): the
+    # first conv and the last dense at b bits, weights and the activations feeding them (the
+    # first conv's input image too: a fitted signed b-bit grid), whatever quantize_first_last
+    # says; 0: off (quantize_first_last decides). The LSQ/APoT convention is 8.
+    c.first_last_bits = 0
+    # rules: ((module-path regex, {QuantConfig field: value}), ...) applied on top of each
+    # matching layer's config; every match applies, on a field set twice the earlier rule
+    # wins (config.rules before first_last_bits); e.g.
+    # --config.rules='(("stage3_.*", {"weight_bits": 4, "act_bits": 4}),)'. A regex that
+    # matches no conv/dense layer fails at start, listing the layer paths.
+    c.rules = ()
+    # Bit allocation (dq_jax/allocation.py). bit_budget: average bits per weight (2..8, e.g.
+    # 2.5) over the layers rules/first_last_bits leave at config.quant; each gets a weight
+    # width from (2, 3, 4, 8) minimising Hutchinson-trace x Lloyd-error sensitivity, computed
+    # on the float weights of init_from (required) before conversion; 0: off. allocation:
+    # the chosen ((layer path, weight bits), ...), filled by the program (and recorded); set
+    # it by hand to impose widths (e.g. a random control of the same size).
+    c.bit_budget = 0.0
+    c.allocation_method = "hessian"                # or 'random': the seeded control (config.seed)
+    c.allocation_probes = 16                       # Rademacher probes per trace
+    c.allocation_batches = 2                       # calibration batches (train batches)
+    c.allocation = ()
     c.calibration_batches = 1                      # activation calibration at start
     c.bn_recalibration_batches = 0                 # BN statistics re-estimated after training
     c.init_from = ""                               # float workdir/checkpoint to fine-tune from
@@ -138,6 +160,8 @@ def _not_applicable(d: dict) -> set[str]:
                 "rounding_anneal", "feedback_residual", "feedback_residual_bits",
                 "conversion_rounding", "inertia_threshold", "inertia_after_move",
                 "adaround_steps", "adaround_images"}
+    if not d.get("bit_budget"):
+        out |= {"allocation_probes", "allocation_batches", "allocation_method"}
     if d.get("rounding") != "inertia":
         out |= {"inertia_threshold", "inertia_after_move"}
     if weights != "dq" or not random_rounding(d):
@@ -351,6 +375,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
     if config.eval_every_steps == 0 or config.eval_every_steps < -1:
         _fail(f"config.eval_every_steps={config.eval_every_steps!r} must be >= 1, or -1 for "
               "once per epoch.")
+    _validate_mixed_widths(config)
+    validate_allocation(config)
     for key in ("force_new", "allow_config_change", "augment", "nesterov", "half_precision",
                 "quantize_first_last"):
         value = config.get(key, False)  # absent in configs recorded by older versions
@@ -369,6 +395,65 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> QuantCo
         return QuantConfig.from_mapping(config.quant)
     except ValueError as e:
         _fail(str(e).replace("QuantConfig.", "config.quant."))
+
+
+def _validate_mixed_widths(config: ml_collections.ConfigDict) -> None:
+    """config.first_last_bits and config.rules (dq_jax/mixed.py)."""
+    bits = config.get("first_last_bits", 0)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 8:
+        _fail(f"config.first_last_bits={bits!r} must be an integer in 1..8 (the first and last "
+              "layer's weight and input bits), or 0 for off.")
+    if bits and config.quant.weights == "float" and config.quant.acts == "float":
+        _fail(f"config.first_last_bits={bits} quantizes the first and last layer of a quantized "
+              "model, but config.quant is float; set config.quant.weights/acts, or "
+              "first_last_bits=0.")
+    from dq_jax import mixed  # local: imports the zoo
+    try:
+        overrides = mixed.overrides_from_pairs(config.get("rules", ()))
+    except ValueError as e:
+        _fail(str(e))
+    for i, rule in enumerate(overrides):
+        for field, value in rule.changes:
+            if field in ("weights", "acts") and value not in ("float", config.quant[field]):
+                _fail(f"config.rules[{i}] sets {field}={value!r}; a rule may set {field} only "
+                      f"to 'float' (the method is config.quant.{field}={config.quant[field]!r} "
+                      "for every quantized layer).")
+
+
+def validate_allocation(config: ml_collections.ConfigDict) -> None:
+    """config.bit_budget, allocation_probes/batches and allocation (dq_jax/allocation.py)."""
+    from dq_jax.allocation import CANDIDATE_BITS
+    budget = config.get("bit_budget", 0.0)
+    lo, hi = min(CANDIDATE_BITS), max(CANDIDATE_BITS)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
+            budget == 0 or lo <= budget <= hi):
+        _fail(f"config.bit_budget={budget!r} is outside the feasible range [{lo}, {hi}] "
+              f"average bits per weight (every allocated layer at {lo} .. at {hi} bits); set "
+              "one in that range, or 0 for off.")
+    if budget:
+        if not config.init_from:
+            _fail(f"config.bit_budget={budget} allocates widths from a float model's "
+                  "sensitivities: set config.init_from to a float checkpoint.")
+        if config.quant.weights not in ("dq", "latent_ste", "lsq"):
+            _fail(f"config.bit_budget={budget} allocates weight widths, but "
+                  f"config.quant.weights={config.quant.weights!r}; quantize the weights.")
+    if config.get("allocation_method", "hessian") not in ("hessian", "random"):
+        _fail(f"config.allocation_method={config.allocation_method!r}; allowed: 'hessian' (the "
+              "sensitivity DP), 'random' (a seeded allocation of the same budget).")
+    for key in ("allocation_probes", "allocation_batches"):
+        value = config.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(f"config.{key}={value!r} must be an integer >= 1.")
+    allocation = config.get("allocation", ())
+    form = ("config.allocation must be ((layer path, weight bits 1..8), ...), e.g. "
+            "(('stage1_block1/conv1', 3),)")
+    if not isinstance(allocation, (list, tuple)):
+        _fail(f"{form}; got {allocation!r}.")
+    for i, entry in enumerate(allocation):
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 2
+                or not isinstance(entry[0], str) or isinstance(entry[1], bool)
+                or not isinstance(entry[1], int) or not 1 <= entry[1] <= 8):
+            _fail(f"{form}; entry {i} is {entry!r}.")
 
 
 def _set_quant(c: ml_collections.ConfigDict, bits: int) -> None:

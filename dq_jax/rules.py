@@ -13,6 +13,14 @@ is an error (a misspelt path would otherwise leave the model float without a wor
 that are `QuantConv` / `QuantDense` already (the zoo, `conv=partial(QuantConv, ...)`) keep
 their own config unless it is float (`QuantConfig.float()`, e.g. `dq_jax.models.create(name,
 ...)` without `quant`), in which case a matching rule quantizes them too.
+
+`QuantOverride(module_path, changes)` is the other kind of rule: it changes fields of the config
+the layer already has (a zoo layer's, with the grid sign its architecture fixed; a plain
+`nn.Conv` / `nn.Dense` has `QuantConfig.float()`), e.g. `{"weight_bits": 8, "act_bits": 8}`. Overrides
+compose: every override matching a layer applies, and where two set the same field the earlier
+one wins (so `{"granularity": "per_layer"}` on the head and the 8 bits of first/last both hold).
+The training program's `config.rules` and `config.first_last_bits` are overrides; a layer the
+model configured itself is matched against overrides only (a `QuantRule` never replaces it).
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import re
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+import jax
 
 from dq_jax.layers import QuantConv, QuantDense, _QuantizedKernelMixin
 from dq_jax.quant.config import QuantConfig
@@ -55,19 +64,49 @@ class QuantRule:
         return re.fullmatch(self.module_path, path) is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantOverride:
+    """Layers whose module path fully matches `module_path` get their own config with
+    `changes` (field -> value pairs of QuantConfig) applied. Hashable (sorted pairs)."""
+
+    module_path: str
+    changes: tuple[tuple[str, Any], ...]
+
+    def __post_init__(self):
+        QuantRule(self.module_path, QuantConfig())  # the same regex checks
+        changes = dict(self.changes.items() if isinstance(self.changes, dict) else self.changes)
+        known = {f.name for f in dataclasses.fields(QuantConfig)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"QuantOverride({self.module_path!r}): unknown QuantConfig "
+                             f"field(s) {unknown}; known: {sorted(known)}.")
+        QuantConfig().replace(**changes)  # the value checks, with the field named
+        object.__setattr__(self, "changes", tuple(sorted(changes.items())))
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.module_path, path) is not None
+
+    def apply(self, quant: QuantConfig) -> QuantConfig:
+        return quant.replace(**dict(self.changes))
+
+
 def _check_rules(rules: Sequence[QuantRule]) -> tuple[QuantRule, ...]:
     if isinstance(rules, QuantRule) or not isinstance(rules, (list, tuple)):
         raise TypeError("rules must be a list of dq_jax.QuantRule(module_path, quant), "
                         f"got {type(rules).__name__}.")
     for i, rule in enumerate(rules):
-        if not isinstance(rule, QuantRule):
+        if not isinstance(rule, (QuantRule, QuantOverride)):
             raise TypeError(f"rules[{i}] is a {type(rule).__name__}, not a dq_jax.QuantRule.")
     return tuple(rules)
 
 
-def match(rules: Sequence[QuantRule], path: str) -> Optional[int]:
-    """Index of the first rule matching module path `path` ('a/b/c'), or None."""
+def match(rules: Sequence[QuantRule | QuantOverride], path: str, *,
+          overrides_only: bool = False) -> Optional[int]:
+    """Index of the first rule matching module path `path` ('a/b/c'), or None; with
+    `overrides_only`, the first matching `QuantOverride`."""
     for i, rule in enumerate(rules):
+        if overrides_only and not isinstance(rule, QuantOverride):
+            continue
         if rule.matches(path):
             return i
     return None
@@ -129,13 +168,33 @@ class QuantizedModel(nn.Module):
                 return next_fun(*call_args, **call_kwargs)
             if id(module) in twins:
                 return twins[id(module)](*call_args, **call_kwargs)
-            if isinstance(module, _QuantizedKernelMixin) and not module.quant.is_float:
-                return next_fun(*call_args, **call_kwargs)   # configured by the model itself
             path = "/".join(module.scope.path)
+            configured = isinstance(module, _QuantizedKernelMixin) and not module.quant.is_float
+            i = match(self.rules, path, overrides_only=configured)
             layer_paths.append(path)
-            i = match(self.rules, path)
+            if configured and i is None:
+                return next_fun(*call_args, **call_kwargs)   # configured by the model itself
             if i is None:
                 return next_fun(*call_args, **call_kwargs)   # unmatched: stays float
+            rule = self.rules[i]
+            if isinstance(rule, QuantOverride):
+                if not isinstance(module, _QuantizedKernelMixin) and type(module) not in _TWINS:
+                    raise ValueError(
+                        f"quantize_model: override {rule.module_path!r} matches {path}, a "
+                        f"{type(module).__name__} it cannot replace; narrow the rule.")
+                own = module.quant if isinstance(module, _QuantizedKernelMixin) \
+                    else QuantConfig.float()
+                # Every matching override applies; on a field two of them set, the earlier.
+                hits = [j for j, r in enumerate(self.rules)
+                        if isinstance(r, QuantOverride) and r.matches(path)]
+                won.update(hits)
+                new = own
+                for j in reversed(hits):
+                    new = self.rules[j].apply(new)
+                if new == own:
+                    return next_fun(*call_args, **call_kwargs)
+                twins[id(module)] = twin = _quantized_twin(module, new)
+                return twin(*call_args, **call_kwargs)
             if not _replaceable(module):
                 raise ValueError(
                     f"quantize_model: rule {self.rules[i].module_path!r} matches {path}, a "
@@ -156,6 +215,29 @@ class QuantizedModel(nn.Module):
                 f"quantize_model: rule(s) {unused} match no nn.Conv/nn.Dense layer (or only "
                 f"layers an earlier rule took); the layer paths are {sorted(set(layer_paths))}.")
         return out
+
+
+def layer_configs(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, QuantConfig]:
+    """Module path ('a/b') -> the QuantConfig each conv / dense layer of `model` runs with
+    (`QuantConfig.float()` for a plain one), in call order, from an abstract
+    `model.init(PRNGKey(0), *args, **kwargs)` (shapes only: nothing is computed).
+
+    Why: a mixed-width model's per-layer widths (the start-up summary, the float -> DQ
+    conversion, LSQ's export bits) come from here, not from one global config."""
+    seen: dict[str, QuantConfig] = {}
+
+    def record(next_fun: Callable, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (nn.Conv, nn.Dense)):
+            path = "/".join(module.scope.path)
+            # a twin's call (after its float layer's) overwrites it, keeping the position
+            seen[path] = module.quant if isinstance(module, _QuantizedKernelMixin) \
+                else QuantConfig.float()
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))
+    return seen
 
 
 def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedModel:

@@ -28,7 +28,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dq_jax import adaround, checkpoints, configlib, data, jit_cache, layers, models, optim
+from dq_jax import (adaround, allocation, checkpoints, configlib, data, jit_cache, layers,
+                    mixed, optim)
 from dq_jax.layers import QUANT_STATS
 from dq_jax.optim import CODES, LEVELS, PARAMS
 from dq_jax.quant.activations import skip_calibration_check
@@ -165,11 +166,13 @@ def _inertia_seed_rate(config: ml_collections.ConfigDict, opt_state: PyTree) -> 
                  else config.learning_rate)
 
 
-def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_classes: int):
-    return models.create(config.model, num_classes, quant=quant,
-                         quantize_first_last=config.quantize_first_last,
-                         dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
-                         **config.model_kwargs.to_dict())
+def create_model(config: ml_collections.ConfigDict, quant: QuantConfig, num_classes: int,
+                 image_shape: tuple[int, ...] | None = None):
+    """The zoo model, with the per-layer widths of `config.first_last_bits` / `config.rules`
+    (`dq_jax.mixed`; without them exactly `models.create`)."""
+    return mixed.create_model(config, quant, num_classes, image_shape,
+                              dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+                              **config.model_kwargs.to_dict())
 
 
 def init_jits(model, optimizer: optax.GradientTransformation,
@@ -626,6 +629,11 @@ def _log_scalars(writer, step: int, got: list[dict], params: PyTree, seconds: fl
         writer.write_histograms(step, histograms)
 
 
+def _layer_quant(config, model, quant: QuantConfig, image_shape):
+    """`quant`, or with per-layer widths (`dq_jax.mixed`) module path -> each layer's config."""
+    return mixed.quant_by_layer(model, image_shape) if mixed.uses_rules(config) else quant
+
+
 def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> TrainState:
     """Resume from the latest checkpoint, else init (from float if asked) + calibrate."""
     state = init_state(model, optimizer, ds.image_shape, config.seed)
@@ -636,7 +644,8 @@ def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> Train
     if config.init_from:
         float_residual = config.feedback_residual == "float" and quant.weights == "dq"
         state = checkpoints.init_from_float(
-            config.init_from, state, quant, optimizer, float_residual=float_residual,
+            config.init_from, state, _layer_quant(config, model, quant, ds.image_shape),
+            optimizer, float_residual=float_residual,
             inertia_code_rate=_inertia_seed_rate(config, state.opt_state)
             if float_residual and config.rounding == "inertia" else None)
         logging.info("Initialised quantized model from float checkpoint %s.", config.init_from)
@@ -726,16 +735,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _record_model_and_data(workdir: epath.Path, config, quant: QuantConfig, ds,
-                           state: TrainState) -> None:
+                           state: TrainState, layer_quant: dict | None = None) -> None:
     """Logs the per-layer summary (shapes, bits, bytes, total size at the bit widths) and
     records the dataset facts an export needs (`dataset.json`) in the workdir."""
     from dq_jax import export
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.variables())
-    report = export.size_report_for_variables(shapes, quant)
+    report = export.size_report_for_variables(shapes, layer_quant or quant)
     logging.info("Model %s (%s):\n%s", config.model,
                  "float" if quant.weights == "float" else
-                 f"{quant.weights} W{quant.weight_bits} A{quant.act_bits}",
+                 f"{quant.weights} W{quant.weight_bits} A{quant.act_bits}"
+                 + (", per-layer widths below" if layer_quant else ""),
                  export.format_model_summary(report))
+    if layer_quant:
+        logging.info("Per-layer widths (config.first_last_bits / rules):\n%s",
+                     mixed.format_widths(layer_quant))
     facts = export.dataset_facts(config, ds)
     checkpoints.write_text_atomic(workdir / export.DATASET_FILE, json.dumps(facts, indent=1))
 
@@ -761,8 +774,10 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                 f"config.num_classes={config.num_classes} is below the {ds.num_classes} classes "
                 f"of dataset {config.dataset!r} (labels would fall outside the logits); use "
                 "--config.num_classes=-1 for the dataset's own count.")
+        # config.bit_budget: the widths, from the float weights (config.allocation filled)
+        config = allocation.resolve_config(config, workdir, ds, num_classes)
         total_steps = total_train_steps(config, ds.steps_per_epoch)
-        model = create_model(config, quant, num_classes)
+        model = create_model(config, quant, num_classes, ds.image_shape)
         optimizer = create_optimizer(config, total_steps, ds.steps_per_epoch)
         steps = Steps(model, optimizer, create_mesh(config), config.label_smoothing)
         changes = checkpoints.check_compatible(workdir, config)  # before the manager lists steps
@@ -777,7 +792,8 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
                 "config.num_epochs, or use a new --workdir.")
         checkpoints.record_start(workdir, config, start_step, changes)
         if jax.process_index() == 0:
-            _record_model_and_data(workdir, config, quant, ds, state)
+            _record_model_and_data(workdir, config, quant, ds, state,
+                                   mixed.widths_by_layer(config, model, ds.image_shape))
         check_startup()
     except Interrupted:
         where = (f"the latest checkpoint (step {start_step})" if start_step
@@ -894,6 +910,8 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
         "skipped_steps": skipped,
         # This process's programs: loaded from the persistent cache (hits) or compiled.
         "compilation_cache": {"dir": cache[0], **cache[1].as_dict()},
+        **mixed.results_entries(config, model, ds.image_shape),
+        **allocation.results_entries(config, workdir),
     }
     if not trained_here:
         results["reevaluated_at"] = checkpoints._now()

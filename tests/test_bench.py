@@ -302,7 +302,7 @@ def test_gpu_grid_runs_every_row_and_seed_once_and_collects_accuracy_format_rows
     assert lsq[1] == "lsq_w2a2" and "quant.granularity=per_layer" in lsq[3]
     assert all(set(protocol.COMMON) <= set(j[3]) for j in jobs)
     with_v = gpu_grid.jobs(variants=True)
-    assert len(with_v) == len(jobs) + sum(n for n, _ in gpu_grid.VARIANTS.values())
+    assert len(with_v) == len(jobs) + sum(spec[0] for spec in gpu_grid.VARIANTS.values())
     assert [j[0] for j in gpu_grid.jobs(True, only="v_wd0,w4a4")] == ["w4a4_s0", "v_wd0_s0"]
     with pytest.raises(SystemExit, match="unknown rows"):
         gpu_grid.jobs(False, only="w9a9")
@@ -471,3 +471,21 @@ def test_ship_splits_under_the_limit_and_joins_verified(tmp_path):
         ship.join(tmp_path / "parts", tmp_path / "o3")
     with pytest.raises(SystemExit, match="no manifest.json"):
         ship.join(tmp_path, tmp_path / "o4")
+
+
+def test_gpu_grid_lists_the_issue_28_rows_with_their_methods():
+    """Item 4 (8-bit first/last for DQ, LSQ, latent-STE, 3 seeds) and item 6 (uniform W2A4 /
+    W3A4, allocated budgets 2.5 (3 seeds) and 3.0, random allocations of the same budgets);
+    their configs validate (test_every_gpu_grid_row_and_variant_is_a_valid_config)."""
+    from bench import gpu_grid
+    jobs = {name: (method, sets) for name, method, _, sets in gpu_grid.jobs(variants=True)}
+    want = {"v_fl8": "w2a2", "v_lsq_fl8": "lsq_w2a2", "v_latent_ste_fl8": "latent_ste_w2a2",
+            "v_alloc2.5": "w4a4", "v_alloc3.0": "w4a4", "v_random2.5": "w4a4",
+            "v_random3.0": "w4a4", "v_w2a4": "w2a4", "v_w3a4": "w3a4"}
+    for row, method in want.items():
+        seeds = 3 if row in ("v_fl8", "v_lsq_fl8", "v_latent_ste_fl8", "v_alloc2.5") else 1
+        names = [f"{row}_s{s}" for s in range(seeds)]
+        assert all(jobs[n][0] == method for n in names) and f"{row}_s{seeds}" not in jobs
+    assert "first_last_bits=8" in jobs["v_lsq_fl8_s0"][1]
+    assert "quant.granularity=per_layer" in jobs["v_lsq_fl8_s0"][1]
+    assert {"bit_budget=2.5", "allocation_method=random"} <= set(jobs["v_random2.5_s0"][1])

@@ -32,7 +32,7 @@ def test_format_constants_match_the_writer():
     assert export.MAGIC == b"\x89DQZ\r\n\x1a\n"
     assert " ".join(f"{b:02X}" for b in export.MAGIC) in FORMAT
     assert export.PREFIX_SIZE == 52 and "| 52 | `H` | header" in FORMAT
-    assert export.FORMAT_VERSION == 1 and "(version 1)" in FORMAT
+    assert export.FORMAT_VERSION == 2 and "(version 2)" in FORMAT
     assert f'"{export.FORMAT_NAME}"' in FORMAT
     for field in dataclasses.fields(QuantConfig):
         assert f"`{field.name}`" in FORMAT, field.name

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 
 import flax
 import jax
@@ -388,7 +389,8 @@ def _write(tmp_path, data: bytes, name="bad.dqz"):
 
 def test_good_file_loads(good_file):
     exp = export.load(str(good_file), expected_model="digits_cnn")
-    assert exp.model_name == "digits_cnn" and exp.header["format_version"] == 1
+    assert exp.model_name == "digits_cnn" and exp.header["format_version"] == 2
+    assert any(r.get("compression") == "zlib" for r in exp.header["tensors"])
 
 
 @pytest.mark.parametrize("cut", [10, 60, -500, -1])
@@ -423,9 +425,9 @@ def test_wrong_magic_and_trailing_bytes_are_rejected(good_file, tmp_path):
 
 def test_wrong_format_version_is_rejected(good_file, tmp_path):
     data = bytearray(good_file.read_bytes())
-    struct.pack_into("<I", data, 8, 2)
-    with pytest.raises(ValueError, match=r"bad\.dqz: unsupported \.dqz format version 2 "
-                                         r"\(this dq_jax reads version 1\)"):
+    struct.pack_into("<I", data, 8, 3)
+    with pytest.raises(ValueError, match=r"bad\.dqz: unsupported \.dqz format version 3 "
+                                         r"\(this dq_jax reads versions 1, 2\)"):
         export.load(_write(tmp_path, bytes(data)))
 
 
@@ -474,7 +476,8 @@ def _edited(good_file, tmp_path, edit, numerics=True):
     if numerics and "numerics_sha256" in header:
         header["numerics_sha256"] = export.numerics_digest(header)
     hjson = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    prefix = struct.pack("<8sIQ32s", export.MAGIC, 1, len(hjson), hashlib.sha256(hjson).digest())
+    prefix = struct.pack("<8sIQ32s", export.MAGIC, header["format_version"], len(hjson),
+                         hashlib.sha256(hjson).digest())
     return _write(tmp_path, prefix + hjson + new_payload)
 
 
@@ -528,6 +531,8 @@ def _layer_bits(header, tensors):
 
 def _codes_bits(header, tensors):
     rec = next(r for r in header["tensors"] if r["encoding"] == "bitpack")
+    if rec.pop("compression", None):
+        tensors[rec["name"]] = zlib.decompress(tensors[rec["name"]])
     rec["bits"] = 1
     rec["nbytes"] = export.packed_nbytes(math.prod(rec["shape"]), 1)
     tensors[rec["name"]] = tensors[rec["name"]][:rec["nbytes"]]
@@ -734,3 +739,71 @@ def test_bfloat16_model_export_predict_matches_eval_logits(tmp_path):
     assert got.dtype == np.float32 and got.shape == want.shape
     print("bf16 export max |diff|", float(np.abs(got - want).max()), "of", float(np.abs(want).max()))
     np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * float(np.abs(want).max()))
+
+
+def _decompressed(header, tensors):
+    """What a version-1 writer wrote: every tensor as its encoding lays it out."""
+    for rec in header["tensors"]:
+        if rec.pop("compression", None):
+            tensors[rec["name"]] = zlib.decompress(tensors[rec["name"]])
+            rec["nbytes"] = len(tensors[rec["name"]])
+    header["format_version"] = 1
+
+
+def test_a_version_1_file_still_loads_and_equals_the_compressed_one(good_file, tmp_path):
+    """Files written before compression (version 1, no `compression` field) load, with the
+    same variables bit for bit: compression is lossless."""
+    path = _edited(good_file, tmp_path, _decompressed)
+    old, new = export.load(path), export.load(str(good_file))
+    assert old.header["format_version"] == 1 and old.file_size > new.file_size
+    a = flax.traverse_util.flatten_dict(old.variables())
+    b = flax.traverse_util.flatten_dict(new.variables())
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    predict.load_model(path)  # passes the model check
+
+
+def _first_compressed(header):
+    return next(r for r in header["tensors"] if r.get("compression"))
+
+
+def _v1_with_compression(header, tensors):
+    header["format_version"] = 1
+
+
+def _zlib_garbage(header, tensors):
+    rec = _first_compressed(header)
+    tensors[rec["name"]] = b"\x00" * rec["nbytes"]
+
+
+def _zlib_short(header, tensors):
+    rec = _first_compressed(header)
+    raw = zlib.decompress(tensors[rec["name"]])
+    tensors[rec["name"]] = zlib.compress(raw[:-1], 9)
+    rec["nbytes"] = len(tensors[rec["name"]])
+
+
+def _zlib_long(header, tensors):
+    rec = _first_compressed(header)
+    raw = zlib.decompress(tensors[rec["name"]])
+    tensors[rec["name"]] = zlib.compress(raw + b"\x00" * 4096, 9)
+    rec["nbytes"] = len(tensors[rec["name"]])
+
+
+def _unknown_compression(header, tensors):
+    _first_compressed(header)["compression"] = "lz4"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_v1_with_compression, r"has compression 'zlib', which a version 1 file cannot hold"),
+    (_unknown_compression, r"has compression 'lz4', which a version 2 file cannot hold"),
+    (_zlib_garbage, r"its zlib stream is corrupt"),
+    (_zlib_short, r"its zlib stream does not decode to exactly the \d+ bytes"),
+    (_zlib_long, r"its zlib stream does not decode to exactly the \d+ bytes"),
+], ids=["v1", "unknown", "garbage", "short", "long"])
+def test_compressed_tensors_are_checked(good_file, tmp_path, edit, match):
+    path = _edited(good_file, tmp_path, edit)
+    with pytest.raises(ValueError, match=r"bad\.dqz: tensor .*" + match) as info:
+        export.load(path)
+    assert "\n" not in str(info.value) and "Re-export" in str(info.value)

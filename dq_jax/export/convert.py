@@ -65,9 +65,13 @@ class LayerInfo:
 
 
 def quantized_layers(flat_params: Mapping, flat_codes: Mapping,
-                      quant: QuantConfig | None) -> list[LayerInfo]:
-    """Finds the quantized kernels from the variable structure (shapes only)."""
+                      quant: QuantConfig | Mapping[tuple, QuantConfig] | None
+                      ) -> list[LayerInfo]:
+    """Finds the quantized kernels from the variable structure (shapes only). `quant`: the
+    training config, or module path tuple -> each layer's (mixed widths: an LSQ layer's bits
+    are not in its shapes)."""
     layers = []
+    by_layer = quant if isinstance(quant, Mapping) else None
     for path, leaf in flat_params.items():
         module = path[:-1]
         if path[-1] == LEVELS:
@@ -84,6 +88,8 @@ def quantized_layers(flat_params: Mapping, flat_codes: Mapping,
                                     tuple(int(s) for s in shape), None))
         elif path[-1] == STEP:
             where = "/".join(module)
+            if by_layer is not None:
+                quant = by_layer.get(module)
             if quant is None or quant.weights != "lsq":
                 raise ValueError(
                     f"layer {where} is an LSQ layer (has {STEP}); exporting it needs the "

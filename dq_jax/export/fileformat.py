@@ -15,6 +15,7 @@ import json
 import math
 import os
 import struct
+import zlib
 from typing import Any, Mapping, Sequence
 
 import flax
@@ -31,7 +32,11 @@ from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
 MAGIC = b"\x89DQZ\r\n\x1a\n"
-FORMAT_VERSION = 1
+# Version 2 = version 1 plus zlib-compressed tensors (`compression: "zlib"` records); a file
+# with no compressed tensor is still written as version 1, byte for byte as before.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+COMPRESSION = "zlib"
 FORMAT_NAME = "dq_jax.export"
 _PREFIX = struct.Struct("<8sIQ32s")  # magic, version, header length, header sha256
 PREFIX_SIZE = _PREFIX.size  # 52
@@ -159,7 +164,13 @@ def encode(*, model: str | nn.Module, variables: Mapping, num_classes: int,
     """The bytes of a `.dqz` file (docs/format.md); `save` writes them."""
     name, kwargs, cfg, quant = _describe_model(model, config, model_kwargs)
     variables = {c: flax.core.unfreeze(variables.get(c, {})) for c in COLLECTIONS}
-    layers = quantized_layers(flat(variables["params"]), flat(variables[CODES]), quant)
+    from dq_jax import mixed  # imports the zoo: only when encoding
+    layer_quant = quant
+    if kwargs is None and mixed.uses_rules(cfg):  # per-layer widths (an LSQ layer's bits)
+        layer_quant = mixed.quant_by_layer(mixed.create_model(
+            cfg, quant, int(num_classes), image_shape, **dict(cfg.get("model_kwargs") or {})),
+            image_shape)
+    layers = quantized_layers(flat(variables["params"]), flat(variables[CODES]), layer_quant)
     if kwargs is not None:
         other = sorted({l.method for l in layers} - {"dq"})
         if other:
@@ -170,9 +181,11 @@ def encode(*, model: str | nn.Module, variables: Mapping, num_classes: int,
     # One compiled conversion (latent_ste/lsq -> codes + levels), not op-by-op dispatch.
     runtime = jax.jit(lambda v: runtime_flat(v, layers))(variables)
     table = layout(runtime, layers)
-    payload = b"".join(encode_tensor(rec, runtime[rec["name"]]) for rec in table)
+    table, parts = _compress(table, [encode_tensor(rec, runtime[rec["name"]]) for rec in table])
+    payload = b"".join(parts)
+    version = FORMAT_VERSION if any("compression" in rec for rec in table) else 1
     header = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "format": FORMAT_NAME, "format_version": version,
         "model": name, "num_classes": int(num_classes),
         "image_shape": [int(s) for s in image_shape],
         "config": cfg, "quant": None if quant is None else dataclasses.asdict(quant),
@@ -192,8 +205,42 @@ def encode(*, model: str | nn.Module, variables: Mapping, num_classes: int,
         header["model_kwargs"] = kwargs
     header["numerics_sha256"] = numerics_digest(header)
     hjson = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hjson), hashlib.sha256(hjson).digest())
+    prefix = _PREFIX.pack(MAGIC, version, len(hjson), hashlib.sha256(hjson).digest())
     return prefix + hjson + payload
+
+
+def _compress(table: list[dict], parts: list[bytes]) -> tuple[list[dict], list[bytes]]:
+    """Each tensor's bytes zlib-compressed (level 9) where that is smaller, offsets redone.
+
+    Lossless, so predictions are unchanged. Why: codes are not uniform over their levels (a
+    Lloyd fit puts more weights on the inner levels): 2-bit codes of a Gaussian kernel carry
+    1.91 bits, 8-bit ones 6.8 bits, and zlib reaches about that; float tensors rarely shrink
+    and stay as they are."""
+    out_table, out_parts, offset = [], [], 0
+    for rec, raw in zip(table, parts):
+        rec = dict(rec)
+        packed = zlib.compress(raw, 9)
+        if len(packed) < len(raw):
+            rec["compression"], raw = COMPRESSION, packed
+        rec["offset"], rec["nbytes"] = offset, len(raw)
+        offset += len(raw)
+        out_table.append(rec)
+        out_parts.append(raw)
+    return out_table, out_parts
+
+
+def _decompress(data: bytes, expect: int, name: str, path: str) -> bytes:
+    """A tensor's zlib stream -> exactly `expect` bytes (more is refused unread)."""
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(data, expect)
+        ok = len(raw) == expect and d.eof and not d.unconsumed_tail and not d.unused_data
+    except zlib.error as e:
+        _fail(path, f"tensor {name}: its zlib stream is corrupt ({e})", _REEXPORT)
+    if not ok:
+        _fail(path, f"tensor {name}: its zlib stream does not decode to exactly the {expect} "
+              "bytes its shape and encoding need", _REEXPORT)
+    return raw
 
 
 def save(path: str, *, model: str | nn.Module, variables: Mapping, num_classes: int,
@@ -300,11 +347,11 @@ class Export:
             except ValueError as e:
                 _fail(self.path, str(e).rstrip("."), "Or pass the module itself "
                       "(dq_jax.predict.load_model(path, module=...)).")
-        from dq_jax import models
+        from dq_jax import mixed
         cfg = self.config
-        return models.create(
-            self.model_name, self.num_classes, quant=self.runtime_quant,
-            quantize_first_last=bool(cfg.get("quantize_first_last", False)),
+        return mixed.create_model(
+            {**cfg, "model": self.model_name}, self.runtime_quant, self.num_classes,
+            self.image_shape,
             dtype=jnp.bfloat16 if cfg.get("half_precision", False) else jnp.float32,
             **dict(cfg.get("model_kwargs") or {}))
 
@@ -343,9 +390,9 @@ def _parse_head(head: bytes, size: int, path: str) -> tuple[dict, int, int]:
     if magic != MAGIC:
         _fail(path, f"not a dq_jax .dqz export (magic bytes {magic!r}, expected {MAGIC!r})",
               "Pass a file written by `python -m dq_jax.export` / dq_jax.export.save.")
-    if version != FORMAT_VERSION:
-        _fail(path, f"unsupported .dqz format version {version} (this dq_jax reads version "
-              f"{FORMAT_VERSION})", "Load it with the dq_jax version that wrote it, or "
+    if version not in READ_VERSIONS:
+        _fail(path, f"unsupported .dqz format version {version} (this dq_jax reads versions "
+              f"{', '.join(map(str, READ_VERSIONS))})", "Load it with the dq_jax version that wrote it, or "
               + _REEXPORT[0].lower() + _REEXPORT[1:])
     if PREFIX_SIZE + hlen > size:
         _fail(path, f"file is truncated: header needs {hlen} bytes but only "
@@ -401,7 +448,13 @@ def _parse(blob: bytes | bytearray, path: str, expected_model: str | None = None
             expect = tensor_nbytes(enc, shape, rec["dtype"], rec.get("bits"))
         except (KeyError, TypeError, ValueError) as e:
             _fail(path, f"bad tensor record {rec!r} ({e})", _REEXPORT)
-        if nbytes != expect or off < 0 or off + nbytes > payload_size:
+        compressed = "compression" in rec
+        if compressed and (header["format_version"] < 2 or rec["compression"] != COMPRESSION):
+            _fail(path, f"tensor {name} has compression {rec['compression']!r}, which a "
+                  f"version {header['format_version']} file cannot hold (version 2: "
+                  f"{COMPRESSION!r})", _REEXPORT)
+        if (nbytes != expect and not (compressed and 0 < nbytes)) or off < 0 \
+                or off + nbytes > payload_size:
             _fail(path, f"tensor {name} record is inconsistent (offset {off}, {nbytes} bytes, "
                   f"expected {expect} within a {payload_size}-byte payload)", _REEXPORT)
         # The documented layout: ascending names, tensors back to back from offset 0.
@@ -413,7 +466,10 @@ def _parse(blob: bytes | bytearray, path: str, expected_model: str | None = None
                   f"stored back to back and it must start at {next_offset}", _REEXPORT)
         names.append(name)
         next_offset = off + nbytes
-        data = np.frombuffer(payload[off:off + nbytes], np.uint8)
+        data = payload[off:off + nbytes]
+        if compressed:
+            data = _decompress(bytes(data), expect, name, path)
+        data = np.frombuffer(data, np.uint8)
         if enc == "bitpack":
             packed[name] = (data.copy(), int(rec["bits"]), shape)
         elif enc == "float32":

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from dq_jax.export.convert import (CODES, COLLECTIONS, LEVELS, RUNTIME_WEIGHTS, config_dict, flat,
                                    layout, quantized_layers, runtime_flat)
-from dq_jax.export.fileformat import FORMAT_NAME, FORMAT_VERSION, PREFIX_SIZE
+from dq_jax.export.bitpack import packed_nbytes
+from dq_jax.export.fileformat import FORMAT_NAME, PREFIX_SIZE
 from dq_jax.quant.config import QuantConfig
 
 
@@ -62,7 +63,9 @@ def size_report(header: Mapping, file_size: int | None = None) -> dict:
         PREFIX_SIZE + len(json.dumps(header, separators=(",", ":"), sort_keys=True).encode()))
     total = payload + hbytes
     f32 = sum(r["float32_bytes"] for r in out_rows)
-    qw = sum(rec["nbytes"] for rec in header["tensors"] if rec["encoding"] == "bitpack")
+    # At b bits per weight (before any compression: what the widths alone cost).
+    qw = sum(packed_nbytes(int(math.prod(rec["shape"])), rec["bits"])
+             for rec in header["tensors"] if rec["encoding"] == "bitpack")
     return {"rows": out_rows, "header_bytes": hbytes, "payload_bytes": payload,
             "export_bytes": total, "float32_bytes": f32, "ratio": f32 / total,
             "quantized_weight_bytes": qw,
@@ -120,7 +123,7 @@ def size_report_for_model(model_name: str, weight_bits: int, *, weights: str = "
     from dq_jax.configlib import base_config
     cfg = base_config()
     cfg.model, cfg.quant = model_name, dataclasses.asdict(quant)
-    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": model_name,
+    header = {"format": FORMAT_NAME, "format_version": 1, "model": model_name,
               "num_classes": num_classes, "image_shape": list(shape),
               "config": config_dict(cfg), "quant": dataclasses.asdict(quant),
               "runtime_weights": RUNTIME_WEIGHTS, "normalization": None,

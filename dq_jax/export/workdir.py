@@ -138,9 +138,9 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> dict:
         raise ValueError(f"{workdir}: cannot tell the number of classes of dataset "
                          f"{config.dataset!r}; set config.num_classes in its config.")
     quant = quant_of(json.loads(config.to_json_best_effort()))
-    model = models.create(config.model, facts["num_classes"], quant=quant,
-                          quantize_first_last=config.quantize_first_last,
-                          **config.model_kwargs.to_dict())
+    from dq_jax import mixed
+    model = mixed.create_model(config, quant, facts["num_classes"], facts["image_shape"],
+                               **config.model_kwargs.to_dict())
     _check_structure(model, variables, facts["image_shape"], str(workdir))
     return save(out, model=config.model, config=config, variables=variables,
                 num_classes=facts["num_classes"], image_shape=facts["image_shape"],

@@ -1,0 +1,145 @@
+"""Mixed widths in the training program: `config.first_last_bits`, `config.rules` (and the
+allocator's `config.bit_budget`) -> `rules.QuantOverride`s over a zoo model.
+
+Why a module of its own: the program, the exporter and `predict` must rebuild the *same*
+model from a config, so the translation lives in one place; the matching itself is
+`dq_jax.rules`'.
+
+Order: `config.rules` in the given order, then the first and last layer (`first_last_bits`,
+else float unless `quantize_first_last`); every override matching a layer applies to the
+layer's own config (`config.quant`, with the grid sign its architecture fixes), and where two
+set the same field the earlier wins: `config.rules` over `first_last_bits`, and both over
+`config.allocation` (the widths `dq_jax.allocation` chose for `config.bit_budget`, which covers
+only the layers the other two leave at `config.quant`).
+
+The first layer's input: with `first_last_bits=b` the first conv's weights *and its input*
+(the normalised image) are quantized at b bits, on a signed grid fitted on the calibration
+batch, like every other layer's input: the whole network then runs on b-bit integers. (An
+8-bit image normalised per channel already has at most 256 values per channel; a fitted 8-bit
+grid keeps its error within half a step of that grid.)
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dq_jax import models, rules
+from dq_jax.quant.config import QuantConfig
+
+FLOAT_CHANGES = (("acts", "float"), ("weights", "float"))
+
+
+def uses_rules(config: Mapping) -> bool:
+    """True when the config asks for per-layer widths (else the model is built as before
+    these keys existed, bit for bit)."""
+    return (bool(config.get("first_last_bits", 0)) or bool(config.get("rules") or ())
+            or bool(config.get("bit_budget", 0.0)) or bool(config.get("allocation") or ()))
+
+
+def overrides_from_pairs(pairs: Sequence, where: str = "config.rules") -> tuple[
+        rules.QuantOverride, ...]:
+    """`((regex, {field: value, ...}), ...)` (tuples or JSON lists) -> QuantOverrides; each
+    bad entry fails with one line naming it and the expected form."""
+    form = (f"{where} must be a tuple of (module-path regex, {{QuantConfig field: value}}) "
+            f"pairs, e.g. --{where}='((\"stage1_.*\", {{\"weight_bits\": 4}}),)'")
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, (list, tuple)):
+        raise ValueError(f"{form}; got {pairs!r}.")
+    out = []
+    for i, pair in enumerate(pairs):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not isinstance(pair[0], str) or not isinstance(pair[1], Mapping)):
+            raise ValueError(f"{form}; entry {i} is {pair!r}.")
+        try:
+            out.append(rules.QuantOverride(pair[0], dict(pair[1])))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}[{i}]: {e}") from None
+    return tuple(out)
+
+
+def first_last_paths(model: nn.Module, image_shape: Sequence[int]) -> tuple[str, str]:
+    """Module paths of the first and the last conv/dense layer called (the stem and head)."""
+    paths = list(rules.layer_configs(model, jnp.zeros((1, *image_shape), jnp.float32),
+                                     train=False))
+    return paths[0], paths[-1]
+
+
+def program_overrides(config: Mapping, base: nn.Module,
+                      image_shape: Sequence[int]) -> tuple[rules.QuantOverride, ...]:
+    """The overrides the config's mixed-width keys give over `base` (a zoo model built with
+    its first and last layer quantized)."""
+    import re
+    out = list(overrides_from_pairs(tuple(config.get("rules") or ())))
+    first, last = first_last_paths(base, image_shape)
+    edges = f"{re.escape(first)}|{re.escape(last)}"
+    bits = int(config.get("first_last_bits", 0))
+    if bits:
+        out.append(rules.QuantOverride(edges, {"weight_bits": bits, "act_bits": bits}))
+    elif not config.get("quantize_first_last", False):
+        out.append(rules.QuantOverride(edges, dict(FLOAT_CHANGES)))
+    if config.get("bit_budget", 0.0) and not config.get("allocation"):
+        raise ValueError("config.bit_budget needs the allocation it leads to: train with "
+                         "dq_jax.train.train_and_evaluate (it computes config.allocation), or "
+                         "set config.allocation=((layer path, bits), ...).")
+    from dq_jax import allocation
+    out.extend(allocation.overrides(tuple(config.get("allocation") or ())))
+    return tuple(out)
+
+
+def create_model(config: Mapping, quant: QuantConfig, num_classes: int,
+                 image_shape: Sequence[int] | None = None, **create_kwargs: Any) -> nn.Module:
+    """The zoo model `config` describes, with its mixed-width overrides (if any) applied by
+    `rules.quantize_model`; without them exactly `models.create(...)` as before.
+
+    `create_kwargs` go to `models.create` (dtype, model_kwargs' entries)."""
+    if not uses_rules(config):
+        return models.create(config["model"], num_classes, quant=quant,
+                             quantize_first_last=bool(config.get("quantize_first_last", False)),
+                             **create_kwargs)
+    base = models.create(config["model"], num_classes, quant=quant, quantize_first_last=True,
+                         **create_kwargs)
+    shape = tuple(image_shape or models.INPUT_SHAPES[config["model"]])
+    model = rules.quantize_model(base, program_overrides(config, base, shape))
+    try:
+        quant_by_layer(model, shape)  # a rule matching no layer fails here, naming the paths
+    except ValueError as e:  # one line: without the note JAX adds to errors under tracing
+        raise ValueError(f"config.rules: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def quant_by_layer(model: nn.Module, image_shape: Sequence[int]) -> dict[tuple[str, ...],
+                                                                         QuantConfig]:
+    """Module path tuple -> the layer's QuantConfig (for per-layer conversion and export)."""
+    configs = rules.layer_configs(model, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return {tuple(p.split("/")): q for p, q in configs.items()}
+
+
+def widths_by_layer(config: Mapping, model: nn.Module, image_shape: Sequence[int]
+                    ) -> dict[tuple[str, ...], QuantConfig] | None:
+    """`quant_by_layer` when the config has per-layer widths, else None."""
+    return quant_by_layer(model, image_shape) if uses_rules(config) else None
+
+
+def _width(q: QuantConfig) -> dict:
+    return {"weights": q.weights, "weight_bits": None if q.weights == "float" else q.weight_bits,
+            "acts": q.acts, "act_bits": None if q.acts == "float" else q.act_bits}
+
+
+def format_widths(layer_quant: Mapping[tuple[str, ...], QuantConfig]) -> str:
+    """One line per conv/dense layer: its path and W<b>A<b> (or float)."""
+    def kind(q: QuantConfig) -> str:
+        if q.is_float:
+            return "float"
+        w = "Wfloat" if q.weights == "float" else f"{q.weights} W{q.weight_bits}"
+        return f"{w} A{'float' if q.acts == 'float' else q.act_bits}"
+    return "\n".join(f"  {'/'.join(p):<40}{kind(q)}" for p, q in layer_quant.items())
+
+
+def results_entries(config: Mapping, model: nn.Module, image_shape: Sequence[int]) -> dict:
+    """results.json's per-layer widths (`layer_widths`), only for a config with per-layer
+    widths (a run without them writes the same results.json as before)."""
+    layer_quant = widths_by_layer(config, model, image_shape)
+    if layer_quant is None:
+        return {}
+    return {"layer_widths": {"/".join(p): _width(q) for p, q in layer_quant.items()}}
