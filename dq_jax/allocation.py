@@ -36,9 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq_jax.quant import weights as wq
-from dq_jax.quant.config import QuantConfig
+from dq_jax.quant.config import CANDIDATE_BITS, QuantConfig
 
-CANDIDATE_BITS: tuple[int, ...] = (2, 3, 4, 8)
 ALLOCATION_FILE = "allocation.json"
 
 PyTree = Any
@@ -335,10 +334,3 @@ def results_entries(config, workdir) -> dict:
     return {"bit_allocation": {k: record[k] for k in (
         "bit_budget", "method", "widths", "average_bits", "weight_bytes", "weight_bytes_uniform",
         "total_sensitivity", "trace_per_weight", "probes", "calibration_images")}}
-
-
-def overrides(allocation: Sequence) -> tuple:
-    """`config.allocation` ((path, bits), ...) -> QuantOverrides of `weight_bits`."""
-    from dq_jax import rules
-    return tuple(rules.QuantOverride(re.escape(str(p)), {"weight_bits": int(b)})
-                 for p, b in allocation)

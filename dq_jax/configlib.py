@@ -17,8 +17,8 @@ from typing import Any
 
 import ml_collections
 
-from dq_jax.quant.config import (FEEDBACK_ROUNDINGS, INERTIA_AFTER_MOVE, RANDOM_STREAMS,
-                                 ROUNDINGS, QuantConfig)
+from dq_jax.quant.config import (CANDIDATE_BITS, FEEDBACK_ROUNDINGS, INERTIA_AFTER_MOVE,
+                                 RANDOM_STREAMS, ROUNDINGS, QuantConfig)
 
 DATASETS = ("digits", "cifar10_npz", "npz", "cifar10", "cifar100", "imagenet2012")
 SCHEDULES = ("cosine", "step", "constant")
@@ -407,9 +407,9 @@ def _validate_mixed_widths(config: ml_collections.ConfigDict) -> None:
         _fail(f"config.first_last_bits={bits} quantizes the first and last layer of a quantized "
               "model, but config.quant is float; set config.quant.weights/acts, or "
               "first_last_bits=0.")
-    from dq_jax import mixed  # local: imports the zoo
+    from dq_jax import rules  # local: imports flax
     try:
-        overrides = mixed.overrides_from_pairs(config.get("rules", ()))
+        overrides = rules.overrides_from_pairs(config.get("rules", ()))
     except ValueError as e:
         _fail(str(e))
     for i, rule in enumerate(overrides):
@@ -422,7 +422,6 @@ def _validate_mixed_widths(config: ml_collections.ConfigDict) -> None:
 
 def validate_allocation(config: ml_collections.ConfigDict) -> None:
     """config.bit_budget, allocation_probes/batches and allocation (dq_jax/allocation.py)."""
-    from dq_jax.allocation import CANDIDATE_BITS
     budget = config.get("bit_budget", 0.0)
     lo, hi = min(CANDIDATE_BITS), max(CANDIDATE_BITS)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (

@@ -38,26 +38,6 @@ def uses_rules(config: Mapping) -> bool:
             or bool(config.get("bit_budget", 0.0)) or bool(config.get("allocation") or ()))
 
 
-def overrides_from_pairs(pairs: Sequence, where: str = "config.rules") -> tuple[
-        rules.QuantOverride, ...]:
-    """`((regex, {field: value, ...}), ...)` (tuples or JSON lists) -> QuantOverrides; each
-    bad entry fails with one line naming it and the expected form."""
-    form = (f"{where} must be a tuple of (module-path regex, {{QuantConfig field: value}}) "
-            f"pairs, e.g. --{where}='((\"stage1_.*\", {{\"weight_bits\": 4}}),)'")
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, (list, tuple)):
-        raise ValueError(f"{form}; got {pairs!r}.")
-    out = []
-    for i, pair in enumerate(pairs):
-        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                or not isinstance(pair[0], str) or not isinstance(pair[1], Mapping)):
-            raise ValueError(f"{form}; entry {i} is {pair!r}.")
-        try:
-            out.append(rules.QuantOverride(pair[0], dict(pair[1])))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}[{i}]: {e}") from None
-    return tuple(out)
-
-
 def first_last_paths(model: nn.Module, image_shape: Sequence[int]) -> tuple[str, str]:
     """Module paths of the first and the last conv/dense layer called (the stem and head)."""
     paths = list(rules.layer_configs(model, jnp.zeros((1, *image_shape), jnp.float32),
@@ -70,7 +50,7 @@ def program_overrides(config: Mapping, base: nn.Module,
     """The overrides the config's mixed-width keys give over `base` (a zoo model built with
     its first and last layer quantized)."""
     import re
-    out = list(overrides_from_pairs(tuple(config.get("rules") or ())))
+    out = list(rules.overrides_from_pairs(tuple(config.get("rules") or ())))
     first, last = first_last_paths(base, image_shape)
     edges = f"{re.escape(first)}|{re.escape(last)}"
     bits = int(config.get("first_last_bits", 0))
@@ -82,8 +62,7 @@ def program_overrides(config: Mapping, base: nn.Module,
         raise ValueError("config.bit_budget needs the allocation it leads to: train with "
                          "dq_jax.train.train_and_evaluate (it computes config.allocation), or "
                          "set config.allocation=((layer path, bits), ...).")
-    from dq_jax import allocation
-    out.extend(allocation.overrides(tuple(config.get("allocation") or ())))
+    out.extend(rules.overrides_from_allocation(tuple(config.get("allocation") or ())))
     return tuple(out)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -254,3 +254,29 @@ def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedMod
                         f"{type(model).__name__} (for NNX use dq_jax.nnx.quantize_model).")
     return QuantizedModel(model=model, rules=_check_rules(rules))
 
+
+def overrides_from_pairs(pairs: Sequence, where: str = "config.rules") -> tuple[
+        QuantOverride, ...]:
+    """`((regex, {field: value, ...}), ...)` (tuples or JSON lists) -> QuantOverrides; each
+    bad entry fails with one line naming it and the expected form."""
+    form = (f"{where} must be a tuple of (module-path regex, {{QuantConfig field: value}}) "
+            f"pairs, e.g. --{where}='((\"stage1_.*\", {{\"weight_bits\": 4}}),)'")
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, (list, tuple)):
+        raise ValueError(f"{form}; got {pairs!r}.")
+    out = []
+    for i, pair in enumerate(pairs):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not isinstance(pair[0], str) or not isinstance(pair[1], Mapping)):
+            raise ValueError(f"{form}; entry {i} is {pair!r}.")
+        try:
+            out.append(QuantOverride(pair[0], dict(pair[1])))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}[{i}]: {e}") from None
+    return tuple(out)
+
+
+def overrides_from_allocation(allocation: Sequence) -> tuple[QuantOverride, ...]:
+    """`config.allocation` ((layer path, bits), ...; see dq_jax/allocation.py) -> overrides of
+    `weight_bits`, one per layer, matched by its exact path."""
+    return tuple(QuantOverride(re.escape(str(p)), {"weight_bits": int(b)})
+                 for p, b in allocation)

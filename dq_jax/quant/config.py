@@ -24,6 +24,8 @@ FEEDBACK_ROUNDINGS = ("error_feedback", "latent_feedback")
 # evidence, and INERTIA_AFTER_MOVE says what a move does to it.
 ROUNDINGS = ("stochastic", "nearest") + FEEDBACK_ROUNDINGS + ("inertia",)
 INERTIA_AFTER_MOVE = ("subtract", "reset", "keep")
+# The weight widths bit allocation chooses among (dq_jax/allocation.py; config.bit_budget).
+CANDIDATE_BITS: tuple[int, ...] = (2, 3, 4, 8)
 # Where the random roundings' uniforms come from: 'hash' (one counter-based hash over all
 # layers, issue 27) or 'per_layer' (a threefry key per layer: the stream before it).
 RANDOM_STREAMS = ("hash", "per_layer")
