@@ -196,9 +196,14 @@ def test_scan_and_vmap_stacked_quant_layers_train(data):
     levels = state.params["blocks"]["conv"]["kernel_levels"]
     assert bool(jnp.all(jnp.diff(levels, axis=-1) > 0))  # each slice's levels stay sorted
     logits = model.apply(state.variables(), jnp.asarray(x_test), train=False)
-    # Eval-mode accuracy after 60 steps is noisy (BN running statistics lag): 0.30-0.50 over
-    # keys 2-4 and both momentum dtypes, so 2x chance (0.1) is what "it learned" can assert.
-    assert float(jnp.mean(jnp.argmax(logits, -1) == y_test)) > 0.2
+    assert np.isfinite(np.asarray(logits)).all()
+    # What the stacked layers learned, read with the test batch's own BN statistics: after 60
+    # steps the running statistics still lag (eval-mode accuracy 0.14-0.54 over keys 2-6 and
+    # both random streams, however well it trained), while batch-statistics accuracy is
+    # 0.88-0.93 for every key and stream - so 0.7 asserts learning with a wide margin.
+    batch_logits, _ = model.apply(state.variables(), jnp.asarray(x_test), train=True,
+                                  mutable=["batch_stats", "quant_stats"])
+    assert float(jnp.mean(jnp.argmax(batch_logits, -1) == y_test)) > 0.7
 
 
 # ------------------------------------------------ the traps of issue 28 (item 7): named errors
