@@ -886,15 +886,15 @@ def _run_state_shapes(workdir: epath.Path) -> Any | None:
     """The abstract TrainState a dq_jax run in `workdir` saves, rebuilt from its config.json
     and dataset.json (what its checksums are computed over); None where those are missing or
     from another version (another program's checkpoint: nothing to verify against)."""
-    from dq_jax import configlib, train
+    from dq_jax import build, configlib
     try:
         config = configlib.complete(json.loads((workdir / CONFIG_FILE).read_text())["config"])
         facts = json.loads((workdir / "dataset.json").read_text())
         num_classes = config.num_classes if config.num_classes > 0 else int(facts["num_classes"])
-        model = train.create_model(config, QuantConfig.from_mapping(config.quant), num_classes)
+        model = build.create_model(config, QuantConfig.from_mapping(config.quant), num_classes)
         k = int(config.grad_accum_steps)
-        optimizer = train.create_optimizer(config, k, 1)
-        shapes = jax.eval_shape(lambda: train.init_state(
+        optimizer = build.create_optimizer(config, k, 1)
+        shapes = jax.eval_shape(lambda: build.init_state(
             model, optimizer, tuple(facts["image_shape"]), int(config.seed)))
     except Exception as e:  # noqa: BLE001  (missing/foreign files: many exception types)
         logging.info("Cannot rebuild the state of the run in %s (%s).", workdir, e)

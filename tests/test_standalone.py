@@ -185,3 +185,25 @@ def test_training_program_without_the_train_extra_fails_in_one_line(tmp_path):
     lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("dq_jax: error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(lines) == 1 and "pip install 'dq_jax[train]'" in lines[0], proc.stderr[-2000:]
+
+
+def test_lower_modules_never_import_the_training_loop_or_each_other_back():
+    """The import graph has no circles: `checkpoints` rebuilds a run's state through `build`
+    (not `train`), configuration does not import what it configures, and the .dqz prefix
+    lives below both the file format and the size accounting (lazy imports included)."""
+    import ast
+    forbidden = {"checkpoints.py": {"dq_jax.train"}, "build.py": {"dq_jax.train",
+                                                                  "dq_jax.checkpoints"},
+                 "configlib.py": {"dq_jax.allocation", "dq_jax.mixed", "dq_jax.train"},
+                 "mixed.py": {"dq_jax.allocation"},
+                 "export/sizes.py": {"dq_jax.export.fileformat"}}
+    for name, bad in forbidden.items():
+        tree = ast.parse((REPO / "dq_jax" / name).read_text())
+        seen = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                seen.add(node.module)
+                seen |= {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                seen |= {a.name for a in node.names}
+        assert not (seen & bad), (name, sorted(seen & bad))

@@ -14,7 +14,6 @@ import importlib
 import json
 import math
 import os
-import struct
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -28,18 +27,11 @@ from dq_jax.export.bitpack import unpack_bits
 from dq_jax.export.convert import (CODES, COLLECTIONS, RUNTIME_WEIGHTS, config_dict, encode_tensor,
                                    flat, layout, quant_of, quantized_layers, runtime_flat,
                                    tensor_nbytes)
+from dq_jax.export.prefix import (  # noqa: F401  (re-exported)
+    _PREFIX, COMPRESSION, FORMAT_NAME, FORMAT_VERSION, MAGIC, PREFIX_SIZE, READ_VERSIONS)
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import QuantConfig
 
-MAGIC = b"\x89DQZ\r\n\x1a\n"
-# Version 2 = version 1 plus zlib-compressed tensors (`compression: "zlib"` records); a file
-# with no compressed tensor is still written as version 1, byte for byte as before.
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
-COMPRESSION = "zlib"
-FORMAT_NAME = "dq_jax.export"
-_PREFIX = struct.Struct("<8sIQ32s")  # magic, version, header length, header sha256
-PREFIX_SIZE = _PREFIX.size  # 52
 DEFAULT_APPLY_KWARGS = {"train": False}
 # Headers are kilobytes (about 200 bytes per tensor); a larger claim is refused unread.
 MAX_HEADER_BYTES = 64 * 2**20

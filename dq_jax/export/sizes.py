@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from dq_jax.export.convert import (CODES, COLLECTIONS, LEVELS, RUNTIME_WEIGHTS, config_dict, flat,
                                    layout, quantized_layers, runtime_flat)
 from dq_jax.export.bitpack import packed_nbytes
-from dq_jax.export.fileformat import FORMAT_NAME, PREFIX_SIZE
+from dq_jax.export.prefix import FORMAT_NAME, PREFIX_SIZE
 from dq_jax.quant.config import QuantConfig
 
 
