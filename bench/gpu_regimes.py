@@ -131,9 +131,9 @@ def collect(a) -> dict:
     for row, found in table.items():
         t = [x["top1"] * 100 for x in found]
         cc = [x["codes_changed_by_end"] for x in found if "codes_changed_by_end" in x]
+        changed = f"{sum(cc) / len(cc):.3f}" if cc else "—"
         lines.append(f"| {row} | {sum(t) / len(t):.2f} | {min(t):.2f}–{max(t):.2f} | {len(t)} "
-                     f"| {sum(cc) / len(cc):.3f} |" if cc else
-                     f"| {row} | {sum(t) / len(t):.2f} | {min(t):.2f}–{max(t):.2f} | {len(t)} | — |")
+                     f"| {changed} |")
     out = {"regime": a.regime, **dataclasses.asdict(r), "steps": r.steps, "runs": table,
            "table_markdown": "\n".join(lines)}
     path = pathlib.Path(a.out or ROOT / "results" / "regimes" / f"{a.regime}.json")

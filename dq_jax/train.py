@@ -468,11 +468,6 @@ def _log_scalars(writer, step: int, got: list[dict], params: PyTree, seconds: fl
         writer.write_histograms(step, histograms)
 
 
-def _layer_quant(config, model, quant: QuantConfig, image_shape):
-    """`quant`, or with per-layer widths (`dq_jax.mixed`) module path -> each layer's config."""
-    return mixed.quant_by_layer(model, image_shape) if mixed.uses_rules(config) else quant
-
-
 def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> TrainState:
     """Resume from the latest checkpoint, else init (from float if asked) + calibrate."""
     state = init_state(model, optimizer, ds.image_shape, config.seed)
@@ -483,7 +478,7 @@ def _initial_state(config, manager, model, optimizer, quant, steps, ds) -> Train
     if config.init_from:
         float_residual = config.feedback_residual == "float" and quant.weights == "dq"
         state = checkpoints.init_from_float(
-            config.init_from, state, _layer_quant(config, model, quant, ds.image_shape),
+            config.init_from, state, mixed.widths_by_layer(config, model, ds.image_shape) or quant,
             optimizer, float_residual=float_residual,
             inertia_code_rate=_inertia_seed_rate(config, state.opt_state)
             if float_residual and config.rounding == "inertia" else None)
