@@ -20,10 +20,13 @@ grid keeps its error within half a step of that grid.)
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dq_jax import models, rules
 from dq_jax.quant.config import QuantConfig
@@ -45,19 +48,59 @@ def first_last_paths(model: nn.Module, image_shape: Sequence[int]) -> tuple[str,
     return paths[0], paths[-1]
 
 
+def fan_ins(model: nn.Module, image_shape: Sequence[int]) -> dict[str, int]:
+    """Module path -> weights per output channel (the kernel's size over its last axis) of
+    every conv/dense layer, from an abstract init (shapes only)."""
+    out: dict[str, int] = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (nn.Conv, nn.Dense)):
+            fan = int(call_args[0].shape[-1])
+            if isinstance(module, nn.Conv):
+                size = module.kernel_size
+                fan = fan // module.feature_group_count * int(
+                    np.prod((size,) if isinstance(size, int) else size))
+            out["/".join(module.scope.path)] = fan
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                          jnp.zeros((1, *image_shape), jnp.float32),
+                                          train=False))
+    return out
+
+
+def edge_overrides(config: Mapping, base: nn.Module, image_shape: Sequence[int]
+                   ) -> list[rules.QuantOverride]:
+    """`first_last_bits=b` as overrides of the stem and the head. Where per-channel levels
+    cannot exist (a channel with fewer weights than the 2^b levels: the 3x3x3 stem of a
+    CIFAR ResNet holds 27 per channel, its 64->10 head 64, both under 8 bits' 256) that layer
+    gets one level set (`granularity='per_layer'`, as LSQ's 8-bit first/last keep one step):
+    the convention works on every model instead of stopping at start."""
+    bits = int(config.get("first_last_bits", 0))
+    first, last = first_last_paths(base, image_shape)
+    changes = {"weight_bits": bits, "act_bits": bits}
+    if config["quant"].get("granularity") != "per_channel":
+        return [rules.QuantOverride(f"{re.escape(first)}|{re.escape(last)}", changes)]
+    fans = fan_ins(base, image_shape)
+    return [rules.QuantOverride(
+        re.escape(path), dict(changes, **({"granularity": "per_layer"}
+                                          if fans[path] < 2 ** bits else {})))
+        for path in dict.fromkeys((first, last))]
+
+
 def program_overrides(config: Mapping, base: nn.Module,
                       image_shape: Sequence[int]) -> tuple[rules.QuantOverride, ...]:
     """The overrides the config's mixed-width keys give over `base` (a zoo model built with
     its first and last layer quantized)."""
-    import re
     out = list(rules.overrides_from_pairs(tuple(config.get("rules") or ())))
-    first, last = first_last_paths(base, image_shape)
-    edges = f"{re.escape(first)}|{re.escape(last)}"
-    bits = int(config.get("first_last_bits", 0))
-    if bits:
-        out.append(rules.QuantOverride(edges, {"weight_bits": bits, "act_bits": bits}))
+    if int(config.get("first_last_bits", 0)):
+        out.extend(edge_overrides(config, base, image_shape))
     elif not config.get("quantize_first_last", False):
-        out.append(rules.QuantOverride(edges, dict(FLOAT_CHANGES)))
+        first, last = first_last_paths(base, image_shape)
+        out.append(rules.QuantOverride(f"{re.escape(first)}|{re.escape(last)}",
+                                       dict(FLOAT_CHANGES)))
     if config.get("bit_budget", 0.0) and not config.get("allocation"):
         raise ValueError("config.bit_budget needs the allocation it leads to: train with "
                          "dq_jax.train.train_and_evaluate (it computes config.allocation), or "
@@ -106,12 +149,14 @@ def _width(q: QuantConfig) -> dict:
 
 
 def format_widths(layer_quant: Mapping[tuple[str, ...], QuantConfig]) -> str:
-    """One line per conv/dense layer: its path and W<b>A<b> (or float)."""
+    """One line per conv/dense layer: its path, W<b>A<b> (or float) and the weights' level
+    sets (per_layer / per_channel: first_last_bits may set per_layer on its own)."""
     def kind(q: QuantConfig) -> str:
         if q.is_float:
             return "float"
         w = "Wfloat" if q.weights == "float" else f"{q.weights} W{q.weight_bits}"
-        return f"{w} A{'float' if q.acts == 'float' else q.act_bits}"
+        sets = "" if q.weights == "float" else f"  {q.granularity}"
+        return f"{w} A{'float' if q.acts == 'float' else q.act_bits}{sets}"
     return "\n".join(f"  {'/'.join(p):<40}{kind(q)}" for p, q in layer_quant.items())
 
 

@@ -253,3 +253,31 @@ def test_w2_resnet18_with_8bit_first_last_exports_under_a_14th_of_float32(tmp_pa
     print(f"resnet18 W2 + 8-bit first/last: {report['export_bytes']} bytes "
           f"(uncompressed {unpacked + report['header_bytes']}), ratio {report['ratio']:.2f}")
     assert report["ratio"] >= 14, report["ratio"]
+
+
+@pytest.mark.parametrize("bits,edge_granularity", [(8, "per_layer"), (4, "per_channel")])
+def test_first_last_bits_on_a_per_channel_recipe_builds(bits, edge_granularity):
+    """The CIFAR-10 ResNet-20 DQ recipe has per-channel levels; its 3x3x3 stem holds 27
+    weights per channel and its 64->10 head 64, fewer than 8 bits' 256 levels. 8-bit first/last
+    gives those two layers one level set instead of stopping at start ("needs at least 256
+    weights per output channel"); at 4 bits (16 levels) they keep per-channel sets. Inner
+    layers keep the recipe's per-channel W2A2 either way, and the model initialises."""
+    from dq_jax.optim import dq_optimizer
+    config = configlib.load_config_file("configs/cifar10_resnet20.py")
+    config.init_from, config.first_last_bits = "/float/workdir", bits
+    quant = configlib.validate(config, device_count=1)
+    assert quant.granularity == "per_channel"
+    shape = (32, 32, 3)
+    model = train.create_model(config, quant, 10, shape)
+    fans = mixed.fan_ins(model, shape)
+    first, last = mixed.first_last_paths(model, shape)
+    assert (fans[first], fans[last]) == (27, 64)
+    widths = mixed.quant_by_layer(model, shape)
+    for path, q in widths.items():
+        edge = "/".join(path) in (first, last)
+        assert (q.weight_bits, q.act_bits) == ((bits, bits) if edge else (2, 2)), path
+        assert q.granularity == (edge_granularity if edge else "per_channel"), path
+    draw, finish = train.init_jits(model, dq_optimizer(0.1, 1e-3, key=0), shape)
+    levels = _levels_bits(jax.device_get(finish(draw(jax.random.PRNGKey(0))).params))
+    assert levels[first] == bits and levels[last] == bits
+    assert mixed.format_widths(widths).count(edge_granularity) >= 2
