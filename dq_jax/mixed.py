@@ -126,7 +126,8 @@ def create_model(config: Mapping, quant: QuantConfig, num_classes: int,
     try:
         quant_by_layer(model, shape)  # a rule matching no layer fails here, naming the paths
     except ValueError as e:  # one line: without the note JAX adds to errors under tracing
-        raise ValueError(f"config.rules: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"per-layer widths (config.rules, first_last_bits, bit_budget): "
+                         f"{str(e).splitlines()[0]}") from None
     return model
 
 

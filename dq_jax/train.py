@@ -32,7 +32,7 @@ from dq_jax import (adaround, allocation, checkpoints, configlib, data, jit_cach
                     mixed, optim)
 from dq_jax.layers import QUANT_STATS
 from dq_jax.optim import CODES, LEVELS, PARAMS
-from dq_jax.quant.activations import skip_calibration_check
+from dq_jax.quant.activations import all_calibrated, assume_calibrated, skip_calibration_check
 from dq_jax.quant.config import QuantConfig
 from dq_jax.train_state import TrainState  # everything a step reads and writes; checkpointed
 
@@ -76,15 +76,19 @@ def _finite_by_layer(*trees: PyTree) -> dict[str, jax.Array]:
     return {k: jnp.all(jnp.stack(v)) for k, v in out.items()}
 
 
-def _forward_backward_update(state: TrainState, batch: dict, model, label_smoothing: float):
+def _forward_backward_update(state: TrainState, batch: dict, model, label_smoothing: float,
+                             calibrated: bool = False):
     """(loss, logits, new mutable vars, grads, updated state) of one train step, before the
-    finiteness guard: shared by `train_step` and `nonfinite_layers_step`."""
+    finiteness guard: shared by `train_step` and `nonfinite_layers_step`. `calibrated`: the
+    activation quantizers are traced without their first-batch calibration branch
+    (`assume_calibrated`; only for a state whose quantizers are all calibrated)."""
     images, labels = batch["image"], batch["label"]
 
     def loss_fn(differentiable):  # {'params', 'perturbations'}: d/dperturbations = dL/dW_q
-        logits, new_vars = model.apply(
-            state.variables(differentiable), images, train=True,
-            mutable=["batch_stats", QUANT_STATS])
+        with assume_calibrated() if calibrated else contextlib.nullcontext():
+            logits, new_vars = model.apply(
+                state.variables(differentiable), images, train=True,
+                mutable=["batch_stats", QUANT_STATS])
         one_hot = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing) \
             if label_smoothing else jax.nn.one_hot(labels, logits.shape[-1])
         loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot))
@@ -97,8 +101,8 @@ def _forward_backward_update(state: TrainState, batch: dict, model, label_smooth
     return loss, logits, new_vars, grads, updated
 
 
-def train_step(state: TrainState, batch: dict, *, model,
-               label_smoothing: float) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, *, model, label_smoothing: float,
+               calibrated: bool = False) -> tuple[TrainState, dict]:
     """Forward/backward, direct code update, level sort; non-finite steps are skipped.
 
     A step whose loss or gradients are not finite leaves the state untouched
@@ -107,10 +111,12 @@ def train_step(state: TrainState, batch: dict, *, model,
     scalars only: per-layer numbers (codes changed, code entropy, which layers blew up) are
     computed outside this program, at log steps and for skipped steps
     (`nonfinite_layers_step`), since each per-layer output adds per-layer code that XLA
-    compiles one fusion at a time (issue 27: compile time).
+    compiles one fusion at a time (issue 27: compile time). `calibrated=True` (for states whose
+    activation quantizers are all calibrated, `Steps.for_state`) leaves their first-batch
+    calibration out of the program.
     """
     loss, logits, new_vars, grads, updated = _forward_backward_update(
-        state, batch, model, label_smoothing)
+        state, batch, model, label_smoothing, calibrated)
     labels = batch["label"]
     grads, w_grads = grads["params"], grads.get(optim.PERTURBATIONS, {})
     # The *updated* state must be finite too: finite gradients times an infinite learning rate,
@@ -133,14 +139,14 @@ def train_step(state: TrainState, batch: dict, *, model,
     return new_state, metrics
 
 
-def nonfinite_layers_step(state: TrainState, batch: dict, *, model,
-                          label_smoothing: float) -> dict[str, jax.Array]:
+def nonfinite_layers_step(state: TrainState, batch: dict, *, model, label_smoothing: float,
+                          calibrated: bool = False) -> dict[str, jax.Array]:
     """Which layers' gradients / fitted activation statistics / new values are not finite
     (module path -> all finite; 'loss' -> the loss is) for the train step on these inputs:
     the same computation as `train_step` up to its guard. A separate program, compiled only
     when a step was skipped, so the train step carries no per-layer flags."""
     loss, _, new_vars, grads, updated = _forward_backward_update(
-        state, batch, model, label_smoothing)
+        state, batch, model, label_smoothing, calibrated)
     flags = _finite_by_layer(
         grads["params"], grads.get(optim.PERTURBATIONS, {}), new_vars.get(QUANT_STATS, {}),
         {"params": updated.params}, {"batch_stats": new_vars.get("batch_stats", {})})
@@ -239,15 +245,22 @@ class Steps:
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.batch = NamedSharding(mesh, P("data"))
-        self.train = jax.jit(
-            functools.partial(train_step, model=model, label_smoothing=label_smoothing),
+        # Two train steps, each compiled on first use: the general one (an uncalibrated
+        # activation quantizer calibrates on its first batch) and, for a state whose
+        # quantizers are all calibrated, one without that branch (`for_state` chooses).
+        self.train_general, self.train_calibrated = (jax.jit(
+            functools.partial(train_step, model=model, label_smoothing=label_smoothing,
+                              calibrated=calibrated),
             in_shardings=(self.replicated, self.batch),
             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+            for calibrated in (False, True))
         # Compiled on first use: only after a skipped (non-finite) step.
-        self.nonfinite_layers = jax.jit(
+        self._nonfinite_layers = {calibrated: jax.jit(
             functools.partial(nonfinite_layers_step, model=model,
-                              label_smoothing=label_smoothing),
+                              label_smoothing=label_smoothing, calibrated=calibrated),
             in_shardings=(self.replicated, self.batch), out_shardings=self.replicated)
+            for calibrated in (False, True)}
+        self.train, self.nonfinite_layers = self.train_general, self._nonfinite_layers[False]
         self.eval = jax.jit(functools.partial(eval_step, model=model),
                             in_shardings=(self.replicated, self.batch),
                             out_shardings=self.replicated)
@@ -260,6 +273,16 @@ class Steps:
 
     def place(self, state: TrainState) -> TrainState:
         return jax.device_put(state, self.replicated)
+
+    def for_state(self, state: TrainState) -> bool:
+        """Points `train` (and `nonfinite_layers`) at the step without the activation
+        quantizers' first-batch calibration when every quantizer of `state` is calibrated
+        (checked on the host), else at the general step; returns which. Call it again after
+        changing to a state that may not be calibrated."""
+        calibrated = all_calibrated(state.quant_stats)
+        self.train = self.train_calibrated if calibrated else self.train_general
+        self.nonfinite_layers = self._nonfinite_layers[calibrated]
+        return calibrated
 
 
 def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict],
@@ -645,6 +668,10 @@ def _train_and_evaluate(config, quant, workdir: epath.Path, watcher: PreemptionW
     # process must run the same eval steps).
     eval_stop = (lambda: watcher.requested) if jax.process_count() == 1 else None
     pending, t_start, t_log = [], time.time(), time.time()
+    if not steps.for_state(state) and jax.tree.leaves(state.quant_stats):
+        logging.info("Activation quantizers not calibrated yet (config.calibration_batches=0): "
+                     "the first training batch calibrates them (a larger train step to "
+                     "compile).")
     codes_at_log = jax.device_get(state.codes)  # a host copy: the train step donates `state`
     # Host batches become sharded device arrays in the prefetch thread, off the step's path.
     train_iter = data.prefetch(to_global(b, steps.batch) for b in ds.train_batches(start_step))

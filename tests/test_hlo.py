@@ -258,3 +258,26 @@ def test_fit_learned_levels_builds_no_one_hot(num_levels):
     assert max(sizes) == n * h * w * c, sorted(set(sizes))[-4:]
     assert not [s for s in sizes if s >= n * h * w * c * 2]
     assert "gather" not in text and "scatter" not in text
+
+
+def test_calibrated_train_step_has_no_calibration_branches():
+    """Issue 27: the step the program runs once every activation quantizer is calibrated
+    (`Steps.train_calibrated`) carries none of their first-batch calibrations. The general
+    step has one `case` (the EMA-or-calibrate branch) and one `while` (the calibration's
+    Lloyd/closed-form loops) per activation quantizer (18 in this ResNet-20); the calibrated
+    one keeps the finiteness guard's `case` and no per-quantizer loop."""
+    c = _config(2, 2)
+    quant = configlib.validate(c, device_count=jax.device_count())
+    model = train.create_model(c, quant, 10)
+    optimizer = train.create_optimizer(c, 1000, 100)
+    steps = train.Steps(model, optimizer, train.create_mesh(c))
+    _, state, batch = _train_step_and_args(2, 2)
+    general = steps.train_general.lower(state, batch).as_text()
+    lean = steps.train_calibrated.lower(state, batch).as_text()
+    quantizers = sum(getattr(path[-1], "key", "") == "initialized"
+                     for path, _ in jax.tree_util.tree_leaves_with_path(state.quant_stats))
+    assert quantizers == 18  # the inner convs; the stem reads the float image
+    assert general.count("stablehlo.case") == quantizers + 1
+    assert general.count("stablehlo.while") >= quantizers
+    assert lean.count("stablehlo.case") == 1
+    assert lean.count("stablehlo.while") <= 1

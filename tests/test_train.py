@@ -758,6 +758,43 @@ def test_train_step_without_per_layer_metrics_updates_bitwise_like_before(roundi
     assert moved > 0, "no code moved: the comparison lost its point"
 
 
+@pytest.mark.parametrize("act_levels,act_signed", [("uniform", False), ("learned", False),
+                                                    ("uniform", None)])
+def test_calibrated_train_step_updates_bitwise_like_the_general_step(act_levels, act_signed):
+    """Issue 27: for a calibrated state the program compiles the train step without the
+    activation quantizers' first-batch calibration branch. 4 steps of it and of the general
+    step (whose `cond` takes the EMA branch) give bitwise the same state and metrics, for
+    fitted uniform and learned levels and for a data-chosen grid sign (`act_signed=None`,
+    whose EMA stays a `cond` on the chosen sign). `for_state` picks the general step for an
+    uncalibrated state."""
+    config = small_digits(rounding="nearest", code_learning_rate=1000.0,
+                          **{"quant.act_levels": act_levels, "quant.act_signed": act_signed})
+    quant = configlib.validate(config, device_count=1)
+    ds = data.create_dataset(config)
+    model = train.create_model(config, quant, ds.num_classes)
+    opt = train.create_optimizer(config, 24, ds.steps_per_epoch)
+    steps = train.Steps(model, opt, train.create_mesh(config))
+    batches = ds.train_batches(0)
+    state = steps.place(train.init_state(model, opt, ds.image_shape, 0))
+    assert steps.for_state(state) is False and steps.train is steps.train_general
+    state = steps.calibrate(state, train.to_global(next(batches), steps.batch))
+    assert steps.for_state(state) is True and steps.train is steps.train_calibrated
+    start = jax.device_get(state)
+    lean, general = steps.place(start), steps.place(start)
+    for _ in range(4):
+        batch = train.to_global(next(batches), steps.batch)
+        lean, m_lean = steps.train_calibrated(lean, batch)
+        general, m_general = steps.train_general(general, batch)
+        for k in m_lean:
+            np.testing.assert_array_equal(np.asarray(m_lean[k]), np.asarray(m_general[k]),
+                                          err_msg=k)
+    lean, general = jax.device_get(lean), jax.device_get(general)
+    assert_states_equal(lean, general)
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(start.quant_stats), jax.tree.leaves(lean.quant_stats))), \
+        "the statistics did not move: the comparison lost its point"
+
+
 def test_nonfinite_report_replays_the_skipped_steps_per_layer(tmp_path, monkeypatch):
     """A skipped step's layers are named by a separate check re-run on its inputs: exactly
     when the window ends with skipped steps (the state is then theirs), else on the state at

@@ -34,6 +34,9 @@ _CALIB_GRID = 24
 # calibrated; `skip_calibration_check` turns it off where a caller checks on the host itself.
 _CHECK_CALIBRATION: contextvars.ContextVar = contextvars.ContextVar(
     "dq_jax_check_calibration", default=True)
+# Whether train-mode quantizers may assume they are calibrated (`assume_calibrated`).
+_ASSUME_CALIBRATED: contextvars.ContextVar = contextvars.ContextVar(
+    "dq_jax_assume_calibrated", default=False)
 
 
 class UncalibratedWarning(UserWarning):
@@ -53,6 +56,32 @@ def skip_calibration_check() -> Iterator[None]:
         yield
     finally:
         _CHECK_CALIBRATION.reset(token)
+
+
+@contextlib.contextmanager
+def assume_calibrated() -> Iterator[None]:
+    """Traces inside it build train-mode quantizers with the EMA update only.
+
+    Without it every activation quantizer's train-mode update is a `cond` between the EMA step
+    and the first batch's calibration (a scan of clipping points and Lloyd loops), and XLA
+    compiles that calibration at every layer although after the first batch it never runs:
+    about a third of a DQ W2A2 train step's compile time (issue 27). Only for states whose
+    quantizers are all calibrated (`all_calibrated`): the training program checks that on the
+    host before choosing this step. The EMA update computed is the same as the `cond`'s.
+    """
+    token = _ASSUME_CALIBRATED.set(True)
+    try:
+        yield
+    finally:
+        _ASSUME_CALIBRATED.reset(token)
+
+
+def all_calibrated(quant_stats) -> bool:
+    """True when every activation quantizer in `quant_stats` (a `quant_stats` collection, on
+    host or device) has its `initialized` flag set; True for a tree without quantizers."""
+    flags = [v for path, v in jax.tree_util.tree_leaves_with_path(quant_stats)
+             if getattr(path[-1], "key", None) == "initialized"]
+    return all(bool(np.all(np.asarray(jax.device_get(f)))) for f in flags)
 
 
 def _warn_uncalibrated(where: str, initialized) -> None:
@@ -296,7 +325,13 @@ class ActQuantizer(nn.Module):
         if train and self.is_mutable_collection("quant_stats") and not self.is_initializing():
             xs = jax.lax.stop_gradient(x).astype(jnp.float32)
             w_c = channel_weights(xs, cfg.act_error)
-            if auto:
+            if _ASSUME_CALIBRATED.get() and auto:
+                state.value = jax.lax.cond(
+                    is_signed.value, lambda c: self._ema(xs, c, w_c, True),
+                    lambda c: self._ema(xs, c, w_c, False), state.value)
+            elif _ASSUME_CALIBRATED.get():
+                state.value = self._ema(xs, state.value, w_c, signed)
+            elif auto:
                 def calibrate(cur):
                     fits = [self._calibrate(xs, w_c, s) for s in (False, True)]
                     errs = [_weighted_error(xs, self._quantize(xs, f, s), w_c)
