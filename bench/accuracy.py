@@ -299,17 +299,23 @@ def weight_diagnostics(config, params0, codes0, params1, codes1, float_kernels) 
     return out
 
 
-def initial_state(config):
-    """The state the run starts from (after init_from): params and codes."""
+def initial_state(config, workdir: str):
+    """The state the run starts from (after init_from): params and codes, with the per-layer
+    widths the program gives it (first_last_bits, rules, and a bit_budget's allocation:
+    computed here into the workdir's allocation.json, which the program then reads back)."""
     import jax
-    from dq_jax import checkpoints, configlib, data, train
+    from etils import epath
+    from dq_jax import allocation, checkpoints, configlib, data, mixed, train
     quant = configlib.validate(config, device_count=jax.device_count())
     ds = data.create_dataset(config)
+    config = allocation.resolve_config(config, epath.Path(workdir), ds, ds.num_classes)
     model = train.create_model(config, quant, ds.num_classes)
     opt = train.create_optimizer(config, 10, ds.steps_per_epoch)
     state = train.init_state(model, opt, ds.image_shape, config.seed)
     if config.init_from:
-        state = checkpoints.init_from_float(config.init_from, state, quant, opt)
+        state = checkpoints.init_from_float(
+            config.init_from, state,
+            mixed.widths_by_layer(config, model, ds.image_shape) or quant, opt)
     return jax.device_get(state.params), jax.device_get(state.codes)
 
 
@@ -351,7 +357,7 @@ def run_one(config, workdir: str) -> dict:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     marker.write_text(mine)
     quantized = config.quant.weights in ("dq", "latent_ste", "lsq")
-    params0, codes0 = initial_state(config) if quantized else (None, None)
+    params0, codes0 = initial_state(config, workdir) if quantized else (None, None)
     t0 = time.time()
     out = train.train_and_evaluate(config, workdir)
     wall = time.time() - t0

@@ -220,3 +220,25 @@ def test_program_random_allocation_is_the_seeded_control_of_the_same_budget(floa
     assert widths == allocation.random_allocation(
         sizes, allocation.budget_in_bits(3.0, sizes), seed=config.seed)
     assert sum(sizes[n] * b for n, b in widths.items()) <= 3.0 * sum(sizes.values())
+
+
+def test_bench_run_one_takes_a_budget_and_8bit_first_last(float_workdir, tmp_path):
+    """bench/accuracy.run_one (what every gpu_grid row runs) on a budgeted run with 8-bit
+    first/last: its start-state diagnostics see the program's per-layer widths (it stopped at
+    "config.bit_budget needs the allocation" before, and converted every layer at
+    config.quant's width), and the row reports the change from that start."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from bench import accuracy
+    config = small_digits(bit_budget=2.5, first_last_bits=8, init_from=str(float_workdir),
+                          allocation_probes=2, num_train_steps=8)
+    workdir = tmp_path / "row"
+    row = accuracy.run_one(config, str(workdir))
+    record = json.loads((workdir / allocation.ALLOCATION_FILE).read_text())
+    assert set(record["widths"]) == {"conv2", "conv3"} and row["steps"] == 8
+    params0, _ = accuracy.initial_state(config, str(workdir))   # reads allocation.json back
+    bits = {"/".join(k[:-1]): int(np.log2(v.shape[-1]))
+            for k, v in flax.traverse_util.flatten_dict(params0).items()
+            if k[-1] == "kernel_levels"}
+    assert bits == {"conv1": 8, "head": 8, **record["widths"]}
+    assert 0.0 <= row["codes_changed_by_end"] <= 1.0
