@@ -31,6 +31,12 @@ if str(ROOT) not in sys.path:
 
 from bench import protocol  # noqa: E402  (after the path set-up)
 
+# The shipped DQ update (configlib.apply_dq_findings, rounding='inertia') as overrides of the
+# protocol's stochastic rows: the rule, then the fine-tuning step (code LR 10x the float LR,
+# the momentum seeded with the float position).
+INERTIA_RULE = ("rounding=inertia", "code_momentum=0.999", "inertia_threshold=0.5")
+INERTIA = INERTIA_RULE + ("code_learning_rate=0.1", "feedback_residual=float")
+
 # DQ W2A2 ablations: name -> (seeds, extra --set overrides on top of the `w2a2` row), or
 # (seeds, overrides, accuracy.py method) for a row of another method.
 VARIANTS: dict[str, tuple] = {
@@ -69,23 +75,24 @@ VARIANTS: dict[str, tuple] = {
     # code momentum's step reaches half a gap, the momentum a leaky accumulator (0.999) seeded
     # with the float position (no state beyond DQ's bfloat16 momentum); the 1-epoch screen's
     # best row.
-    "inertia": (3, ("rounding=inertia", "code_momentum=0.999", "code_learning_rate=0.1",
-                    "inertia_threshold=0.5", "feedback_residual=float")),
+    "inertia": (3, INERTIA),
     # Issue 28 item 4: W2A2 with 8-bit first/last layers (weights and their inputs), the
-    # LSQ/APoT convention, for DQ, LSQ and latent-STE (per-layer steps/levels as their rows).
-    "fl8": (3, ("first_last_bits=8",)),
+    # LSQ/APoT convention, for DQ (the shipped inertia rule), LSQ and latent-STE (per-layer
+    # steps/levels as their rows).
+    "inertia_fl8": (3, INERTIA + ("first_last_bits=8",)),
     "lsq_fl8": (3, protocol.PER_LAYER + ("first_last_bits=8",), "lsq_w2a2"),
     "latent_ste_fl8": (3, protocol.PER_LAYER + ("first_last_bits=8",), "latent_ste_w2a2"),
-    # Issue 28 item 6: accuracy vs weight size. The allocator sets weight widths only, so the
-    # size axis is at A4: uniform W2A4 / W3A4 (W4A4 is the grid's row), Hessian-allocated
-    # budgets of 2.5 and 3.0 average bits over the 18 inner convs, and a seeded random
-    # allocation of each budget (the control: same size, no sensitivity).
-    "w2a4": (1, (), "w2a4"),
-    "w3a4": (1, (), "w3a4"),
-    "alloc2.5": (3, ("bit_budget=2.5",), "w4a4"),
-    "alloc3.0": (1, ("bit_budget=3.0",), "w4a4"),
-    "random2.5": (1, ("bit_budget=2.5", "allocation_method=random"), "w4a4"),
-    "random3.0": (1, ("bit_budget=3.0", "allocation_method=random"), "w4a4"),
+    # Issue 28 item 6: accuracy vs weight size, DQ with the shipped inertia rule. The
+    # allocator sets weight widths only, so the size axis is at A4: uniform W2A4 / W3A4 /
+    # W4A4, Hessian-allocated budgets of 2.5 and 3.0 average bits over the 18 inner convs,
+    # and a seeded random allocation of each budget (the control: same size, no sensitivity).
+    "w2a4": (1, INERTIA, "w2a4"),
+    "w3a4": (1, INERTIA, "w3a4"),
+    "w4a4": (1, INERTIA, "w4a4"),
+    "alloc2.5": (3, INERTIA + ("bit_budget=2.5",), "w4a4"),
+    "alloc3.0": (1, INERTIA + ("bit_budget=3.0",), "w4a4"),
+    "random2.5": (1, INERTIA + ("bit_budget=2.5", "allocation_method=random"), "w4a4"),
+    "random3.0": (1, INERTIA + ("bit_budget=3.0", "allocation_method=random"), "w4a4"),
 }
 ROW_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
 

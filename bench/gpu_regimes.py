@@ -45,8 +45,8 @@ from bench import gpu_grid, protocol  # noqa: E402  (after the path set-up)
 STEPS_PER_EPOCH = -(-50000 // 128)  # 391, as the protocol counts (1,955 steps = 5 epochs)
 PER_LAYER = protocol.PER_LAYER
 # DQ with the recipes' default rounding, spelled out (the protocol's base is the stochastic rule)
-INERTIA = ("rounding=inertia", "code_momentum=0.999", "inertia_threshold=0.5")
-FINETUNE_INERTIA = INERTIA + ("code_learning_rate=0.1", "feedback_residual=float")
+INERTIA = gpu_grid.INERTIA_RULE
+FINETUNE_INERTIA = gpu_grid.INERTIA
 # from scratch: the float stage's optimiser for every row; code steps in the same ratios to
 # LR 0.1 as the recipes' to 0.01 (stochastic 0.01x, inertia 10x), inertia from zero
 SCRATCH = ("learning_rate=0.1", "weight_decay=5e-4")

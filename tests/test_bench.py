@@ -479,13 +479,17 @@ def test_gpu_grid_lists_the_issue_28_rows_with_their_methods():
     their configs validate (test_every_gpu_grid_row_and_variant_is_a_valid_config)."""
     from bench import gpu_grid
     jobs = {name: (method, sets) for name, method, _, sets in gpu_grid.jobs(variants=True)}
-    want = {"v_fl8": "w2a2", "v_lsq_fl8": "lsq_w2a2", "v_latent_ste_fl8": "latent_ste_w2a2",
-            "v_alloc2.5": "w4a4", "v_alloc3.0": "w4a4", "v_random2.5": "w4a4",
-            "v_random3.0": "w4a4", "v_w2a4": "w2a4", "v_w3a4": "w3a4"}
+    want = {"v_inertia_fl8": "w2a2", "v_lsq_fl8": "lsq_w2a2",
+            "v_latent_ste_fl8": "latent_ste_w2a2", "v_alloc2.5": "w4a4", "v_alloc3.0": "w4a4",
+            "v_random2.5": "w4a4", "v_random3.0": "w4a4", "v_w2a4": "w2a4", "v_w3a4": "w3a4",
+            "v_w4a4": "w4a4"}
     for row, method in want.items():
-        seeds = 3 if row in ("v_fl8", "v_lsq_fl8", "v_latent_ste_fl8", "v_alloc2.5") else 1
+        seeds = 3 if row in ("v_inertia_fl8", "v_lsq_fl8", "v_latent_ste_fl8",
+                             "v_alloc2.5") else 1
         names = [f"{row}_s{s}" for s in range(seeds)]
         assert all(jobs[n][0] == method for n in names) and f"{row}_s{seeds}" not in jobs
     assert "first_last_bits=8" in jobs["v_lsq_fl8_s0"][1]
     assert "quant.granularity=per_layer" in jobs["v_lsq_fl8_s0"][1]
     assert {"bit_budget=2.5", "allocation_method=random"} <= set(jobs["v_random2.5_s0"][1])
+    for row in ("v_inertia_fl8", "v_w2a4", "v_w4a4", "v_alloc2.5", "v_random3.0"):
+        assert set(gpu_grid.INERTIA) <= set(jobs[f"{row}_s0"][1]), row  # the shipped rule
