@@ -379,6 +379,10 @@ def run_one(config, workdir: str) -> dict:
             row.update(weight_diagnostics(config, params0, codes0, final.params, final.codes,
                                           float_kernels))
     row.update(summarize_diagnostics(read_layer_scalars(workdir)))
+    results = json.loads((pathlib.Path(workdir) / "results.json").read_text())
+    for key in ("bit_allocation", "layer_widths"):  # per-layer widths, when the run has them
+        if key in results:
+            row[key] = results[key]
     return row
 
 

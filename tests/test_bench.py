@@ -493,3 +493,37 @@ def test_gpu_grid_lists_the_issue_28_rows_with_their_methods():
     assert {"bit_budget=2.5", "allocation_method=random"} <= set(jobs["v_random2.5_s0"][1])
     for row in ("v_inertia_fl8", "v_w2a4", "v_w4a4", "v_alloc2.5", "v_random3.0"):
         assert set(gpu_grid.INERTIA) <= set(jobs[f"{row}_s0"][1]), row  # the shipped rule
+
+
+def test_size_accuracy_reads_uniform_and_allocated_rows_and_checks_the_targets(tmp_path):
+    """bench/size_accuracy.py: uniform rows sit at their width, allocated/random rows at their
+    recorded average bits; the issue's two targets are computed from the seed means."""
+    import json
+    from bench import size_accuracy
+
+    def row(name, top1, alloc=None):
+        r = {"top1": top1}
+        if alloc is not None:
+            r["bit_allocation"] = {"average_bits": alloc, "weight_bytes": int(alloc * 1000)}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {"name": name}, "row": r}))
+
+    row("w2a4_s0", 0.80)
+    row("v_w4a4_s0", 0.86)
+    row("alloc2.5_s0", 0.815, 2.49)
+    row("alloc2.5_s1", 0.825, 2.49)
+    row("random2.5_s0", 0.80, 2.5)
+    row("alloc3.0_s0", 0.855, 2.98)
+    groups = size_accuracy.read_rows(str(tmp_path))
+    assert groups["w4a4"]["bits"] == 4.0 and groups["alloc2.5"]["bits"] == 2.49
+    assert groups["alloc2.5"]["mean"] == 82.0 and groups["random2.5"]["kind"] == "random"
+    got = {t["row"]: (t["difference"], t["holds"]) for t in size_accuracy.targets(groups)}
+    assert got == {"alloc3.0": (-0.5, False), "alloc2.5": (2.0, True)}
+    out = tmp_path / "out" / "size.json"
+    size_accuracy.main([f"--rows={tmp_path}", f"--out={out}"])
+    assert out.with_suffix(".png").exists()
+    assert "| alloc2.5 | hessian | 2.490 | 2490 | 81.50, 82.50 | 82.00 |" in \
+        json.loads(out.read_text())["table_markdown"]
+    (tmp_path / "random3.0_s0.json").write_text(json.dumps(
+        {"meta": {"name": "random3.0_s0"}, "row": {"top1": 0.8}}))
+    with pytest.raises(SystemExit, match="no bit_allocation"):
+        size_accuracy.read_rows(str(tmp_path))
