@@ -89,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Mixed widths (dq_jax/mixed.py, docs/quantize_any_model.md). first_last_bits=b (1..8): the
     # first conv and the last dense at b bits, weights and the activations feeding them (the
     # first conv's input image too: a fitted signed b-bit grid), whatever quantize_first_last
-    # says; 0: off (quantize_first_last decides). The LSQ/APoT convention is 8.
+    # says; 0: off (quantize_first_last decides). The LSQ/APoT convention is 8. Per-channel
+    # levels on a layer with fewer weights per channel than 2^b: that layer gets per_layer.
     c.first_last_bits = 0
     # rules: ((module-path regex, {QuantConfig field: value}), ...) applied on top of each
     # matching layer's config; every match applies, on a field set twice the earlier rule
