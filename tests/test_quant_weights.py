@@ -960,3 +960,35 @@ def test_stochastic_codes_temperature_sharpens_toward_nearest_hand_computed():
     off_mid = np.asarray(target) != 2.5
     np.testing.assert_array_equal(zero[off_mid], nearest[off_mid])
     np.testing.assert_array_equal(zero[~off_mid], [3, 2])  # half-way: still a coin flip
+
+
+@pytest.mark.parametrize("num_levels", [2, 4, 8, 16, 32])
+def test_sort_levels_equals_lax_sort_bit_for_bit(num_levels):
+    """Up to 16 levels the sort is ranks by compares (no `sort` op: issue 27's compile time);
+    it gives exactly what a stable `lax.sort_key_val` and its inverse permutation give: sorted
+    levels (bits, so -0 vs +0 too), remapped codes and `perm`, including ties, -0/+0, NaN,
+    inf and denormals (tied with 0, as XLA:CPU's comparator flushes them). 32 levels keep the
+    sort op."""
+    def reference(levels, codes):
+        iota = jax.lax.broadcasted_iota(jnp.int32, levels.shape, 1)
+        out, perm = jax.lax.sort_key_val(levels, iota, dimension=1)
+        inverse = jax.lax.sort_key_val(perm, iota, dimension=1)[1]
+        return out, jnp.take_along_axis(inverse, codes.astype(jnp.int32).T, axis=1).T, perm
+
+    rng = np.random.default_rng(num_levels)
+    specials = [[-0.0, 0.0], [np.nan, 1.0], [np.inf, -np.inf], [1e-40, -1e-41], [0.5, 0.5]]
+    for trial in range(40):
+        levels = rng.standard_normal((3, num_levels)).astype(np.float32)
+        if trial % 2:
+            levels = np.round(levels * 2) / 2  # many ties
+        for row, pair in enumerate(specials[trial % 5: trial % 5 + 2]):
+            levels[row, rng.choice(num_levels, 2, replace=False)] = pair
+        codes = rng.integers(0, num_levels, (7, 3)).astype(np.uint8)
+        got = jax.jit(lambda l, c: wq.sort_levels(l, c, return_perm=True))(levels, codes)
+        want = jax.jit(reference)(levels, codes)
+        for name, g, w in zip(("levels", "codes", "perm"), got, want):
+            np.testing.assert_array_equal(np.asarray(g).view(np.uint8),
+                                          np.asarray(w).astype(np.asarray(g).dtype).view(np.uint8),
+                                          err_msg=f"{name}, levels {levels}")
+    text = jax.jit(lambda l, c: wq.sort_levels(l, c)).lower(levels, codes).as_text()
+    assert ("stablehlo.sort" in text) == (num_levels > wq.SELECT_MAX_LEVELS)

@@ -295,14 +295,39 @@ def sort_levels(levels: jax.Array, codes: jax.Array | None = None, *,
     needed to apply the permutation; the code remap is a `_lookup` (selects up to
     `SELECT_MAX_LEVELS` levels).
     """
-    iota = jax.lax.broadcasted_iota(jnp.int32, levels.shape, levels.ndim - 1)
-    sorted_levels, perm = jax.lax.sort_key_val(levels, iota, dimension=levels.ndim - 1)
-    new_codes = None
-    if codes is not None:
+    if levels.shape[-1] <= SELECT_MAX_LEVELS:
+        # Ranks by compares (elementwise over [..., L, L]): no `sort` op, which XLA compiles as
+        # a comparator and a loop per layer (issue 27: compile time); the same order.
+        inverse = _stable_ranks(levels)            # old code -> new code
+        perm = _inverse_permutation(inverse)
+        sorted_levels = permute_levels(levels, perm)
+    else:
+        iota = jax.lax.broadcasted_iota(jnp.int32, levels.shape, levels.ndim - 1)
+        sorted_levels, perm = jax.lax.sort_key_val(levels, iota, dimension=levels.ndim - 1)
         # old code -> new code: the inverse permutation, by a second (integer) sort
-        _, inverse = jax.lax.sort_key_val(perm, iota, dimension=levels.ndim - 1)
-        new_codes = _lookup(inverse, codes).astype(codes.dtype)
+        inverse = jax.lax.sort_key_val(perm, iota, dimension=levels.ndim - 1)[1] \
+            if codes is not None else None
+    new_codes = None if codes is None else _lookup(inverse, codes).astype(codes.dtype)
     return (sorted_levels, new_codes, perm) if return_perm else (sorted_levels, new_codes)
+
+
+def _stable_ranks(levels: jax.Array) -> jax.Array:
+    """Each level's position after a stable ascending sort along the last axis, in
+    `lax.sort`'s order for floats (`_order_key`: -0 = +0, NaNs last; denormals tie with 0 as
+    XLA:CPU's comparator flushes them): the count of levels before it in that order."""
+    tiny = jnp.abs(levels) < jnp.finfo(jnp.float32).tiny
+    key = _order_key(jnp.where(tiny, jnp.zeros_like(levels), levels))
+    a, b = key[..., :, None], key[..., None, :]
+    idx = jnp.arange(levels.shape[-1])
+    before = (b < a) | ((b == a) & (idx[None, :] < idx[:, None]))
+    return jnp.sum(before, axis=-1, dtype=jnp.int32)
+
+
+def _inverse_permutation(ranks: jax.Array) -> jax.Array:
+    """`perm` with `perm[..., ranks[..., k]] = k` (the argsort of a stable sort)."""
+    idx = jnp.arange(ranks.shape[-1], dtype=jnp.int32)
+    return jnp.sum(jnp.where(ranks[..., None, :] == idx[:, None], idx[None, :], 0), axis=-1,
+                   dtype=jnp.int32)
 
 
 def permute_levels(x: jax.Array, perm: jax.Array) -> jax.Array:
