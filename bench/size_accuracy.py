@@ -115,7 +115,11 @@ def main(argv=None) -> None:
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    plot(groups, str(out.with_suffix(".png")), a.title)
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:  # the bench extra
+        print("matplotlib is not installed (pip install 'dq_jax[bench]'): no plot")
+    else:
+        plot(groups, str(out.with_suffix(".png")), a.title)
     print(result["table_markdown"])
     for t in result["targets"]:
         print(f"target {t['row']} - {t['reference']} >= {t['wanted']:+}: "

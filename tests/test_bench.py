@@ -520,7 +520,8 @@ def test_size_accuracy_reads_uniform_and_allocated_rows_and_checks_the_targets(t
     assert got == {"alloc3.0": (-0.5, False), "alloc2.5": (2.0, True)}
     out = tmp_path / "out" / "size.json"
     size_accuracy.main([f"--rows={tmp_path}", f"--out={out}"])
-    assert out.with_suffix(".png").exists()
+    import importlib.util
+    assert out.with_suffix(".png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     assert "| alloc2.5 | hessian | 2.490 | 2490 | 81.50, 82.50 | 82.00 |" in \
         json.loads(out.read_text())["table_markdown"]
     (tmp_path / "random3.0_s0.json").write_text(json.dumps(
