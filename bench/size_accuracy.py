@@ -29,6 +29,7 @@ def read_rows(rows_dir: str) -> dict[str, dict]:
     """Row group -> {'top1': [per seed, %], 'bits': average weight bits, 'weight_bytes',
     'kind': uniform / hessian / random}."""
     groups: dict[str, dict] = {}
+    uniform_bytes = None  # {'2': bytes, ...}: what a budgeted row records for uniform widths
     for f in sorted(pathlib.Path(rows_dir).glob("*.json")):
         d = json.loads(f.read_text())
         m = ROW.match(d["meta"]["name"])
@@ -47,8 +48,12 @@ def read_rows(rows_dir: str) -> dict[str, dict]:
         g = groups.setdefault(name, {"top1": [], "bits": bits, "weight_bytes": nbytes,
                                      "kind": kind})
         g["top1"].append(round(100 * row["top1"], 2))
+        if alloc_bytes := (row.get("bit_allocation") or {}).get("weight_bytes_uniform"):
+            uniform_bytes = alloc_bytes
     for g in groups.values():
         g["mean"] = round(statistics.fmean(g["top1"]), 2)
+        if g["kind"] == "uniform" and g["weight_bytes"] is None:  # same layers, from a budget row
+            g["weight_bytes"] = (uniform_bytes or {}).get(str(int(g["bits"])))
     return groups
 
 

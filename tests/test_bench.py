@@ -504,7 +504,8 @@ def test_size_accuracy_reads_uniform_and_allocated_rows_and_checks_the_targets(t
     def row(name, top1, alloc=None):
         r = {"top1": top1}
         if alloc is not None:
-            r["bit_allocation"] = {"average_bits": alloc, "weight_bytes": int(alloc * 1000)}
+            r["bit_allocation"] = {"average_bits": alloc, "weight_bytes": int(alloc * 1000),
+                                   "weight_bytes_uniform": {"2": 2000, "3": 3000, "4": 4000}}
         (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {"name": name}, "row": r}))
 
     row("w2a4_s0", 0.80)
@@ -515,6 +516,7 @@ def test_size_accuracy_reads_uniform_and_allocated_rows_and_checks_the_targets(t
     row("alloc3.0_s0", 0.855, 2.98)
     groups = size_accuracy.read_rows(str(tmp_path))
     assert groups["w4a4"]["bits"] == 4.0 and groups["alloc2.5"]["bits"] == 2.49
+    assert groups["w2a4"]["weight_bytes"] == 2000 and groups["w4a4"]["weight_bytes"] == 4000
     assert groups["alloc2.5"]["mean"] == 82.0 and groups["random2.5"]["kind"] == "random"
     got = {t["row"]: (t["difference"], t["holds"]) for t in size_accuracy.targets(groups)}
     assert got == {"alloc3.0": (-0.5, False), "alloc2.5": (2.0, True)}
