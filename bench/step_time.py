@@ -160,7 +160,7 @@ class Bench:
         import jax
         from dq_jax import configlib, train
         cfg = cfg or variant_config(base_config(self.args.model, self.args.batch), method)
-        quant = configlib.validate(cfg, device_count=__import__("jax").device_count())
+        quant = configlib.validate(cfg, device_count=jax.device_count())
         model = model or train.create_model(cfg, quant, self.num_classes)
         opt = train.create_optimizer(cfg, 1000, 100)
         steps = train.Steps(model, opt, mesh or self.mesh)

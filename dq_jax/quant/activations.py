@@ -64,8 +64,8 @@ def assume_calibrated() -> Iterator[None]:
 
     Without it every activation quantizer's train-mode update is a `cond` between the EMA step
     and the first batch's calibration (a scan of clipping points and Lloyd loops), and XLA
-    compiles that calibration at every layer although after the first batch it never runs:
-    about a third of a DQ W2A2 train step's compile time (issue 27). Only for states whose
+    compiles that calibration at every layer although after the first batch it never runs
+    (issue 27: compile time; RESULTS §3 has what it saves). Only for states whose
     quantizers are all calibrated (`all_calibrated`): the training program checks that on the
     host before choosing this step. The EMA update computed is the same as the `cond`'s.
     """
@@ -325,12 +325,14 @@ class ActQuantizer(nn.Module):
         if train and self.is_mutable_collection("quant_stats") and not self.is_initializing():
             xs = jax.lax.stop_gradient(x).astype(jnp.float32)
             w_c = channel_weights(xs, cfg.act_error)
-            if _ASSUME_CALIBRATED.get() and auto:
-                state.value = jax.lax.cond(
-                    is_signed.value, lambda c: self._ema(xs, c, w_c, True),
-                    lambda c: self._ema(xs, c, w_c, False), state.value)
-            elif _ASSUME_CALIBRATED.get():
-                state.value = self._ema(xs, state.value, w_c, signed)
+            def ema(cur):  # one EMA step from the running value (on the chosen grid)
+                if not auto:
+                    return self._ema(xs, cur, w_c, signed)
+                return jax.lax.cond(is_signed.value, lambda c: self._ema(xs, c, w_c, True),
+                                    lambda c: self._ema(xs, c, w_c, False), cur)
+
+            if _ASSUME_CALIBRATED.get():
+                state.value = ema(state.value)
             elif auto:
                 def calibrate(cur):
                     fits = [self._calibrate(xs, w_c, s) for s in (False, True)]
@@ -339,18 +341,13 @@ class ActQuantizer(nn.Module):
                     use_signed = errs[1] < errs[0]
                     return jnp.where(use_signed, fits[1], fits[0]), use_signed
 
-                def ema(cur):
-                    flag = is_signed.value
-                    new = jax.lax.cond(flag, lambda c: self._ema(xs, c, w_c, True),
-                                       lambda c: self._ema(xs, c, w_c, False), cur)
-                    return new, flag
-
                 state.value, is_signed.value = jax.lax.cond(
-                    initialized.value, ema, calibrate, state.value)
+                    initialized.value, lambda cur: (ema(cur), is_signed.value), calibrate,
+                    state.value)
             else:
                 state.value = jax.lax.cond(
-                    initialized.value, lambda cur: self._ema(xs, cur, w_c, signed),
-                    lambda cur: self._calibrate(xs, w_c, signed), state.value)
+                    initialized.value, ema, lambda cur: self._calibrate(xs, w_c, signed),
+                    state.value)
             initialized.value = jnp.ones((), jnp.bool_)
         elif not self.is_initializing():
             check_calibrated("/".join(self.path[:-1]), initialized.value)
