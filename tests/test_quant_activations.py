@@ -330,6 +330,59 @@ def test_stats_change_only_in_mutable_training(np_rng):
     assert a1 != 1.0 and a1 > 0
 
 
+_fit_one_pass = jax.jit(qa.fit_uniform_step_one_pass, static_argnums=(2, 3, 4))
+
+
+@pytest.mark.parametrize("act_error", ["channel", "global"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_one_pass_uniform_step_equals_the_three_pass_step(np_rng, act_error, signed):
+    """The EMA's step from one variadic reduction (issue 27) is `fit_uniform_step` with
+    `channel_weights`: bit for bit where every sum is exact (quarter-integer data, step 0.5:
+    all terms are multiples of 1/16 far below 2**24/16), and on float data within the bound
+    of two summation orders (every term x*x, x*k, k*k is >= 0, so each sum of n terms is
+    within gamma_n relative of exact; the ratio num/den within ~4 gamma_n + u of either)."""
+    levels = 4
+    exact = np_rng.integers(-8 if signed else 0, 9, (4, 6, 6, 5)).astype(np.float32) / 4
+    alpha = jnp.float32(0.5)
+    for x in (exact, exact.reshape(2, 12, 6, 5)):
+        ref = _fit(jnp.asarray(x), alpha, _weights(jnp.asarray(x), act_error), levels, signed)
+        got = _fit_one_pass(jnp.asarray(x), alpha, levels, signed, act_error)
+        assert np.asarray(got).tobytes() == np.asarray(ref).tobytes(), (float(got), float(ref))
+        assert float(got) != float(alpha)  # the step moved: not vacuous
+    x = relu_data(np_rng, (8, 6, 6, 16), big_channel=3)
+    if signed:
+        x = x - np.float32(0.4)
+    alpha = jnp.float32(0.3)
+    ref = float(_fit(jnp.asarray(x), alpha, _weights(jnp.asarray(x), act_error), levels, signed))
+    got = float(_fit_one_pass(jnp.asarray(x), alpha, levels, signed, act_error))
+    n, u = x.size // x.shape[-1], 2.0 ** -24
+    gamma = n * u / (1 - n * u)
+    assert abs(got - ref) <= (8 * gamma + u) * abs(ref), (got, ref)
+    zeros = jnp.zeros((2, 3, 3, 4))  # an all-zero batch keeps the step
+    assert float(_fit_one_pass(zeros, alpha, levels, signed, act_error)) == float(alpha)
+
+
+def test_ema_step_reads_the_activation_in_one_reduction():
+    """Issue 27: a calibrated quantizer's train-mode step reduces over the activation once
+    (channel energies and both sums of the closed-form step in one variadic reduction), not
+    three times (energies, then x*k, then k*k). (A fixed grid: with `act_signed=None` each
+    of the two grids' branches has its one reduction.)"""
+    q = ActQuantizer(QuantConfig(acts="dq", act_bits=2, act_signed=False))
+    x = jnp.ones((4, 6, 6, 8))
+    v = q.init(jax.random.PRNGKey(0), x, train=False)
+    v = {"quant_stats": {**v["quant_stats"], "initialized": jnp.ones((), jnp.bool_)}}
+
+    def step(v, x):
+        with qa.assume_calibrated():
+            return q.apply(v, x, train=True, mutable=["quant_stats"])
+
+    text = jax.jit(step).lower(v, x).as_text()
+    reductions = [line for line in text.splitlines() if "stablehlo.reduce" in line]
+    over_x = [line for line in reductions if "tensor<144x8xf32>" in line]
+    assert len(over_x) == 1, over_x
+    assert over_x[0].count("tensor<144x8xf32>") == 3  # x*x, x*k, k*k in the one reduction
+
+
 def test_ema_step_matches_numpy_weighted_least_squares(np_rng):
     """Second batch: alpha <- m*alpha + (1-m)*LS-fit(batch 2 | nearest codes at alpha)."""
     m = 0.9

@@ -617,6 +617,25 @@ def test_infinite_update_never_reaches_the_state():
     assert_states_equal(new.replace(step=before.step), before)
 
 
+def test_finiteness_check_flags_every_non_finite_element_of_every_float_leaf():
+    """The guard's check groups leaves by size (one reduction per size, issue 27): a NaN or
+    an infinity in any element of any float leaf, whatever its dtype or shape, makes it
+    False; integer leaves are not read; no leaves is True."""
+    tree = {"a": jnp.zeros((2, 2), jnp.float32), "b": jnp.zeros((4,), jnp.bfloat16),
+            "c": jnp.zeros((3,), jnp.float32), "d": jnp.zeros((), jnp.float32),
+            "e": jnp.zeros((1, 4), jnp.float16), "codes": jnp.full((4,), 255, jnp.uint8)}
+    check = jax.jit(train._all_finite)
+    assert bool(check(tree, jnp.float32(1.0)))
+    assert bool(check({}, {"codes": tree["codes"]}))
+    for name in ("a", "b", "c", "d", "e"):
+        for i in range(tree[name].size):
+            for bad in (np.nan, np.inf, -np.inf):
+                leaf = tree[name].reshape(-1).at[i].set(bad).reshape(tree[name].shape)
+                assert not bool(check({**tree, name: leaf})), (name, i, bad)
+                assert not bool(check(tree, {"x": leaf})), (name, i, bad)  # in a second tree
+    assert not bool(check(tree, jnp.float32(np.nan)))  # a scalar (the loss)
+
+
 def test_gradient_accumulation_updates_once_per_k_micro_batches(tmp_path):
     """grad_accum_steps=4: MultiSteps around dq_optimizer; the schedule counts updates."""
     config = small_digits(num_train_steps=8, grad_accum_steps=4, batch_size=32,
@@ -715,8 +734,11 @@ def _pre_issue27_train_step(state, batch, *, model, label_smoothing):
                                     quant_stats=new_vars.get(QUANT_STATS, {}))
     diagnostics = optim.code_diagnostics(state.codes, updated.codes, updated.params)
     grads, w_grads = grads["params"], grads.get(optim.PERTURBATIONS, {})
-    ok = jnp.isfinite(loss) & train._all_finite(grads) & train._all_finite(w_grads) & \
-        train._all_finite(train._float_leaves(updated))
+    # The guard as it was: one `all(isfinite)` per leaf (train._all_finite now groups by size).
+    per_leaf = lambda leaves: jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+    ok = jnp.isfinite(loss) & per_leaf(jax.tree.leaves(grads)) & \
+        per_leaf(jax.tree.leaves(w_grads)) & per_leaf(train._float_leaves(updated))
     new_state = jax.lax.cond(ok, lambda: updated, lambda: state.replace(step=state.step + 1))
     return new_state, {
         "loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),

@@ -151,6 +151,33 @@ def fit_uniform_step(x: jax.Array, alpha: jax.Array, w_c: jax.Array,
     return jnp.where((den > 0) & (new > 0), new, alpha)
 
 
+def fit_uniform_step_one_pass(x: jax.Array, alpha: jax.Array, num_levels: int, signed: bool,
+                              act_error: str) -> jax.Array:
+    """`fit_uniform_step(x, alpha, channel_weights(x, act_error), ...)` in one pass over `x`.
+
+    The channel energies and the two per-channel sums of the step (`x k`, `k k`) come from
+    one variadic reduction instead of three: the train step's EMA reads each activation once
+    (issue 27: bytes moved on accelerators; one reduction kernel instead of three to compile).
+    The sums are the same up to the order XLA adds them in (float round-off), so the step
+    equals `fit_uniform_step`'s to a few ulp, and bitwise where the sums are exact.
+    """
+    c = x.shape[-1]
+    k = uniform_codes(x, alpha, num_levels, signed)
+    x2, k2 = x.reshape(-1, c), k.reshape(-1, c)
+    zero = jnp.zeros((), x.dtype)
+    sxx, sxk, skk = jax.lax.reduce(
+        (x2 * x2, x2 * k2, k2 * k2), (zero, zero, zero),
+        lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), (0,))
+    if act_error == "global":
+        w_c = jnp.ones((c,), jnp.float32)
+    else:  # channel_weights' formula, from the same energies
+        energy = sxx / x2.shape[0]
+        w_c = 1.0 / (energy + (_REL_EPS * jnp.mean(energy) + 1e-30))
+    num, den = jnp.sum(w_c * sxk), jnp.sum(w_c * skk)
+    new = num / jnp.where(den > 0, den, 1.0)
+    return jnp.where((den > 0) & (new > 0), new, alpha)
+
+
 def calibrate_uniform(x: jax.Array, w_c: jax.Array, num_levels: int, signed: bool,
                       iters: int) -> jax.Array:
     """First-batch step: best of a clipping grid, then `iters` closed-form steps.
@@ -293,8 +320,8 @@ class ActQuantizer(nn.Module):
 
     def _ema(self, xs: jax.Array, cur: jax.Array, w_c: jax.Array, signed: bool) -> jax.Array:
         cfg = self.config
-        if cfg.act_levels == "uniform":
-            step = fit_uniform_step(xs, cur, w_c, cfg.num_act_levels, signed)
+        if cfg.act_levels == "uniform":  # w_c from the step's own pass (one read of xs)
+            step = fit_uniform_step_one_pass(xs, cur, cfg.num_act_levels, signed, cfg.act_error)
             return cfg.act_momentum * cur + (1 - cfg.act_momentum) * step
         step = fit_learned_levels(xs, cur, w_c, nonnegative=not signed)
         return jnp.sort(cfg.act_momentum * cur + (1 - cfg.act_momentum) * step)

@@ -155,9 +155,14 @@ def count_levels_below(levels: jax.Array, w: jax.Array, *, inclusive: bool) -> j
     """
     ng, nk = levels.shape
     if nk <= _COMPARE_ALL_MAX_LEVELS:
-        table = levels if ng > 1 else levels[0]
-        cmp = (w[..., None] >= table) if inclusive else (w[..., None] > table)
-        return jnp.sum(cmp, axis=-1, dtype=jnp.int32)
+        # One compare per level, summed elementwise: the count fuses into its consumer (the
+        # re-assignment) as one loop; a `[..., K]` compare reduced over K was a reduction
+        # kernel of its own per layer (issue 27: compile time). The same integer count.
+        count = jnp.zeros(w.shape, jnp.int32)
+        for k in range(nk):
+            column = _group_column(levels, k)
+            count = count + ((w >= column) if inclusive else (w > column)).astype(jnp.int32)
+        return count
     side = "right" if inclusive else "left"
     flat = w.reshape(-1, ng).T  # [G, n]
     out = jax.vmap(lambda t, v: jnp.searchsorted(t, v, side=side))(levels, flat)
