@@ -66,9 +66,10 @@ def _all_finite(*trees: PyTree) -> jax.Array:
     """Whether every float element of `trees` is finite, as one reduction per leaf *size*.
 
     Leaves of one size are flattened, `isfinite`-and-ed elementwise and reduced once: a
-    per-leaf `all(isfinite(x))` compiles one reduction kernel per leaf (~400 in a DQ
-    ResNet-20 step, plus a chain of scalar `and`s), which XLA:CPU compiles one at a time
-    (issue 27: compile time); grouped, a dozen or so. The same boolean, the same bytes read.
+    per-leaf `all(isfinite(x))` is one reduction kernel per leaf (~360 in a DQ ResNet-20
+    step, plus a chain of scalar `and`s; one launch each on an accelerator), grouped it is
+    about a dozen (issue 27). The same boolean, the same bytes read. (XLA:CPU's compile time
+    did not move measurably with it: docs/notebook.md §2.2.)
     """
     groups: dict[int, list[jax.Array]] = {}
     for x in _float_leaves(list(trees)):

@@ -74,6 +74,23 @@ def test_compile_time_bad_arguments_fail_clearly(args, needle):
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
 
 
+def test_compile_ablation_tiny_runs_every_variant():
+    """The compile ablation harness (issue 27) compiles every variant and prints each one's
+    median over float's; unknown variants fail in one line."""
+    sys.path.insert(0, str(ROOT))
+    from bench import compile_ablation
+    names = list(compile_ablation.variants())
+    proc = _run("bench/compile_ablation.py", "--model=digits_cnn", "--batch=8", "--rounds=1",
+                f"--variants={','.join(names)}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in names:
+        assert re.search(rf"^{name}\s+wall median\s+[0-9.]+ s  x[0-9.]+ ", proc.stdout,
+                         flags=re.M), name
+    assert re.search(r"^float\s+wall median\s+[0-9.]+ s  x1\.00 ", proc.stdout, flags=re.M)
+    bad = _run("bench/compile_ablation.py", "--variants=dq,no_such", timeout=60)
+    assert bad.returncode == 2 and "--variants: unknown no_such" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_state_memory_dq_below_latent_ste():
     """DQ stores uint8 codes instead of a float latent kernel: its state is smaller."""
     sys.path.insert(0, str(ROOT))

@@ -157,7 +157,7 @@ def fit_uniform_step_one_pass(x: jax.Array, alpha: jax.Array, num_levels: int, s
 
     The channel energies and the two per-channel sums of the step (`x k`, `k k`) come from
     one variadic reduction instead of three: the train step's EMA reads each activation once
-    (issue 27: bytes moved on accelerators; one reduction kernel instead of three to compile).
+    (issue 27: bytes moved on accelerators; one reduction kernel instead of three).
     The sums are the same up to the order XLA adds them in (float round-off), so the step
     equals `fit_uniform_step`'s to a few ulp, and bitwise where the sums are exact.
     """

@@ -157,7 +157,7 @@ def count_levels_below(levels: jax.Array, w: jax.Array, *, inclusive: bool) -> j
     if nk <= _COMPARE_ALL_MAX_LEVELS:
         # One compare per level, summed elementwise: the count fuses into its consumer (the
         # re-assignment) as one loop; a `[..., K]` compare reduced over K was a reduction
-        # kernel of its own per layer (issue 27: compile time). The same integer count.
+        # kernel of its own per layer (issue 27). The same integer count.
         count = jnp.zeros(w.shape, jnp.int32)
         for k in range(nk):
             column = _group_column(levels, k)
