@@ -115,7 +115,11 @@ def channel_weights(x: jax.Array, act_error: str) -> jax.Array:
     c = x.shape[-1]
     if act_error == "global":
         return jnp.ones((c,), jnp.float32)
-    energy = jnp.mean(jnp.square(x.reshape(-1, c)), axis=0)
+    return _weights_of_energy(jnp.mean(jnp.square(x.reshape(-1, c)), axis=0))
+
+
+def _weights_of_energy(energy: jax.Array) -> jax.Array:
+    """`w_c` from the per-channel mean squares: the floor keeps a dead channel finite."""
     eps = _REL_EPS * jnp.mean(energy) + 1e-30
     return 1.0 / (energy + eps)
 
@@ -145,8 +149,14 @@ def fit_uniform_step(x: jax.Array, alpha: jax.Array, w_c: jax.Array,
     keeps `alpha`.
     """
     k = uniform_codes(x, alpha, num_levels, signed)
-    num = jnp.sum(w_c * _per_channel_sum(x * k))
-    den = jnp.sum(w_c * _per_channel_sum(k * k))
+    return _least_squares_step(alpha, w_c, _per_channel_sum(x * k), _per_channel_sum(k * k))
+
+
+def _least_squares_step(alpha: jax.Array, w_c: jax.Array, sxk: jax.Array,
+                        skk: jax.Array) -> jax.Array:
+    """The weighted LS step from per-channel sums of `x k` and `k k`; keeps `alpha` when
+    the batch gives no (positive) answer."""
+    num, den = jnp.sum(w_c * sxk), jnp.sum(w_c * skk)
     new = num / jnp.where(den > 0, den, 1.0)
     return jnp.where((den > 0) & (new > 0), new, alpha)
 
@@ -168,14 +178,9 @@ def fit_uniform_step_one_pass(x: jax.Array, alpha: jax.Array, num_levels: int, s
     sxx, sxk, skk = jax.lax.reduce(
         (x2 * x2, x2 * k2, k2 * k2), (zero, zero, zero),
         lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), (0,))
-    if act_error == "global":
-        w_c = jnp.ones((c,), jnp.float32)
-    else:  # channel_weights' formula, from the same energies
-        energy = sxx / x2.shape[0]
-        w_c = 1.0 / (energy + (_REL_EPS * jnp.mean(energy) + 1e-30))
-    num, den = jnp.sum(w_c * sxk), jnp.sum(w_c * skk)
-    new = num / jnp.where(den > 0, den, 1.0)
-    return jnp.where((den > 0) & (new > 0), new, alpha)
+    w_c = jnp.ones((c,), jnp.float32) if act_error == "global" else \
+        _weights_of_energy(sxx / x2.shape[0])
+    return _least_squares_step(alpha, w_c, sxk, skk)
 
 
 def calibrate_uniform(x: jax.Array, w_c: jax.Array, num_levels: int, signed: bool,
