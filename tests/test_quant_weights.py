@@ -992,3 +992,41 @@ def test_sort_levels_equals_lax_sort_bit_for_bit(num_levels):
                                           err_msg=f"{name}, levels {levels}")
     text = jax.jit(lambda l, c: wq.sort_levels(l, c)).lower(levels, codes).as_text()
     assert ("stablehlo.sort" in text) == (num_levels > wq.SELECT_MAX_LEVELS)
+
+
+def test_sort_level_tables_is_a_sort_per_table_bit_for_bit():
+    """Issue 27: the optimizer sorts every layer's table in one batched op. Tables of mixed
+    shapes (per-layer, per-channel, stacked [S, G, L]), level counts (4, 8 and 32: the last
+    keeps its own `lax.sort`) and dtypes give, table by table, exactly `sort_levels`' sorted
+    levels, perm and code remap (ties, -0/+0, NaN and inf included); the permutation of
+    per-level statistics (float32 and bfloat16) likewise equals `permute_levels` of each."""
+    rng = np.random.default_rng(3)
+    shapes = [(1, 4), (5, 4), (3, 1, 4), (2, 8), (1, 32), (1, 4), (4, 8)]
+    tables = []
+    for i, shape in enumerate(shapes):
+        t = np.round(rng.standard_normal(shape) * 2).astype(np.float32) / 2  # ties
+        t.reshape(-1)[:2] = [[-0.0, 0.0], [np.nan, 1.0], [np.inf, -np.inf]][i % 3]
+        tables.append(jnp.asarray(t))
+    got = jax.jit(wq.sort_level_tables)(tables)
+    stats = [jnp.asarray(rng.standard_normal(t.shape), jnp.bfloat16 if i == 5 else jnp.float32)
+             for i, t in enumerate(tables)]  # statistics of two dtypes: two batches
+    permuted = jax.jit(wq.permute_level_tables)(stats, [perm for _, perm, _ in got])
+    for table, (levels, perm, inverse), stat, moved in zip(tables, got, stats, permuted):
+        flat = table.reshape(-1, table.shape[-1])
+        codes = jnp.asarray(rng.integers(0, table.shape[-1], (6, flat.shape[0])), jnp.uint8)
+        want_levels, want_codes, want_perm = jax.jit(
+            lambda l, c: wq.sort_levels(l, c, return_perm=True))(flat, codes)
+        assert levels.dtype == table.dtype and levels.shape == table.shape
+        np.testing.assert_array_equal(_bits(levels.reshape(flat.shape)), _bits(want_levels))
+        np.testing.assert_array_equal(perm.reshape(flat.shape), want_perm)
+        np.testing.assert_array_equal(wq.remap_codes(inverse.reshape(flat.shape), codes),
+                                      want_codes)
+        np.testing.assert_array_equal(_bits(moved), _bits(wq.permute_levels(stat, perm)))
+
+
+def test_level_sort_of_a_model_is_one_batched_chain():
+    """The batched sort ranks all tables of one level count in one `[rows, L, L]` compare:
+    its jaxpr does not grow with the number of layers (an op chain per layer did)."""
+    count = lambda n: len(jax.make_jaxpr(wq.sort_level_tables)(
+        [jnp.zeros((1, 4))] * n).jaxpr.eqns)
+    assert count(18) - count(2) <= 16 * 4, (count(2), count(18))  # concat in, slice out
