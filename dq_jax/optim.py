@@ -32,7 +32,6 @@ import numpy as np
 import optax
 
 from dq_jax.layers import CODES, PERTURBATIONS
-from dq_jax.quant import inline
 from dq_jax.quant import weights as wq
 from dq_jax.quant.config import (FEEDBACK_ROUNDINGS, INERTIA_AFTER_MOVE, RANDOM_STREAMS,
                                  ROUNDINGS)
@@ -191,19 +190,18 @@ def permute_level_statistics(opt_state: PyTree,
     if not perms:
         return opt_state
 
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
-    found = {}  # leaf index -> its levels' perm (the first levels path its path ends with)
-    for i, (keypath, leaf) in enumerate(leaves):
-        path = _path_names(keypath)
+    def names(keypath) -> tuple[str, ...]:
+        return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
+
+    def visit(keypath, leaf):
+        path = names(keypath)
         for levels_path, perm in perms.items():
-            if path[-len(levels_path):] == levels_path and getattr(
-                    leaf, "shape", None) == perm.shape:
-                found[i] = perm
-                break
-    # All statistics permuted together, as the rows of one table per level count (issue 27).
-    permuted = dict(zip(found, wq.permute_level_tables([leaves[i][1] for i in found],
-                                                       list(found.values()))))
-    return treedef.unflatten([permuted.get(i, leaf) for i, (_, leaf) in enumerate(leaves)])
+            n = len(levels_path)
+            if path[-n:] == levels_path and getattr(leaf, "shape", None) == perm.shape:
+                return wq.permute_levels(leaf, perm)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(visit, opt_state)
 
 
 def _check_tree(tree: Any, what: str) -> None:
@@ -506,18 +504,15 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         p_updates, params_state = params_tx.update(g, state.params, p)
         flat_upd = flatten(p_updates)
         new_p = flatten(optax.apply_updates(p, p_updates))
-        # One batched sort of every layer's table (bitwise a sort per layer, fewer ops).
-        level_paths = [k for k in new_p if k[-1] == LEVELS]
         perms = {}
-        for path, (levels, perm, inverse) in zip(level_paths, wq.sort_level_tables(
-                [new_p[k] for k in level_paths])):
+        for path in [k for k in new_p if k[-1] == LEVELS]:
             code_path = path[:-1] + ("kernel",)
-            perms[path] = perm
+            levels, remapped, perms[path] = _sort(new_p[path], new_codes.get(code_path))
             iota = jax.lax.broadcasted_iota(jnp.int32, levels.shape, levels.ndim - 1)
-            flat_upd[path] = inline.select(perm == iota, flat_upd[path], levels - flat_p[path])
-            if code_path in new_codes:
-                new_codes[code_path] = _over_stack(wq.remap_codes, _stack_dims(levels))(
-                    inverse, new_codes[code_path])
+            flat_upd[path] = jnp.where(perms[path] == iota, flat_upd[path],
+                                       levels - flat_p[path])
+            if remapped is not None:
+                new_codes[code_path] = remapped
                 if rounding == "latent_feedback":  # the latent stays; its nearest level moves
                     new_codes[code_path] = _reassign(levels, targets[code_path], step_key,
                                                      "nearest")
@@ -604,9 +599,9 @@ def _spend_evidence(codes_state: PyTree, steps: dict, moved: dict, rule: str) ->
         hit = d != 0
         m32 = m.astype(jnp.float32)
         if rule == "reset":
-            out = inline.select(hit, 0.0, m32)
+            out = jnp.where(hit, 0.0, m32)
         else:
-            out = inline.select(hit, m32 * ((u - d) / inline.select(hit, u, 1.0)), m32)
+            out = jnp.where(hit, m32 * ((u - d) / jnp.where(hit, u, 1.0)), m32)
         return out.astype(m.dtype)
 
     def visit(x):
@@ -666,3 +661,12 @@ def _quantize_residual(levels: jax.Array, codes: jax.Array, residual: jax.Array,
     return _keyed_over_stack(lambda lv, c, r, k: wq.quantize_cell_residual(lv, c, r, bits, k),
                              levels, key, codes, residual)
 
+
+def _sort(levels: jax.Array, codes: jax.Array | None):
+    """`wq.sort_levels(..., return_perm=True)` over the leading stack axes of `levels` too."""
+    n = _stack_dims(levels)
+    if codes is None:
+        fn = lambda lv: wq.sort_levels(lv, None, return_perm=True)
+        sorted_, _, perm = _over_stack(fn, n)(levels)
+        return sorted_, None, perm
+    return _over_stack(lambda lv, c: wq.sort_levels(lv, c, return_perm=True), n)(levels, codes)

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dq_jax.quant import inline
 from dq_jax.quant.config import QuantConfig
 
 # Relative floor of a channel's energy: a (nearly) dead channel's weight is
@@ -131,7 +130,7 @@ def _per_channel_sum(v: jax.Array) -> jax.Array:
 
 def uniform_codes(x: jax.Array, alpha: jax.Array, num_levels: int, signed: bool) -> jax.Array:
     lo, hi = grid_bounds(num_levels, signed)
-    return inline.clip(inline.round_half_even(x / alpha), lo, hi)
+    return jnp.clip(jnp.round(x / alpha), lo, hi)
 
 
 def uniform_error(x: jax.Array, alpha: jax.Array, w_c: jax.Array,
@@ -158,8 +157,8 @@ def _least_squares_step(alpha: jax.Array, w_c: jax.Array, sxk: jax.Array,
     """The weighted LS step from per-channel sums of `x k` and `k k`; keeps `alpha` when
     the batch gives no (positive) answer."""
     num, den = jnp.sum(w_c * sxk), jnp.sum(w_c * skk)
-    new = num / inline.select(den > 0, den, 1.0)
-    return inline.select((den > 0) & (new > 0), new, alpha)
+    new = num / jnp.where(den > 0, den, 1.0)
+    return jnp.where((den > 0) & (new > 0), new, alpha)
 
 
 def fit_uniform_step_one_pass(x: jax.Array, alpha: jax.Array, num_levels: int, signed: bool,
@@ -193,7 +192,7 @@ def calibrate_uniform(x: jax.Array, w_c: jax.Array, num_levels: int, signed: boo
     """
     lo, hi = grid_bounds(num_levels, signed)
     top = jnp.max(jnp.abs(x)) / max(hi, -lo, 1)
-    top = inline.select(top > 0, top, 1.0)
+    top = jnp.where(top > 0, top, 1.0)
     fracs = jnp.geomspace(0.02, 1.0, _CALIB_GRID)
     errors = jax.vmap(lambda a: uniform_error(x, a, w_c, num_levels, signed))(fracs * top)
     alpha = fracs[jnp.argmin(errors)] * top
@@ -227,7 +226,7 @@ def _level_of_index(levels: jax.Array, idx: jax.Array) -> jax.Array:
         return levels.at[idx].get(out_sharding=jax.typeof(idx).sharding)
     out = jnp.broadcast_to(levels[0], idx.shape)
     for k in range(1, levels.shape[0]):
-        out = inline.select(idx == k, levels[k], out)
+        out = jnp.where(idx == k, levels[k], out)
     return out
 
 
@@ -250,14 +249,14 @@ def fit_learned_levels(x: jax.Array, levels: jax.Array, w_c: jax.Array,
     w = jnp.broadcast_to(w_c, x.shape)
     if num_levels <= _SELECT_MAX_LEVELS:
         zero = jnp.zeros((), x.dtype)
-        sums = jnp.stack([jnp.sum(inline.select(idx == k, wx, zero)) for k in range(num_levels)])
-        mass = jnp.stack([jnp.sum(inline.select(idx == k, w, zero)) for k in range(num_levels)])
+        sums = jnp.stack([jnp.sum(jnp.where(idx == k, wx, zero)) for k in range(num_levels)])
+        mass = jnp.stack([jnp.sum(jnp.where(idx == k, w, zero)) for k in range(num_levels)])
     else:  # segment sums; the [L] result is replicated like the levels (Explicit meshes)
         into = jnp.zeros_like(levels, dtype=x.dtype)
         out_sharding = jax.typeof(levels).sharding
         sums = into.at[idx].add(wx, out_sharding=out_sharding)
         mass = into.at[idx].add(w, out_sharding=out_sharding)
-    new = inline.select(mass > 0, sums / inline.select(mass > 0, mass, 1.0), levels)
+    new = jnp.where(mass > 0, sums / jnp.where(mass > 0, mass, 1.0), levels)
     if nonnegative:
         new = jnp.concatenate([jnp.zeros((1,), new.dtype), jnp.maximum(new[1:], 0.0)])
     return jnp.sort(new)
@@ -278,7 +277,7 @@ def _clipped_ste(x: jax.Array, q: jax.Array, lo: jax.Array, hi: jax.Array) -> ja
     # Not jnp.clip: its gradient is 0.5 at x == lo / x == hi (e.g. exact post-ReLU zeros).
     # `q + (xs - sg(xs))` keeps the forward value exactly `q`.
     inside = (x >= lo) & (x <= hi)
-    xs = inline.select(inside, x, jax.lax.stop_gradient(x))
+    xs = jnp.where(inside, x, jax.lax.stop_gradient(x))
     return q + (xs - jax.lax.stop_gradient(xs))
 
 
@@ -372,7 +371,7 @@ class ActQuantizer(nn.Module):
                     errs = [_weighted_error(xs, self._quantize(xs, f, s), w_c)
                             for f, s in zip(fits, (False, True))]
                     use_signed = errs[1] < errs[0]
-                    return inline.select(use_signed, fits[1], fits[0]), use_signed
+                    return jnp.where(use_signed, fits[1], fits[0]), use_signed
 
                 state.value, is_signed.value = jax.lax.cond(
                     initialized.value, lambda cur: (ema(cur), is_signed.value), calibrate,

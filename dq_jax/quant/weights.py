@@ -14,8 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dq_jax.quant import inline
-
 CODE_DTYPE = jnp.uint8
 # Variable names of a quantized kernel's levels [G, L] and of an LSQ layer's step [G]: the one
 # home of these names (layers, optimizer, export and the integer path import them).
@@ -88,7 +86,7 @@ def _select_lookup(table: jax.Array, codes: jax.Array) -> jax.Array:
     num_levels = table.shape[-1]
     out = jnp.broadcast_to(_group_column(table, 0), codes.shape)
     for k in range(1, num_levels):
-        out = inline.select(codes == k, _group_column(table, k), out)
+        out = jnp.where(codes == k, _group_column(table, k), out)
     return out
 
 
@@ -103,7 +101,7 @@ def _masked_level_sums(values: jax.Array, codes: jax.Array, num_groups_: int,
     """
     axes = tuple(range(codes.ndim)) if num_groups_ == 1 else tuple(range(codes.ndim - 1))
     zero = jnp.zeros((), values.dtype)
-    sums = [jnp.sum(inline.select(codes == k, values, zero), axis=axes) for k in range(num_levels)]
+    sums = [jnp.sum(jnp.where(codes == k, values, zero), axis=axes) for k in range(num_levels)]
     return jnp.stack(sums, axis=-1).reshape(num_groups_, num_levels)
 
 
@@ -182,7 +180,7 @@ def bracketing_levels(levels: jax.Array, target: jax.Array):
     """Per entry, `(k, l_k, l_{k+1})` with `l_k <= target < l_{k+1}` (int32 `k` clipped to
     [0, L-2], so a target outside the range gets the end pair): the two levels a rounding of
     `target` chooses between. `levels`: [G, L] sorted."""
-    k = inline.clip(count_levels_below(levels, target, inclusive=True) - 1, 0, levels.shape[-1] - 2)
+    k = jnp.clip(count_levels_below(levels, target, inclusive=True) - 1, 0, levels.shape[-1] - 2)
     return k, _lookup(levels, k), _lookup(levels, k + 1)
 
 
@@ -205,11 +203,11 @@ def stochastic_codes(levels: jax.Array, target: jax.Array, key: jax.Array,
     chex.assert_rank(levels, 2)
     k, lo, hi = bracketing_levels(levels, target)
     gap = hi - lo
-    p = inline.select(gap > 0, (target - lo) / inline.select(gap > 0, gap, 1.0), 0.0)
-    p = inline.clip(p, 0.0, 1.0)
+    p = jnp.where(gap > 0, (target - lo) / jnp.where(gap > 0, gap, 1.0), 0.0)
+    p = jnp.clip(p, 0.0, 1.0)
     if temperature is not None:
         t = jnp.asarray(temperature, jnp.float32)
-        p = inline.clip((p - 0.5) / jnp.maximum(t, jnp.finfo(jnp.float32).tiny) + 0.5, 0.0, 1.0)
+        p = jnp.clip((p - 0.5) / jnp.maximum(t, jnp.finfo(jnp.float32).tiny) + 0.5, 0.0, 1.0)
     if uniform is None:
         # A flat draw, reshaped: XLA compiles rank-1 threefry far faster than rank-4.
         uniform = jax.random.uniform(key, (target.size,), jnp.float32).reshape(target.shape)
@@ -244,11 +242,11 @@ def quantize_cell_residual(levels: jax.Array, codes: jax.Array, residual: jax.Ar
     at = _lookup(levels, k)
     up = _lookup(levels, jnp.minimum(k + 1, top)) - at
     down = at - _lookup(levels, jnp.maximum(k - 1, 0))
-    up, down = inline.select(k == top, down, up), inline.select(k == 0, up, down)
-    side = lambda z, gap_up, gap_down: inline.select(z >= 0, gap_up, gap_down)
+    up, down = jnp.where(k == top, down, up), jnp.where(k == 0, up, down)
+    side = lambda z, gap_up, gap_down: jnp.where(z >= 0, gap_up, gap_down)
     gap = side(residual, up, down)
-    z = inline.clip(residual / inline.select(gap > 0, gap, 1.0), -0.5, 0.5)
-    z = inline.select(gap > 0, z, 0.0)
+    z = jnp.clip(residual / jnp.where(gap > 0, gap, 1.0), -0.5, 0.5)
+    z = jnp.where(gap > 0, z, 0.0)
     if uniform is None:
         uniform = jax.random.uniform(key, (residual.size,), jnp.float32).reshape(residual.shape)
     z_q = (jnp.floor(z * n - 0.5 + uniform) + 0.5) / n
@@ -274,7 +272,7 @@ def inertia_codes(levels: jax.Array, codes: jax.Array, step: jax.Array,
     step = step.astype(at.dtype)
     move_up = (step > 0) & (k < top) & (step >= threshold * up)
     move_down = (step < 0) & (k > 0) & (-step >= threshold * down)
-    moved = inline.select(move_up, up, inline.select(move_down, -down, jnp.zeros_like(at)))
+    moved = jnp.where(move_up, up, jnp.where(move_down, -down, jnp.zeros_like(at)))
     new = k + move_up.astype(jnp.int32) - move_down.astype(jnp.int32)
     return new.astype(CODE_DTYPE), moved
 
@@ -297,83 +295,25 @@ def sort_levels(levels: jax.Array, codes: jax.Array | None = None, *,
 
     Returns `(sorted_levels, remapped_codes)` (codes None if not given), and with
     `return_perm=True` also `perm` ([G, L] int32, `sorted = take_along_axis(levels, perm)`:
-    what per-level statistics need, see `permute_levels`). Up to `SELECT_MAX_LEVELS` levels
-    the order comes from compares (`_stable_ranks`), above from one `lax.sort` of the levels
-    with their positions (the sort `jnp.argsort` runs); no gather applies the permutation,
-    and the code remap is `remap_codes` (selects up to `SELECT_MAX_LEVELS` levels).
+    what per-level statistics need, see `permute_levels`). The levels are sorted together
+    with their positions in one `lax.sort` (the sort `jnp.argsort` runs), so no gather is
+    needed to apply the permutation; the code remap is a `_lookup` (selects up to
+    `SELECT_MAX_LEVELS` levels).
     """
-    sorted_levels, perm, inverse = _sort_table(levels, need_inverse=codes is not None)
-    new_codes = None if codes is None else remap_codes(inverse, codes)
-    return (sorted_levels, new_codes, perm) if return_perm else (sorted_levels, new_codes)
-
-
-def _sort_table(levels: jax.Array, need_inverse: bool = True):
-    """(sorted, perm, inverse) of a `[..., L]` table along its last axis (`inverse`: old code
-    -> new code; None when not needed above `SELECT_MAX_LEVELS`)."""
     if levels.shape[-1] <= SELECT_MAX_LEVELS:
         # Ranks by compares (elementwise over [..., L, L]): no `sort` op, which XLA compiles as
         # a comparator and a loop per layer (issue 27: compile time); the same order.
         inverse = _stable_ranks(levels)            # old code -> new code
         perm = _inverse_permutation(inverse)
-        return permute_levels(levels, perm), perm, inverse
-    iota = jax.lax.broadcasted_iota(jnp.int32, levels.shape, levels.ndim - 1)
-    sorted_levels, perm = jax.lax.sort_key_val(levels, iota, dimension=levels.ndim - 1)
-    # old code -> new code: the inverse permutation, by a second (integer) sort
-    inverse = jax.lax.sort_key_val(perm, iota, dimension=levels.ndim - 1)[1] \
-        if need_inverse else None
-    return sorted_levels, perm, inverse
-
-
-def remap_codes(inverse: jax.Array, codes: jax.Array) -> jax.Array:
-    """`inverse[g, codes]` in the codes' dtype: codes of the old level order -> the sorted one
-    (`inverse` [G, L] from a sort of the levels)."""
-    return _lookup(inverse, codes).astype(codes.dtype)
-
-
-def _row_batches(tables: Sequence[jax.Array]) -> dict[tuple, list[int]]:
-    """Indices of the `[..., L]` tables that can be handled as one `[rows, L]` table: same L
-    and dtype, L <= `SELECT_MAX_LEVELS` (row-wise selects and compares)."""
-    batches: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tables):
-        if t.shape[-1] <= SELECT_MAX_LEVELS:
-            batches.setdefault((t.shape[-1], jnp.dtype(t.dtype)), []).append(i)
-    return batches
-
-
-def _rows_apply(fn, tables: Sequence[jax.Array], *others: Sequence[jax.Array]) -> list:
-    """`fn` (row-wise, returning a tuple of `[rows, L]` arrays) of the tables' rows stacked
-    into one `[rows, L]` table, split back to each table's shape."""
-    num_levels = tables[0].shape[-1]
-    rows = lambda ts: jnp.concatenate([t.reshape(-1, num_levels) for t in ts], axis=0)
-    outs = fn(rows(tables), *(rows(o) for o in others))
-    ends = np.cumsum([int(np.prod(t.shape[:-1], dtype=np.int64)) for t in tables])
-    return [tuple(o[end - n:end].reshape(t.shape) for o in outs)
-            for t, end, n in zip(tables, ends, np.diff(ends, prepend=0))]
-
-
-def sort_level_tables(tables: Sequence[jax.Array]) -> list[tuple]:
-    """`(sorted, perm, inverse)` of every table (`[..., L]`, e.g. each layer's levels, stack
-    axes included): bitwise `_sort_table` of each. Tables of the same L and dtype (up to
-    `SELECT_MAX_LEVELS`) are ranked together as the rows of one table, so a model's level sort
-    is one chain of small ops, not one per layer (issue 27: the DQ update's compile time)."""
-    out: list = [None] * len(tables)
-    for idx in _row_batches(tables).values():
-        for i, res in zip(idx, _rows_apply(lambda r: _sort_table(r), [tables[i] for i in idx])):
-            out[i] = res
-    return [res if res is not None else _sort_table(t) for t, res in zip(tables, out)]
-
-
-def permute_level_tables(tables: Sequence[jax.Array], perms: Sequence[jax.Array]) -> list:
-    """`permute_levels(t, p)` of every (table, perm) pair, bitwise; tables of the same L and
-    dtype (up to `SELECT_MAX_LEVELS`) permuted together as the rows of one table."""
-    out: list = [None] * len(tables)
-    for idx in _row_batches(tables).values():
-        done = _rows_apply(lambda r, p: (permute_levels(r, p),), [tables[i] for i in idx],
-                           [perms[i] for i in idx])
-        for i, (res,) in zip(idx, done):
-            out[i] = res
-    return [res if res is not None else permute_levels(t, p)
-            for t, p, res in zip(tables, perms, out)]
+        sorted_levels = permute_levels(levels, perm)
+    else:
+        iota = jax.lax.broadcasted_iota(jnp.int32, levels.shape, levels.ndim - 1)
+        sorted_levels, perm = jax.lax.sort_key_val(levels, iota, dimension=levels.ndim - 1)
+        # old code -> new code: the inverse permutation, by a second (integer) sort
+        inverse = jax.lax.sort_key_val(perm, iota, dimension=levels.ndim - 1)[1] \
+            if codes is not None else None
+    new_codes = None if codes is None else _lookup(inverse, codes).astype(codes.dtype)
+    return (sorted_levels, new_codes, perm) if return_perm else (sorted_levels, new_codes)
 
 
 def _stable_ranks(levels: jax.Array) -> jax.Array:
@@ -381,7 +321,7 @@ def _stable_ranks(levels: jax.Array) -> jax.Array:
     `lax.sort`'s order for floats (`_order_key`: -0 = +0, NaNs last; denormals tie with 0 as
     XLA:CPU's comparator flushes them): the count of levels before it in that order."""
     tiny = jnp.abs(levels) < jnp.finfo(jnp.float32).tiny
-    key = _order_key(inline.select(tiny, jnp.zeros_like(levels), levels))
+    key = _order_key(jnp.where(tiny, jnp.zeros_like(levels), levels))
     a, b = key[..., :, None], key[..., None, :]
     idx = jnp.arange(levels.shape[-1])
     before = (b < a) | ((b == a) & (idx[None, :] < idx[:, None]))
@@ -391,7 +331,7 @@ def _stable_ranks(levels: jax.Array) -> jax.Array:
 def _inverse_permutation(ranks: jax.Array) -> jax.Array:
     """`perm` with `perm[..., ranks[..., k]] = k` (the argsort of a stable sort)."""
     idx = jnp.arange(ranks.shape[-1], dtype=jnp.int32)
-    return jnp.sum(inline.select(ranks[..., None, :] == idx[:, None], idx[None, :], 0), axis=-1,
+    return jnp.sum(jnp.where(ranks[..., None, :] == idx[:, None], idx[None, :], 0), axis=-1,
                    dtype=jnp.int32)
 
 
@@ -403,7 +343,7 @@ def permute_levels(x: jax.Array, perm: jax.Array) -> jax.Array:
         return jnp.take_along_axis(x, perm, axis=-1)
     out = jnp.broadcast_to(x[..., :1], perm.shape)
     for k in range(1, num_levels):
-        out = inline.select(perm == k, x[..., k:k + 1], out)
+        out = jnp.where(perm == k, x[..., k:k + 1], out)
     return out
 
 
@@ -427,13 +367,13 @@ def _order_key(x: jax.Array) -> jax.Array:
     value; XLA:CPU's float comparator flushes them (ties them with 0), which only moves values
     that a flushing multiply then reads as 0 anyway."""
     u = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    u = inline.select(u & jnp.uint32(0x7FFFFFFF) == 0, jnp.uint32(0), u)   # -0 -> +0 (bits: DAZ-proof)
-    key = inline.select(u >> 31 == 1, ~u, u | jnp.uint32(0x80000000))
-    return inline.select(jnp.isnan(x), jnp.uint32(0xFFFFFFFF), key)
+    u = jnp.where(u & jnp.uint32(0x7FFFFFFF) == 0, jnp.uint32(0), u)   # -0 -> +0 (bits: DAZ-proof)
+    key = jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(0x80000000))
+    return jnp.where(jnp.isnan(x), jnp.uint32(0xFFFFFFFF), key)
 
 
 def _from_order_key(k: jax.Array) -> jax.Array:
-    u = inline.select(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
+    u = jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
     return jax.lax.bitcast_convert_type(u, jnp.float32)
 
 
