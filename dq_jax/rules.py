@@ -159,15 +159,24 @@ class QuantizedModel(nn.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         won: set[int] = set()
-        twins: dict[int, nn.Module] = {}  # id(float layer) -> its twin (a layer called twice)
+        # id(float layer) -> (that layer, its twin): a layer called twice reuses its twin. The
+        # entry holds the layer itself, so its id cannot pass to another module while this call
+        # runs (nn.scan / nn.remat trace their body more than once: the first trace's modules
+        # die, and a new one at the same address took a dead twin, whose variables were lost).
+        twins: dict[int, tuple[nn.Module, nn.Module]] = {}
+
+        def twin_of(module: nn.Module, quant: QuantConfig) -> nn.Module:
+            twins[id(module)] = (module, _quantized_twin(module, quant))
+            return twins[id(module)][1]
         layer_paths: list[str] = []
 
         def interceptor(next_fun: Callable, call_args, call_kwargs, context):
             module = context.module
             if context.method_name != "__call__" or not isinstance(module, (nn.Conv, nn.Dense)):
                 return next_fun(*call_args, **call_kwargs)
-            if id(module) in twins:
-                return twins[id(module)](*call_args, **call_kwargs)
+            seen = twins.get(id(module))
+            if seen is not None and seen[0] is module:
+                return seen[1](*call_args, **call_kwargs)
             path = "/".join(module.scope.path)
             configured = isinstance(module, _QuantizedKernelMixin) and not module.quant.is_float
             i = match(self.rules, path, overrides_only=configured)
@@ -193,8 +202,7 @@ class QuantizedModel(nn.Module):
                     new = self.rules[j].apply(new)
                 if new == own:
                     return next_fun(*call_args, **call_kwargs)
-                twins[id(module)] = twin = _quantized_twin(module, new)
-                return twin(*call_args, **call_kwargs)
+                return twin_of(module, new)(*call_args, **call_kwargs)
             if not _replaceable(module):
                 raise ValueError(
                     f"quantize_model: rule {self.rules[i].module_path!r} matches {path}, a "
@@ -204,8 +212,7 @@ class QuantizedModel(nn.Module):
             won.add(i)
             if self.rules[i].quant.is_float:
                 return next_fun(*call_args, **call_kwargs)
-            twins[id(module)] = twin = _quantized_twin(module, self.rules[i].quant)
-            return twin(*call_args, **call_kwargs)
+            return twin_of(module, self.rules[i].quant)(*call_args, **call_kwargs)
 
         with nn.intercept_methods(interceptor):
             out = self.model(*args, **kwargs)

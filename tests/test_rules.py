@@ -6,6 +6,8 @@ train steps with `dq_optimizer` that move codes in every quantized layer, eval.
 """
 from __future__ import annotations
 
+import builtins
+
 from functools import partial
 
 import flax
@@ -168,6 +170,39 @@ def test_a_layer_called_twice_shares_its_quantized_kernel(data):
     v = model.init(jax.random.key(0), x[:2])
     assert set(v["params"]["Conv_0"]) == {"kernel_levels", "bias"}
     assert model.apply(v, x[:2]).shape == (2, 8, 8, 1)
+
+
+def test_a_dead_layers_id_does_not_hand_its_twin_to_a_new_layer(monkeypatch):
+    """nn.scan traces its body more than once; the first trace's layers die, and CPython may
+    give a new layer the same address. The twin of a layer called twice was found by `id`
+    alone, so the new layer took the dead one's twin: its variables went to a dead scope
+    (a flaky `from_float` without the scanned layer, or a leaked tracer). Simulated here by
+    giving every float conv the same id: each still gets its own twin."""
+    from dq_jax import rules
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.relu(nn.Conv(8, (3, 3), name="conv")(x)), None
+
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), name="stem")(x)
+            x, _ = nn.scan(Block, variable_axes={"params": 0, "codes": 0, "quant_stats": 0,
+                                                 "perturbations": 0},
+                           split_rngs={"params": True}, length=3)(name="blocks")(x, None)
+            return x
+
+    float_conv = lambda m: isinstance(m, nn.Conv) and not isinstance(
+        m, rules._QuantizedKernelMixin)
+    monkeypatch.setattr(rules, "id", lambda obj: 0 if float_conv(obj) else builtins.id(obj),
+                        raising=False)
+    x = jnp.ones((1, 8, 8, 1))
+    model = quantize_model(Scanned(), [QuantRule("blocks/conv", W2A2)])
+    v = model.init(jax.random.key(0), x)
+    assert v["params"]["blocks"]["conv"]["kernel_levels"].shape == (3, 1, 4)
+    assert v["codes"]["blocks"]["conv"]["kernel"].shape == (3, 3, 3, 8, 8)
 
 
 def test_bad_rules_are_named(data):
