@@ -34,8 +34,12 @@ import bench  # noqa: E402  (after the path set-up)
 
 from bench import parse_methods  # noqa: E402  (after the path set-up)
 
+# `<method>_bf16`: the same method with `half_precision` (bfloat16 activations), issue 27's
+# accelerator rows.
+BF16_METHODS = tuple(f"{m}_bf16" for m in ("float", "dq_w2a2", "dq_w2a2_inertia",
+                                            "latent_ste_w2a2", "lsq_w2a2"))
 METHODS = ("float", "dq_w2a2", "dq_w2a2_inertia", "dq_w4a4", "latent_ste_w2a2", "lsq_w2a2",
-           "qwix_w4a4", "qwix_w2a2")
+           "qwix_w4a4", "qwix_w2a2", *BF16_METHODS)
 
 
 def parse_args(argv=None):
@@ -50,6 +54,9 @@ def parse_args(argv=None):
                    help="also time the pieces of the DQ W2A2 step (fwd/bwd, optimizer update, "
                         "activation-stat fit, stochastic vs nearest rounding)")
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
+    p.add_argument("--trace_dir", default="",
+                   help="also write a jax.profiler trace of each method's timed steps to "
+                        "TRACE_DIR/<method> (TensorBoard / Perfetto: the kernels each adds)")
     return p.parse_args(argv)
 
 
@@ -58,6 +65,27 @@ def parse_args(argv=None):
 def tree_bytes(tree) -> int:
     import jax
     return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree)))
+
+
+def step_memory(steps, state, batch) -> dict | None:
+    """What XLA plans for one compiled train step (bytes): arguments, outputs, temporaries,
+    and their sum less the donated (aliased) buffers, i.e. the step's peak device memory
+    without fragmentation; plus the device's own `peak_bytes_in_use` where it reports one
+    (GPU/TPU; over the whole process, so one method per process for a per-method peak).
+    None where the backend gives no analysis."""
+    import jax
+    try:
+        a = steps.train.lower(state, batch).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - an optional column
+        return None
+    if a is None:
+        return None
+    out = {k: int(getattr(a, f"{k}_size_in_bytes")) for k in
+           ("argument", "output", "temp", "alias", "generated_code")}
+    out["step_peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    stats = jax.devices()[0].memory_stats() or {}
+    out["device_peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+    return out
 
 
 def state_memory(state) -> dict:
@@ -88,8 +116,13 @@ def base_config(model: str, batch: int):
 
 
 def variant_config(c, method: str):
-    """`dq_w2a2_inertia`: DQ W2A2 with rounding='inertia' (no random draws in the step)."""
+    """`dq_w2a2_inertia`: DQ W2A2 with rounding='inertia' (no random draws in the step);
+    `<method>_bf16`: `<method>` with `half_precision` (bfloat16 activations)."""
     from dq_jax.main import apply_variant
+    if method.endswith("_bf16"):
+        c = variant_config(c, method[:-len("_bf16")])
+        c.half_precision = True
+        return c
     if method.startswith("qwix_"):
         return apply_variant(c, "float")
     if method.endswith("_inertia"):
@@ -155,6 +188,7 @@ class Bench:
         self.np_batch = random_batch(args.model, args.batch, self.num_classes)
         self.qwix_note = ""
         self.qwix_error = ""
+        self.tracing = ""  # the method whose timed steps go to --trace_dir (when set)
 
     def build(self, method: str, cfg=None, model=None, mesh=None):
         import jax
@@ -187,7 +221,12 @@ class Bench:
             box[0], metrics = steps.train(box[0], batch)
             jax.block_until_ready((box[0], metrics))
 
-        return time_fn(one, self.args.repeats), compile_s, box[0]
+        trace = self.args.trace_dir and self.tracing
+        if not trace:
+            return time_fn(one, self.args.repeats), compile_s, box[0]
+        with jax.profiler.trace(str(pathlib.Path(self.args.trace_dir) / trace)):
+            seconds = time_fn(one, self.args.repeats)
+        return seconds, compile_s, box[0]
 
 
 def run_method(bench: Bench, method: str) -> dict:
@@ -220,8 +259,11 @@ def run_method(bench: Bench, method: str) -> dict:
                 print(f"# {method}: int{bits} path failed ({msg[:160]}); retrying with int8 "
                       "storage of the same grid", flush=True)
     _, _, steps, state, batch = bench.build(method)
+    bench.tracing = method
     sec, comp, state = bench.time_train(steps, state, batch)
-    return {"seconds": sec, "compile_s": comp, "memory": state_memory(state), "note": ""}
+    bench.tracing = ""
+    return {"seconds": sec, "compile_s": comp, "memory": state_memory(state),
+            "step_memory": step_memory(steps, state, batch), "note": ""}
 
 
 # --------------------------------------------------------------------------- profile
@@ -330,18 +372,21 @@ def main(argv=None):
               flush=True)
 
     ref = rows.get("float")
-    print(f"{'method':<18}{'ms/step':>9}{'img/s':>9}{'x float':>9}{'state MB':>10}"
-          f"{'params':>10}{'codes':>9}{'opt':>10}{'stats':>8}  note")
+    print(f"{'method':<22}{'ms/step':>9}{'img/s':>9}{'x float':>9}{'state MB':>10}"
+          f"{'params':>10}{'codes':>9}{'opt':>10}{'stats':>8}{'step MB':>9}  note")
     for m, r in rows.items():
         mem = r["memory"]
         ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
-        print(f"{m:<18}{r['seconds'] * 1e3:>9.1f}{args.batch / r['seconds']:>9.0f}{ratio:>9}"
+        peak = (r.get("step_memory") or {}).get("step_peak")
+        peak = f"{peak / 2**20:>9.1f}" if peak is not None else f"{'-':>9}"
+        print(f"{m:<22}{r['seconds'] * 1e3:>9.1f}{args.batch / r['seconds']:>9.0f}{ratio:>9}"
               f"{mem['total'] / 2**20:>10.3f}{mem['params']:>10d}{mem['codes']:>9d}"
-              f"{mem['opt_state']:>10d}{mem['stats']:>8d}  {r['note']}")
+              f"{mem['opt_state']:>10d}{mem['stats']:>8d}{peak}  {r['note']}")
     if bench.qwix_note:
         print(f"# {bench.qwix_note}")
     out = {"args": vars(args), "qwix_version": qwix_version, "rows": rows,
-           "jax": jax.__version__, "backend": jax.default_backend()}
+           "jax": jax.__version__, "backend": jax.default_backend(),
+           "device": jax.devices()[0].device_kind}
     if args.profile and "dq_w2a2" in rows:
         try:
             prof = profile_dq(bench)

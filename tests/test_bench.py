@@ -547,3 +547,72 @@ def test_size_accuracy_reads_uniform_and_allocated_rows_and_checks_the_targets(t
         {"meta": {"name": "random3.0_s0"}, "row": {"top1": 0.8}}))
     with pytest.raises(SystemExit, match="no bit_allocation"):
         size_accuracy.read_rows(str(tmp_path))
+
+
+def test_issue27_gpu_script_commands_parse(tmp_path):
+    """The GPU script (run when a GPU is lent, no time to fix it there): every command it would
+    run names a known method and parses with its benchmark's own argument parser."""
+    import shlex
+    from bench import compile_time, largest_batch, step_time
+    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PY="python")
+    proc = subprocess.run(["bash", "bench/issue27_gpu.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+    parsers = {"bench/step_time.py": step_time.parse_args,
+               "bench/compile_time.py": compile_time.parse_args,
+               "bench/largest_batch.py": largest_batch.parse_args}
+    assert len(commands) >= 9 and {c[1] for c in commands} == set(parsers)
+    models = set()
+    for command in commands:
+        args = parsers[command[1]](command[2:])
+        methods = args.methods if isinstance(args.methods, list) else args.methods.split(",")
+        assert set(methods) <= set(step_time.METHODS), command
+        models.add(args.model)
+    assert models == {"resnet20", "resnet18", "resnet50"}
+    assert any("step_time_resnet20_gpu.json" in " ".join(c) for c in commands)
+    assert any("step_time_resnet18_gpu.json" in " ".join(c) for c in commands)
+
+
+def test_largest_batch_tiny_fits_the_affine_plan():
+    """Compile-only: two batch sizes of XLA's planned peak give `fixed + per_image * batch`;
+    the largest batch fits the given memory and the next multiple would not."""
+    proc = _run("bench/largest_batch.py", "--model=digits_cnn", "--batches=8,16",
+                "--methods=float,dq_w2a2", "--memory_gb=0.05", "--multiple=8",
+                "--json=/dev/stdout")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])
+    limit = out["memory_bytes"]
+    for method, row in out["rows"].items():
+        peaks = {int(b): p for b, p in row["peak_bytes"].items()}
+        assert peaks[16] > peaks[8] > 0, method
+        fit = lambda b: row["fixed_bytes"] + row["bytes_per_image"] * b
+        assert fit(8) == pytest.approx(peaks[8]) and fit(16) == pytest.approx(peaks[16])
+        b = row["largest_batch"]
+        assert b % 8 == 0 and fit(b) <= limit < fit(b + 8), (method, b)
+
+
+def test_largest_batch_rejects_bad_batches():
+    proc = _run("bench/largest_batch.py", "--batches=128,64", timeout=60)
+    assert proc.returncode != 0 and "two increasing batch sizes" in proc.stderr
+
+
+def test_step_time_bf16_rows_step_memory_and_trace(tmp_path):
+    """`<method>_bf16` rows (half_precision), XLA's planned step memory per row, the device
+    named in the JSON, and a jax.profiler trace per method under --trace_dir."""
+    out = tmp_path / "st.json"
+    proc = _run("bench/step_time.py", "--model=digits_cnn", "--batch=8", "--repeats=1",
+                "--warmup=0", "--methods=float,dq_w2a2_bf16", f"--json={out}",
+                f"--trace_dir={tmp_path / 'trace'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert set(d["rows"]) == {"float", "dq_w2a2_bf16"} and d["device"]
+    for row in d["rows"].values():
+        mem = row["step_memory"]
+        assert mem["step_peak"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+        assert mem["step_peak"] > 0
+    for method in ("float", "dq_w2a2_bf16"):
+        assert list((tmp_path / "trace" / method).rglob("*.xplane.pb")), method
+    from bench import step_time
+    assert step_time.variant_config(step_time.base_config("digits_cnn", 8),
+                                    "dq_w2a2_bf16").half_precision
