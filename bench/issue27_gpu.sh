@@ -29,6 +29,8 @@ item step_resnet18 300 $PY bench/step_time.py --model=resnet18 --batch=128 --rep
 item profile_resnet20 150 $PY bench/step_time.py --model=resnet20 --batch=128 --repeats=10 \
   --methods=float,dq_w2a2,lsq_w2a2,latent_ste_w2a2 --profile --trace_dir="$OUT/trace_resnet20" \
   --json="$OUT/profile_resnet20_gpu.json"
+item kernels_resnet20 150 $PY bench/kernel_table.py --model=resnet20 --batch=128 --steps=5 \
+  --methods=float,dq_w2a2,lsq_w2a2,latent_ste_w2a2 --json="$OUT/kernel_table_resnet20_gpu.json"
 # 3. compile ratio on the GPU
 item compile_resnet20 150 $PY bench/compile_time.py --model=resnet20 --batch=128 --rounds=3 \
   --methods=float,dq_w2a2,dq_w2a2_inertia --counts --json="$OUT/compile_time_resnet20_gpu.json"

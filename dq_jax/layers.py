@@ -160,7 +160,8 @@ class _QuantizedKernelMixin:
                 f"'{PERTURBATIONS}': dq_jax.layers.zero_perturbations(codes)}} "
                 "(dq_jax.train_state.TrainState.differentiable()) and update with "
                 "dq_jax.optim.dq_optimizer (TrainState.apply_gradients).")
-        w_q = wq.gather_levels(levels, codes)
+        with jax.named_scope("dq_weight"):  # a name for profiles and HLO metadata
+            w_q = wq.gather_levels(levels, codes)
         # `init` stores no perturbation (f32 zeros as large as 4x the codes, nothing to
         # keep); an apply that passes one gets `W_q + p`, whose gradient is dL/dW_q. A
         # mutable 'perturbations' collection that lacks this layer's entry is not filled

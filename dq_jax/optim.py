@@ -528,7 +528,13 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         return out, DQState(params_state, codes_state, jax.random.key_data(rng)
                             if impl is not None else rng)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def scoped_update_fn(updates: PyTree, state: DQState, params: PyTree = None,
+                         **extra_args: Any) -> tuple[PyTree, DQState]:
+        # A name for profiles and HLO metadata (kernel tables attribute time to the update).
+        with jax.named_scope("dq_update"):
+            return update_fn(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, scoped_update_fn)
 
 
 def _path_names(keypath) -> tuple[str, ...]:

@@ -132,12 +132,13 @@ def train_step(state: TrainState, batch: dict, *, model, label_smoothing: float,
     grads, w_grads = grads["params"], grads.get(optim.PERTURBATIONS, {})
     # The *updated* state must be finite too: finite gradients times an infinite learning rate,
     # or a BatchNorm variance that overflows, would otherwise reach a checkpoint.
-    ok = _all_finite(loss, grads, w_grads, updated)
-    kept = state.replace(step=state.step + 1)
-    # One predicate for the whole state. A per-leaf `where(ok, new, old)` let XLA fuse the
-    # whole finiteness reduction (one `and` per leaf) into every leaf's select: quadratic in
-    # the number of leaves, and most of the step's compile time (docs/notebook.md §2.2).
-    new_state = jax.lax.cond(ok, lambda: updated, lambda: kept)
+    with jax.named_scope("finite_guard"):  # a name for profiles and HLO metadata
+        ok = _all_finite(loss, grads, w_grads, updated)
+        kept = state.replace(step=state.step + 1)
+        # One predicate for the whole state. A per-leaf `where(ok, new, old)` let XLA fuse the
+        # whole finiteness reduction (one `and` per leaf) into every leaf's select: quadratic
+        # in the number of leaves, and most of the step's compile time (notebook §2.2).
+        new_state = jax.lax.cond(ok, lambda: updated, lambda: kept)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),

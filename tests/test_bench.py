@@ -553,7 +553,7 @@ def test_issue27_gpu_script_commands_parse(tmp_path):
     """The GPU script (run when a GPU is lent, no time to fix it there): every command it would
     run names a known method and parses with its benchmark's own argument parser."""
     import shlex
-    from bench import compile_time, largest_batch, step_time
+    from bench import compile_time, kernel_table, largest_batch, step_time
     env = dict(os.environ, DRY="1", OUT=str(tmp_path), PY="python")
     proc = subprocess.run(["bash", "bench/issue27_gpu.sh"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -561,8 +561,9 @@ def test_issue27_gpu_script_commands_parse(tmp_path):
     commands = [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
     parsers = {"bench/step_time.py": step_time.parse_args,
                "bench/compile_time.py": compile_time.parse_args,
-               "bench/largest_batch.py": largest_batch.parse_args}
-    assert len(commands) >= 9 and {c[1] for c in commands} == set(parsers)
+               "bench/largest_batch.py": largest_batch.parse_args,
+               "bench/kernel_table.py": kernel_table.parse_args}
+    assert len(commands) >= 10 and {c[1] for c in commands} == set(parsers)
     models = set()
     for command in commands:
         args = parsers[command[1]](command[2:])
@@ -616,3 +617,27 @@ def test_step_time_bf16_rows_step_memory_and_trace(tmp_path):
     from bench import step_time
     assert step_time.variant_config(step_time.base_config("digits_cnn", 8),
                                     "dq_w2a2_bf16").half_precision
+
+
+def test_kernel_table_charges_device_time_to_the_parts_of_the_step(tmp_path):
+    """Every traced kernel is an instruction of the compiled step; DQ's weight lookup and
+    activation statistics appear only in the DQ step; the byte count of an HLO shape."""
+    from bench import kernel_table
+    assert kernel_table.shape_bytes("f32[128,16]{1,0}") == 128 * 16 * 4
+    assert kernel_table.shape_bytes("(bf16[3,3], u8[10], pred[])") == 18 + 10 + 1
+    assert kernel_table.part_of("jit(train_step)/finite_guard/and") == "guard"
+    assert kernel_table.part_of("jit(train_step)/jvp(M)/conv/dq_weight/select_n") == \
+        "weight lookup"
+    out = tmp_path / "k.json"
+    proc = _run("bench/kernel_table.py", "--model=digits_cnn", "--batch=8", "--steps=1",
+                "--methods=float,dq_w2a2", f"--json={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    for method, row in rows.items():
+        assert 0 < row["kernels_run"] <= row["instructions"], method
+        assert sum(p["ms_per_step"] for p in row["parts"].values()) > 0, method
+        assert "guard" in row["parts"] and "optimizer update" in row["parts"], method
+    assert "weight lookup" in rows["dq_w2a2"]["parts"] and \
+        "weight lookup" not in rows["float"]["parts"]
+    assert "act. statistics" in rows["dq_w2a2"]["parts"] and \
+        "act. statistics" not in rows["float"]["parts"]
