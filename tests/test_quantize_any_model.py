@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import dq_jax
+import user_models
 from dq_jax import QuantConfig, QuantRule, quantize_model
 from dq_jax.quant import weights as wq
 from tests.helpers import REPO, run_python
@@ -105,25 +106,9 @@ def test_docs_worked_example_runs():
 def test_from_float_fits_each_slice_of_a_scanned_layer():
     """A layer stacked by nn.scan gets one fit per slice (as `init` would), not one over the
     stack."""
-    import flax.linen as nn
-
-    class Block(nn.Module):
-        @nn.compact
-        def __call__(self, x, _):
-            return nn.relu(nn.Conv(8, (3, 3), name="conv")(x)), None
-
-    class Scanned(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.Conv(8, (3, 3), name="stem")(x)
-            x, _ = nn.scan(Block, variable_axes={"params": 0, "codes": 0, "quant_stats": 0,
-                                                 "perturbations": 0},
-                           split_rngs={"params": True}, length=3)(name="blocks")(x, None)
-            return x
-
     x = jnp.ones((1, 8, 8, 1))
-    fv = Scanned().init(jax.random.key(0), x)
-    model = quantize_model(Scanned(), [QuantRule("blocks/conv", QuantConfig())])
+    fv = user_models.ScannedConvs().init(jax.random.key(0), x)
+    model = quantize_model(user_models.ScannedConvs(), [QuantRule("blocks/conv", QuantConfig())])
     v = dq_jax.from_float(model, fv, x)
     kernels = fv["params"]["blocks"]["conv"]["kernel"]
     assert v["params"]["blocks"]["conv"]["kernel_levels"].shape == (3, 1, 4)

@@ -19,6 +19,7 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
+import user_models
 from dq_jax import models
 from dq_jax import QuantConfig, QuantRule, quantize_model
 from dq_jax.layers import QuantConv
@@ -180,26 +181,12 @@ def test_a_dead_layers_id_does_not_hand_its_twin_to_a_new_layer(monkeypatch):
     giving every float conv the same id: each still gets its own twin."""
     from dq_jax import rules
 
-    class Block(nn.Module):
-        @nn.compact
-        def __call__(self, x, _):
-            return nn.relu(nn.Conv(8, (3, 3), name="conv")(x)), None
-
-    class Scanned(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.Conv(8, (3, 3), name="stem")(x)
-            x, _ = nn.scan(Block, variable_axes={"params": 0, "codes": 0, "quant_stats": 0,
-                                                 "perturbations": 0},
-                           split_rngs={"params": True}, length=3)(name="blocks")(x, None)
-            return x
-
     float_conv = lambda m: isinstance(m, nn.Conv) and not isinstance(
         m, rules._QuantizedKernelMixin)
     monkeypatch.setattr(rules, "id", lambda obj: 0 if float_conv(obj) else builtins.id(obj),
                         raising=False)
     x = jnp.ones((1, 8, 8, 1))
-    model = quantize_model(Scanned(), [QuantRule("blocks/conv", W2A2)])
+    model = quantize_model(user_models.ScannedConvs(), [QuantRule("blocks/conv", W2A2)])
     v = model.init(jax.random.key(0), x)
     assert v["params"]["blocks"]["conv"]["kernel_levels"].shape == (3, 1, 4)
     assert v["codes"]["blocks"]["conv"]["kernel"].shape == (3, 3, 3, 8, 8)

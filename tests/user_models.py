@@ -1,4 +1,4 @@
-"""A user's own Flax model, written outside dq_jax (for the export/predict tests).
+"""A user's own Flax models, written outside dq_jax (export/predict, rules and conversion tests).
 
 It is what a user would write: a plain Flax CNN whose convolutions come from a `conv` field,
 given our `QuantConv` through `functools.partial` by a factory function (the partial is not a
@@ -55,3 +55,22 @@ def rules_plain_net(num_classes: int = 10):
     from tests.test_rules import RULES, PlainNet
     assert num_classes == 10
     return dq_jax.quantize_model(PlainNet(), RULES)
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.relu(nn.Conv(8, (3, 3), name="conv")(x)), None
+
+
+class ScannedConvs(nn.Module):
+    """A float stem conv, then 3 convs stacked by `nn.scan` ('blocks/conv', kernels [3, ...]):
+    a layer whose variables carry a stack axis, and whose body Flax traces more than once."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), name="stem")(x)
+        x, _ = nn.scan(_ScanBlock, variable_axes={"params": 0, "codes": 0, "quant_stats": 0,
+                                                  "perturbations": 0},
+                       split_rngs={"params": True}, length=3)(name="blocks")(x, None)
+        return x
