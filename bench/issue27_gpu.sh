@@ -2,6 +2,9 @@
 # Issue 27's GPU items as one script, most needed first (a lent GPU gives ~15 device minutes).
 #   OUT=/path/to/dir bash bench/issue27_gpu.sh          # on the GPU machine (device tool: $OUT)
 #   DRY=1 OUT=/tmp/x bash bench/issue27_gpu.sh         # print the commands only
+#   ONLY=step_resnet50,largest OUT=dir bash bench/issue27_gpu.sh   # items whose names start so
+# One device call runs at most 10 minutes: a call that is cut off keeps the items it finished
+# (and step_time's rows so far, marked incomplete); the next call resumes with ONLY=...
 # Timing rows run one process at a time (processes sharing the GPU would time each other).
 # Each item has its own time limit and a failure does not stop the next; `$OUT/log.txt` says
 # which ran. Copy step_time_resnet{20,18}_gpu.json to results/ (bar gpu-step-ratio reads them).
@@ -14,6 +17,11 @@ BF16=float_bf16,dq_w2a2_bf16,dq_w2a2_inertia_bf16,lsq_w2a2_bf16,latent_ste_w2a2_
 
 item() {  # item NAME LIMIT_S CMD...   (DRY=1: print the commands, run nothing)
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ]; then
+    local want=0 p
+    for p in ${ONLY//,/ }; do [[ $name == "$p"* ]] && want=1; done
+    [ $want = 1 ] || return 0
+  fi
   if [ -n "${DRY:-}" ]; then echo "$*"; return; fi
   echo "$(date +%T) start $name" >> "$OUT/log.txt"
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1

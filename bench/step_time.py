@@ -358,6 +358,20 @@ def main(argv=None):
           f"backend={jax.default_backend()} devices={jax.device_count()} jax={jax.__version__}"
           + (f" qwix={qwix_version}" if qwix_version else ""), flush=True)
     rows = {}
+
+    def header() -> dict:
+        return {"args": vars(args), "qwix_version": qwix_version, "rows": rows,
+                "jax": jax.__version__, "backend": jax.default_backend(),
+                "device": jax.devices()[0].device_kind}
+
+    def write(out: dict, complete: bool) -> None:
+        # After every method too: a run killed by a time limit (a GPU lent for minutes) keeps
+        # the rows it finished, marked incomplete.
+        if args.json:
+            import json
+            pathlib.Path(args.json).write_text(json.dumps({**out, "complete": complete},
+                                                          indent=1))
+
     for m in methods:
         try:
             rows[m] = run_method(bench, m)
@@ -366,6 +380,7 @@ def main(argv=None):
                 raise
             print(f"# {m}: failed ({' '.join(str(e).split())[:200]}); skipped", flush=True)
             continue
+        write(header(), complete=False)
         r = rows[m]
         print(f"# done {m}: {r['seconds'] * 1e3:.1f} ms/step (compile + first step "
               f"{r['compile_s']:.1f}s)",
@@ -384,9 +399,7 @@ def main(argv=None):
               f"{mem['opt_state']:>10d}{mem['stats']:>8d}{peak}  {r['note']}")
     if bench.qwix_note:
         print(f"# {bench.qwix_note}")
-    out = {"args": vars(args), "qwix_version": qwix_version, "rows": rows,
-           "jax": jax.__version__, "backend": jax.default_backend(),
-           "device": jax.devices()[0].device_kind}
+    out = header()
     if args.profile and "dq_w2a2" in rows:
         try:
             prof = profile_dq(bench)
@@ -402,9 +415,7 @@ def main(argv=None):
         r = rows["dq_w2a2"]["memory"]["total"] / rows["latent_ste_w2a2"]["memory"]["total"]
         print(f"dq_w2a2_state_over_latent_ste={r:.4f}")
         out["dq_w2a2_state_over_latent_ste"] = r
-    if args.json:
-        import json
-        pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
+    write(out, complete=True)
     if "dq_w2a2" in rows and any(m.startswith("qwix_w2a2") for m in rows):
         r = rows["dq_w2a2"]["seconds"] / rows["qwix_w2a2"]["seconds"]
         print(f"dq_w2a2_over_qwix={r:.4f}")

@@ -573,6 +573,10 @@ def test_issue27_gpu_script_commands_parse(tmp_path):
     assert models == {"resnet20", "resnet18", "resnet50"}
     assert any("step_time_resnet20_gpu.json" in " ".join(c) for c in commands)
     assert any("step_time_resnet18_gpu.json" in " ".join(c) for c in commands)
+    only = subprocess.run(["bash", "bench/issue27_gpu.sh"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=dict(env, ONLY="step_resnet50,largest"))
+    picked = [shlex.split(line) for line in only.stdout.splitlines() if line.strip()]
+    assert [c[1] for c in picked] == ["bench/step_time.py"] * 4 + ["bench/largest_batch.py"]
 
 
 def test_largest_batch_tiny_fits_the_affine_plan():
@@ -641,3 +645,28 @@ def test_kernel_table_charges_device_time_to_the_parts_of_the_step(tmp_path):
         "weight lookup" not in rows["float"]["parts"]
     assert "act. statistics" in rows["dq_w2a2"]["parts"] and \
         "act. statistics" not in rows["float"]["parts"]
+
+
+def test_step_time_json_keeps_finished_rows_when_a_later_method_fails(tmp_path, monkeypatch):
+    """A GPU is lent for minutes and a time limit may kill a run: the JSON holds every finished
+    method's row after each method, marked incomplete until the run ends."""
+    from bench import step_time
+    row = {"seconds": 0.01, "compile_s": 1.0, "note": "",
+           "memory": {k: 0 for k in ("params", "codes", "opt_state", "stats", "total")}}
+
+    def fake(bench_, method):
+        if method == "dq_w2a2":
+            raise RuntimeError("killed")
+        return dict(row)
+
+    monkeypatch.setattr(step_time, "run_method", fake)
+    out = tmp_path / "st.json"
+    with pytest.raises(RuntimeError, match="killed"):
+        step_time.main(["--model=digits_cnn", "--batch=4", "--methods=float,dq_w2a2",
+                        f"--json={out}"])
+    partial = json.loads(out.read_text())
+    assert set(partial["rows"]) == {"float"} and partial["complete"] is False
+    step_time.main(["--model=digits_cnn", "--batch=4", "--methods=float,lsq_w2a2",
+                    f"--json={out}"])
+    done = json.loads(out.read_text())
+    assert set(done["rows"]) == {"float", "lsq_w2a2"} and done["complete"] is True
