@@ -67,11 +67,10 @@ def planned_peak(model_name: str, method: str, batch: int) -> int:
         jax.eval_shape(lambda: train.init_state(model, optimizer, shape, 0)))
     images = {"image": jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=steps.batch),
               "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=steps.batch)}
-    a = steps.train.lower(state, images).compile().memory_analysis()
-    if a is None:
+    planned = step_time.planned_memory(steps.train.lower(state, images).compile())
+    if planned is None:
         raise RuntimeError(f"backend {jax.default_backend()} gives no memory analysis")
-    return int(a.argument_size_in_bytes + a.output_size_in_bytes + a.temp_size_in_bytes
-               - a.alias_size_in_bytes)
+    return planned["step_peak"]
 
 
 def main(argv=None):

@@ -67,6 +67,19 @@ def tree_bytes(tree) -> int:
     return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree)))
 
 
+def planned_memory(compiled) -> dict | None:
+    """XLA's memory analysis of a compiled program (bytes): arguments, outputs, temporaries,
+    donated (alias) and `step_peak` = their sum less the donated buffers; None where the
+    backend gives no analysis."""
+    a = compiled.memory_analysis()
+    if a is None:
+        return None
+    out = {k: int(getattr(a, f"{k}_size_in_bytes")) for k in
+           ("argument", "output", "temp", "alias", "generated_code")}
+    out["step_peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
 def step_memory(steps, state, batch) -> dict | None:
     """What XLA plans for one compiled train step (bytes): arguments, outputs, temporaries,
     and their sum less the donated (aliased) buffers, i.e. the step's peak device memory
@@ -75,14 +88,11 @@ def step_memory(steps, state, batch) -> dict | None:
     None where the backend gives no analysis."""
     import jax
     try:
-        a = steps.train.lower(state, batch).compile().memory_analysis()
+        out = planned_memory(steps.train.lower(state, batch).compile())
     except Exception:  # noqa: BLE001 - an optional column
         return None
-    if a is None:
+    if out is None:
         return None
-    out = {k: int(getattr(a, f"{k}_size_in_bytes")) for k in
-           ("argument", "output", "temp", "alias", "generated_code")}
-    out["step_peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     stats = jax.devices()[0].memory_stats() or {}
     out["device_peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
     return out
@@ -188,7 +198,6 @@ class Bench:
         self.np_batch = random_batch(args.model, args.batch, self.num_classes)
         self.qwix_note = ""
         self.qwix_error = ""
-        self.tracing = ""  # the method whose timed steps go to --trace_dir (when set)
 
     def build(self, method: str, cfg=None, model=None, mesh=None):
         import jax
@@ -206,7 +215,9 @@ class Bench:
         steps.for_state(state)
         return model, opt, steps, state, batch
 
-    def time_train(self, steps, state, batch) -> tuple[float, float, object]:
+    def time_train(self, steps, state, batch, trace: str = "") -> tuple[float, float, object]:
+        """(median s/step, compile + first step s, state); `trace`: the name of this run's
+        jax.profiler trace under --trace_dir (none when either is empty)."""
         import jax
         t0 = time.perf_counter()
         state, m = steps.train(state, batch)        # compile + first step
@@ -221,8 +232,7 @@ class Bench:
             box[0], metrics = steps.train(box[0], batch)
             jax.block_until_ready((box[0], metrics))
 
-        trace = self.args.trace_dir and self.tracing
-        if not trace:
+        if not (self.args.trace_dir and trace):
             return time_fn(one, self.args.repeats), compile_s, box[0]
         with jax.profiler.trace(str(pathlib.Path(self.args.trace_dir) / trace)):
             seconds = time_fn(one, self.args.repeats)
@@ -259,9 +269,7 @@ def run_method(bench: Bench, method: str) -> dict:
                 print(f"# {method}: int{bits} path failed ({msg[:160]}); retrying with int8 "
                       "storage of the same grid", flush=True)
     _, _, steps, state, batch = bench.build(method)
-    bench.tracing = method
-    sec, comp, state = bench.time_train(steps, state, batch)
-    bench.tracing = ""
+    sec, comp, state = bench.time_train(steps, state, batch, trace=method)
     return {"seconds": sec, "compile_s": comp, "memory": state_memory(state),
             "step_memory": step_memory(steps, state, batch), "note": ""}
 
