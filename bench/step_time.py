@@ -184,17 +184,12 @@ class Bench:
     """Builds (model, optimizer, Steps, state, batch) for one method, the program's way."""
 
     def __init__(self, args):
-        import jax
         from dq_jax import train
         self.args = args
         self.num_classes = 10
+        # The program's mesh (Auto axes), also Qwix's: its quantized conv backward does not
+        # pass the out_sharding an Explicit-typed mesh would demand.
         self.mesh = train.create_mesh(base_config(args.model, args.batch))
-        # Qwix's quantized conv backward does not pass out_sharding, which an Explicit-typed
-        # mesh (jax.make_mesh's default) demands; the peer runs on an Auto-typed mesh of the
-        # same shape (one CPU device: no sharding work either way).
-        self.auto_mesh = jax.make_mesh(
-            self.mesh.devices.shape, self.mesh.axis_names,
-            axis_types=(jax.sharding.AxisType.Auto,) * len(self.mesh.axis_names))
         self.np_batch = random_batch(args.model, args.batch, self.num_classes)
         self.qwix_note = ""
         self.qwix_error = ""
@@ -251,7 +246,7 @@ def run_method(bench: Bench, method: str) -> dict:
         for int8_storage in (False, True):
             try:
                 model = qwix_model(float_model, regex, bits, int8_storage)
-                _, _, steps, state, batch = bench.build(method, cfg, model, bench.auto_mesh)
+                _, _, steps, state, batch = bench.build(method, cfg, model)
                 sec, comp, state = bench.time_train(steps, state, batch)
                 note = "int8 storage, %d-bit grid" % bits if int8_storage else \
                     f"int{bits} storage"

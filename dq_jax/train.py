@@ -227,7 +227,14 @@ def recalibrate_batch_stats(steps: "Steps", state: TrainState, batches: Iterator
 # --------------------------------------------------------------------------- sharding
 
 def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """Mesh from `config.mesh` (axis -> size, one -1 = the rest); data axis first."""
+    """Mesh from `config.mesh` (axis -> size, one -1 = the rest); data axis first.
+
+    Its axes are Auto-typed: the steps' `jit` gives the state's and the batch's shardings and
+    XLA propagates the rest. On an Explicit-typed mesh (`jax.make_mesh`'s default) every op of
+    the step carries its sharding into the lowered program (41% of the DQ ResNet-20 step's
+    HLO instructions), which the compiler then has to strip: one device computes bit for bit
+    the same either way, and the Auto mesh compiles faster (docs/notebook.md §2.2).
+    """
     axes = dict(config.mesh.to_dict())
     if "data" not in axes:
         raise ValueError("config.mesh must name a 'data' axis (the batch is split over it).")
@@ -237,7 +244,8 @@ def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     if math.prod(sizes.values()) != n:
         raise ValueError(f"config.mesh={axes} does not cover the {n} devices; "
                          "use sizes whose product is the device count (or -1 for one axis).")
-    return jax.make_mesh(tuple(sizes.values()), tuple(sizes.keys()))
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes.keys()),
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:

@@ -44,17 +44,25 @@ def _config(weight_bits: int, act_bits: int, act_levels: str = "uniform", **over
     return c
 
 
+def _explicit_mesh() -> jax.sharding.Mesh:
+    """A user's Explicit-typed mesh (jax.make_mesh's default) of the program's shape."""
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+
+
 def _train_step_and_args(weight_bits: int, act_bits: int = 2, act_levels: str = "uniform",
-                         **overrides):
-    """(jitted train step, abstract state, abstract batch) of the training program."""
+                         mesh: jax.sharding.Mesh | None = None, **overrides):
+    """(jitted train step, abstract state, abstract batch) of the training program (on
+    `mesh` instead of the program's own when given)."""
     c = _config(weight_bits, act_bits, act_levels, **overrides)
     quant = configlib.validate(c, device_count=jax.device_count())
     model = train.create_model(c, quant, 10)
     optimizer = train.create_optimizer(c, 1000, 100)
-    steps = train.Steps(model, optimizer, train.create_mesh(c))
+    steps = train.Steps(model, optimizer, mesh or train.create_mesh(c))
     shape = (HW, HW, models.INPUT_SHAPES[MODEL][-1])
     # Abstract values placed as the program places them (replicated state, batch split over
-    # the mesh's data axis): under an Explicit-typed mesh some ops only trace when told how.
+    # the mesh's data axis): under a user's Explicit-typed mesh some ops only trace when told
+    # how, so tests that check that pass `_explicit_mesh()`.
     state = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=steps.replicated),
         jax.eval_shape(lambda: train.init_state(model, optimizer, shape, 0)))
@@ -225,11 +233,13 @@ def test_more_than_16_levels_keep_the_gather_and_segment_sum():
     assert float_scatters and kernel_gathers
 
 
-def test_learned_activations_above_16_levels_trace_in_the_program():
+@pytest.mark.parametrize("explicit", [False, True], ids=["program_mesh", "explicit_mesh"])
+def test_learned_activations_above_16_levels_trace_in_the_program(explicit):
     """A5 learned levels (32): the general path (gather, segment sum) of the activation
-    quantizer traces with a batch-sharded input on the program's mesh (a plain
-    `levels[idx]` does not: its output sharding is ambiguous under an Explicit mesh)."""
-    step, state, batch = _train_step_and_args(2, 5, "learned")
+    quantizer traces with a batch-sharded input on the program's (Auto) mesh and on a user's
+    Explicit one (where a plain `levels[idx]` does not: its output sharding is ambiguous)."""
+    step, state, batch = _train_step_and_args(2, 5, "learned",
+                                              mesh=_explicit_mesh() if explicit else None)
     sites = set(jaxpr_gather_scatter_sites(step, state, batch))
     assert {("gather", "activations.py", "_level_of_index"),
             ("scatter-add", "activations.py", "fit_learned_levels")} <= sites, sites
@@ -293,3 +303,21 @@ def test_calibrated_train_step_has_no_calibration_branches():
     assert general.count("stablehlo.while") >= quantizers
     assert lean.count("stablehlo.case") == 1
     assert lean.count("stablehlo.while") <= 1
+
+
+def _sharding_annotations(hlo_text: str) -> int:
+    return hlo_text.count('custom_call_target="Sharding"')
+
+
+def test_program_step_carries_no_per_op_sharding_annotations():
+    """The program's mesh has Auto axes (`train.create_mesh`): its lowered step gives XLA the
+    state's and batch's shardings at the boundary only. On an Explicit-typed mesh every op
+    derived from the sharded batch carries its own annotation (thousands here: more than the
+    ops of the quantizers themselves), which cost compile time and change nothing on one
+    device. The same step on an Explicit mesh is the counter-check that this test can fail."""
+    mesh = train.create_mesh(_config(2, 2))
+    assert set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
+    step, state, batch = _train_step_and_args(2, 2)
+    assert _sharding_annotations(step.lower(state, batch).as_text(dialect="hlo")) == 0
+    step, state, batch = _train_step_and_args(2, 2, mesh=_explicit_mesh())
+    assert _sharding_annotations(step.lower(state, batch).as_text(dialect="hlo")) > 1000
