@@ -265,6 +265,26 @@ def test_compiled_lookup_and_level_gradient(np_rng, granularity, num_levels):
     assert found == (set() if num_levels <= 16 else {"gather", "scatter"}), found
 
 
+@pytest.mark.parametrize("granularity", ["per_layer", "per_channel"])
+@pytest.mark.parametrize("num_levels", [4, 16])
+def test_level_gradient_is_one_reduction(np_rng, granularity, num_levels):
+    """Issue 27: the level gradient reads the layer's cotangent and codes once — one variadic
+    reduction of the L masked copies, not L reductions (on XLA:CPU each of those wrote its
+    masked copy out first: 2L kernels per layer, now one)."""
+    shape = (3, 3, 32, 16)
+    ng = wq.num_groups(shape, granularity)
+    levels = jnp.asarray(np.sort(np_rng.normal(size=(ng, num_levels)), -1).astype(np.float32))
+    codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
+    cot = jnp.asarray(np_rng.normal(size=shape).astype(np.float32))
+
+    def level_grad(lv, c, g):
+        return jax.vjp(wq.gather_levels, lv, c)[1](g)[0]
+
+    text = jax.jit(level_grad).lower(levels, codes, cot).as_text()
+    assert text.count("stablehlo.reduce(") == 1, text
+    assert re.search(rf"%\S+:{num_levels} = stablehlo\.reduce", text), "not L sums in one reduce"
+
+
 # --------------------------------------------------------------------------- fit_learned_levels
 
 @pytest.mark.parametrize("num_levels", [4, 16])

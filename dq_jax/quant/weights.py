@@ -92,16 +92,20 @@ def _select_lookup(table: jax.Array, codes: jax.Array) -> jax.Array:
 
 def _masked_level_sums(values: jax.Array, codes: jax.Array, num_groups_: int,
                        num_levels: int) -> jax.Array:
-    """`out[g, k] = sum of values over the entries of group g with code k`, as L reductions.
+    """`out[g, k] = sum of values over the entries of group g with code k`, in one pass.
 
-    One masked sum per level over the non-group axes (all axes for G = 1, all but the
-    last for per-channel), which XLA fuses; no scatter. The summation order is XLA's reduce
-    order, not the segment-sum's sequential one: the same sums up to float round-off, and
-    bitwise equal where every partial sum is exact (e.g. small integers).
+    One variadic reduction of the L masked copies over the non-group axes (all axes for
+    G = 1, all but the last for per-channel): one kernel that reads `values` and `codes`
+    once, instead of L reductions that each materialise a masked copy (issue 27); no
+    scatter. The summation order is XLA's reduce order, not the segment-sum's sequential
+    one: the same sums up to float round-off, and bitwise equal where every partial sum is
+    exact (e.g. small integers).
     """
     axes = tuple(range(codes.ndim)) if num_groups_ == 1 else tuple(range(codes.ndim - 1))
     zero = jnp.zeros((), values.dtype)
-    sums = [jnp.sum(jnp.where(codes == k, values, zero), axis=axes) for k in range(num_levels)]
+    masked = tuple(jnp.where(codes == k, values, zero) for k in range(num_levels))
+    sums = jax.lax.reduce(masked, (zero,) * num_levels,
+                          lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
     return jnp.stack(sums, axis=-1).reshape(num_groups_, num_levels)
 
 
