@@ -246,15 +246,20 @@ def test_learned_activations_above_16_levels_trace_in_the_program(explicit):
     assert hlo_gathers_scatters(step.lower(state, batch).as_text())
 
 
-@pytest.mark.parametrize("granularity", ["per_layer", "per_channel"])
-@pytest.mark.parametrize("num_levels", [4, 16, 32])
-def test_compiled_lookup_and_level_gradient(np_rng, granularity, num_levels):
-    """After XLA's own passes too (compiled HLO, this backend): none up to 16 levels."""
+def _lookup_args(np_rng, granularity: str, num_levels: int):
+    """(sorted levels, codes, cotangent) of one 3x3x32x16 kernel."""
     shape = (3, 3, 32, 16)
     ng = wq.num_groups(shape, granularity)
     levels = jnp.asarray(np.sort(np_rng.normal(size=(ng, num_levels)), -1).astype(np.float32))
     codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
-    cot = jnp.asarray(np_rng.normal(size=shape).astype(np.float32))
+    return levels, codes, jnp.asarray(np_rng.normal(size=shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("granularity", ["per_layer", "per_channel"])
+@pytest.mark.parametrize("num_levels", [4, 16, 32])
+def test_compiled_lookup_and_level_gradient(np_rng, granularity, num_levels):
+    """After XLA's own passes too (compiled HLO, this backend): none up to 16 levels."""
+    levels, codes, cot = _lookup_args(np_rng, granularity, num_levels)
 
     def fwd_bwd(lv, c, g):
         w_q, vjp = jax.vjp(wq.gather_levels, lv, c)
@@ -271,11 +276,7 @@ def test_level_gradient_is_one_reduction(np_rng, granularity, num_levels):
     """Issue 27: the level gradient reads the layer's cotangent and codes once — one variadic
     reduction of the L masked copies, not L reductions (on XLA:CPU each of those wrote its
     masked copy out first: 2L kernels per layer, now one)."""
-    shape = (3, 3, 32, 16)
-    ng = wq.num_groups(shape, granularity)
-    levels = jnp.asarray(np.sort(np_rng.normal(size=(ng, num_levels)), -1).astype(np.float32))
-    codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
-    cot = jnp.asarray(np_rng.normal(size=shape).astype(np.float32))
+    levels, codes, cot = _lookup_args(np_rng, granularity, num_levels)
 
     def level_grad(lv, c, g):
         return jax.vjp(wq.gather_levels, lv, c)[1](g)[0]
