@@ -1,10 +1,11 @@
 """What the compiler gets (issue 12, items 3-4): the DQ hot path has no gather and no scatter.
 
 Up to 16 levels (2-4 bits) the level lookup `W_q = levels[g, codes]` is a chain of selects and
-the level gradient L masked reductions; on TPU a scatter is serialised and on GPU millions of
-atomic adds contend for G*L addresses, so the point is the program XLA receives, checked here
-on the lowered StableHLO of the program's own jitted train step (`train.Steps(...).train`) of a
-DQ W2A2 ResNet-20 (8x8 inputs, batch 4: the op set does not depend on the sizes, and lowering
+the level gradient one reduction of L masked sums; on TPU a scatter is serialised and on GPU
+millions of atomic adds contend for G*L addresses, so the point is the program XLA receives,
+checked here on the lowered StableHLO of the program's own jitted train step
+(`train.Steps(...).train`) of a DQ W2A2 ResNet-20 (8x8 inputs, batch 4: the op set does not
+depend on the sizes, and lowering
 takes seconds; nothing is compiled or run). Above 16 levels the gather / segment-sum path is
 kept, and a test checks that it is still used, so these tests can fail.
 

@@ -66,9 +66,9 @@ def _flat_index(codes: jax.Array, num_groups_: int, num_levels: int) -> jax.Arra
 
 
 # Up to this many levels (2-4 bits) a lookup `table[g, codes]` is a chain of elementwise
-# selects and the level gradient L masked reductions: no gather and no scatter-add, which
-# accelerators serialise (TPU) or contend on (GPU atomics into G*L addresses). Above, the
-# general gather / segment-sum path keeps the cost independent of L.
+# selects and the level gradient one reduction of L masked sums: no gather and no
+# scatter-add, which accelerators serialise (TPU) or contend on (GPU atomics into G*L
+# addresses). Above, the general gather / segment-sum path keeps the cost independent of L.
 SELECT_MAX_LEVELS = 16
 
 
@@ -123,8 +123,8 @@ def gather_levels(levels: jax.Array, codes: jax.Array) -> jax.Array:
 
     The VJP is exact: `dL/dlevels[g, k]` is the sum of `dL/dW_q` over entries
     of group g with code k (no one-hot matmul). Up to `SELECT_MAX_LEVELS` levels
-    the forward is a chain of selects and the backward L masked reductions (no
-    gather, no scatter); above, a gather and one scatter-add (segment sum).
+    the forward is a chain of selects and the backward one reduction of L masked
+    sums (no gather, no scatter); above, a gather and one scatter-add (segment sum).
     Codes are integers and get a `float0` cotangent.
     """
     return _lookup(levels, codes)
