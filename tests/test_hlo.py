@@ -5,9 +5,9 @@ the level gradient one reduction of L masked sums; on TPU a scatter is serialise
 millions of atomic adds contend for G*L addresses, so the point is the program XLA receives,
 checked here on the lowered StableHLO of the program's own jitted train step
 (`train.Steps(...).train`) of a DQ W2A2 ResNet-20 (8x8 inputs, batch 4: the op set does not
-depend on the sizes, and lowering
-takes seconds; nothing is compiled or run). Above 16 levels the gather / segment-sum path is
-kept, and a test checks that it is still used, so these tests can fail.
+depend on the sizes, and lowering takes seconds; nothing is compiled or run). Above 16 levels
+the gather / segment-sum path is kept, and a test checks that it is still used, so these tests
+can fail.
 
 Also: `fit_learned_levels` (the learned activation levels' Lloyd step) never builds a
 `[N, H, W, C, L]` one-hot: no tensor in its HLO is larger than its input.
