@@ -1,13 +1,12 @@
 """What the compiler gets (issue 12, items 3-4): the DQ hot path has no gather and no scatter.
 
 Up to 16 levels (2-4 bits) the level lookup `W_q = levels[g, codes]` is a chain of selects and
-the level gradient one reduction of L masked sums; on TPU a scatter is serialised and on GPU
-millions of atomic adds contend for G*L addresses, so the point is the program XLA receives,
-checked here on the lowered StableHLO of the program's own jitted train step
-(`train.Steps(...).train`) of a DQ W2A2 ResNet-20 (8x8 inputs, batch 4: the op set does not
-depend on the sizes, and lowering takes seconds; nothing is compiled or run). Above 16 levels
-the gather / segment-sum path is kept, and a test checks that it is still used, so these tests
-can fail.
+the level gradient L masked reductions; on TPU a scatter is serialised and on GPU millions of
+atomic adds contend for G*L addresses, so the point is the program XLA receives, checked here
+on the lowered StableHLO of the program's own jitted train step (`train.Steps(...).train`) of a
+DQ W2A2 ResNet-20 (8x8 inputs, batch 4: the op set does not depend on the sizes, and lowering
+takes seconds; nothing is compiled or run). Above 16 levels the gather / segment-sum path is
+kept, and a test checks that it is still used, so these tests can fail.
 
 Also: `fit_learned_levels` (the learned activation levels' Lloyd step) never builds a
 `[N, H, W, C, L]` one-hot: no tensor in its HLO is larger than its input.
@@ -247,20 +246,15 @@ def test_learned_activations_above_16_levels_trace_in_the_program(explicit):
     assert hlo_gathers_scatters(step.lower(state, batch).as_text())
 
 
-def _lookup_args(np_rng, granularity: str, num_levels: int):
-    """(sorted levels, codes, cotangent) of one 3x3x32x16 kernel."""
-    shape = (3, 3, 32, 16)
-    ng = wq.num_groups(shape, granularity)
-    levels = jnp.asarray(np.sort(np_rng.normal(size=(ng, num_levels)), -1).astype(np.float32))
-    codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
-    return levels, codes, jnp.asarray(np_rng.normal(size=shape).astype(np.float32))
-
-
 @pytest.mark.parametrize("granularity", ["per_layer", "per_channel"])
 @pytest.mark.parametrize("num_levels", [4, 16, 32])
 def test_compiled_lookup_and_level_gradient(np_rng, granularity, num_levels):
     """After XLA's own passes too (compiled HLO, this backend): none up to 16 levels."""
-    levels, codes, cot = _lookup_args(np_rng, granularity, num_levels)
+    shape = (3, 3, 32, 16)
+    ng = wq.num_groups(shape, granularity)
+    levels = jnp.asarray(np.sort(np_rng.normal(size=(ng, num_levels)), -1).astype(np.float32))
+    codes = jnp.asarray(np_rng.integers(0, num_levels, shape).astype(np.uint8))
+    cot = jnp.asarray(np_rng.normal(size=shape).astype(np.float32))
 
     def fwd_bwd(lv, c, g):
         w_q, vjp = jax.vjp(wq.gather_levels, lv, c)
@@ -269,22 +263,6 @@ def test_compiled_lookup_and_level_gradient(np_rng, granularity, num_levels):
     hlo = jax.jit(fwd_bwd).lower(levels, codes, cot).compile().as_text()
     found = set(re.findall(r"\b(gather|scatter)\(", hlo))
     assert found == (set() if num_levels <= 16 else {"gather", "scatter"}), found
-
-
-@pytest.mark.parametrize("granularity", ["per_layer", "per_channel"])
-@pytest.mark.parametrize("num_levels", [4, 16])
-def test_level_gradient_is_one_reduction(np_rng, granularity, num_levels):
-    """Issue 27: the level gradient reads the layer's cotangent and codes once — one variadic
-    reduction of the L masked copies, not L reductions (on XLA:CPU each of those wrote its
-    masked copy out first: 2L kernels per layer, now one)."""
-    levels, codes, cot = _lookup_args(np_rng, granularity, num_levels)
-
-    def level_grad(lv, c, g):
-        return jax.vjp(wq.gather_levels, lv, c)[1](g)[0]
-
-    text = jax.jit(level_grad).lower(levels, codes, cot).as_text()
-    assert text.count("stablehlo.reduce(") == 1, text
-    assert re.search(rf"%\S+:{num_levels} = stablehlo\.reduce", text), "not L sums in one reduce"
 
 
 # --------------------------------------------------------------------------- fit_learned_levels

@@ -66,9 +66,9 @@ def _flat_index(codes: jax.Array, num_groups_: int, num_levels: int) -> jax.Arra
 
 
 # Up to this many levels (2-4 bits) a lookup `table[g, codes]` is a chain of elementwise
-# selects and the level gradient one reduction of L masked sums: no gather and no
-# scatter-add, which accelerators serialise (TPU) or contend on (GPU atomics into G*L
-# addresses). Above, the general gather / segment-sum path keeps the cost independent of L.
+# selects and the level gradient L masked reductions: no gather and no scatter-add, which
+# accelerators serialise (TPU) or contend on (GPU atomics into G*L addresses). Above, the
+# general gather / segment-sum path keeps the cost independent of L.
 SELECT_MAX_LEVELS = 16
 
 
@@ -92,20 +92,16 @@ def _select_lookup(table: jax.Array, codes: jax.Array) -> jax.Array:
 
 def _masked_level_sums(values: jax.Array, codes: jax.Array, num_groups_: int,
                        num_levels: int) -> jax.Array:
-    """`out[g, k] = sum of values over the entries of group g with code k`, in one pass.
+    """`out[g, k] = sum of values over the entries of group g with code k`, as L reductions.
 
-    One variadic reduction of the L masked copies over the non-group axes (all axes for
-    G = 1, all but the last for per-channel): one kernel that reads `values` and `codes`
-    once, instead of L reductions that each materialise a masked copy (issue 27); no
-    scatter. The summation order is XLA's reduce order, not the segment-sum's sequential
-    one: the same sums up to float round-off, and bitwise equal where every partial sum is
-    exact (e.g. small integers).
+    One masked sum per level over the non-group axes (all axes for G = 1, all but the
+    last for per-channel), which XLA fuses; no scatter. The summation order is XLA's reduce
+    order, not the segment-sum's sequential one: the same sums up to float round-off, and
+    bitwise equal where every partial sum is exact (e.g. small integers).
     """
     axes = tuple(range(codes.ndim)) if num_groups_ == 1 else tuple(range(codes.ndim - 1))
     zero = jnp.zeros((), values.dtype)
-    masked = tuple(jnp.where(codes == k, values, zero) for k in range(num_levels))
-    sums = jax.lax.reduce(masked, (zero,) * num_levels,
-                          lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
+    sums = [jnp.sum(jnp.where(codes == k, values, zero), axis=axes) for k in range(num_levels)]
     return jnp.stack(sums, axis=-1).reshape(num_groups_, num_levels)
 
 
@@ -123,8 +119,8 @@ def gather_levels(levels: jax.Array, codes: jax.Array) -> jax.Array:
 
     The VJP is exact: `dL/dlevels[g, k]` is the sum of `dL/dW_q` over entries
     of group g with code k (no one-hot matmul). Up to `SELECT_MAX_LEVELS` levels
-    the forward is a chain of selects and the backward one reduction of L masked
-    sums (no gather, no scatter); above, a gather and one scatter-add (segment sum).
+    the forward is a chain of selects and the backward L masked reductions (no
+    gather, no scatter); above, a gather and one scatter-add (segment sum).
     Codes are integers and get a `float0` cotangent.
     """
     return _lookup(levels, codes)
