@@ -1,10 +1,12 @@
-"""Shared test utilities: load configs, run the real CLI in a subprocess."""
+"""Shared test utilities: load configs, run the real CLI in a subprocess, meshes."""
 from __future__ import annotations
 
 import os
 import pathlib
 import subprocess
 import sys
+
+import jax
 
 from dq_jax.configlib import load_config_file
 
@@ -48,3 +50,10 @@ def read_scalar_series(workdir, tag: str) -> dict[int, float]:
         if tag in acc.Tags().get("scalars", []):
             out.update({e.step: e.value for e in acc.Scalars(tag)})
     return out
+
+
+def explicit_mesh(like: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """`like` with Explicit-typed axes (jax.make_mesh's default): a user's mesh, where the
+    program's own (`train.create_mesh`) has Auto axes."""
+    return jax.make_mesh(like.devices.shape, like.axis_names,
+                         axis_types=(jax.sharding.AxisType.Explicit,) * len(like.axis_names))

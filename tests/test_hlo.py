@@ -25,6 +25,7 @@ from jax.extend.core import jaxprs_in_params
 from dq_jax import configlib, models, train
 from dq_jax.quant import activations as qa
 from dq_jax.quant import weights as wq
+from tests.helpers import explicit_mesh
 
 MODEL, HW, BATCH = "resnet20", 8, 4
 
@@ -44,10 +45,8 @@ def _config(weight_bits: int, act_bits: int, act_levels: str = "uniform", **over
     return c
 
 
-def _explicit_mesh() -> jax.sharding.Mesh:
-    """A user's Explicit-typed mesh (jax.make_mesh's default) of the program's shape."""
-    return jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Explicit,))
+def _user_mesh() -> jax.sharding.Mesh:
+    return explicit_mesh(train.create_mesh(_config(2, 2)))
 
 
 def _train_step_and_args(weight_bits: int, act_bits: int = 2, act_levels: str = "uniform",
@@ -62,7 +61,7 @@ def _train_step_and_args(weight_bits: int, act_bits: int = 2, act_levels: str = 
     shape = (HW, HW, models.INPUT_SHAPES[MODEL][-1])
     # Abstract values placed as the program places them (replicated state, batch split over
     # the mesh's data axis): under a user's Explicit-typed mesh some ops only trace when told
-    # how, so tests that check that pass `_explicit_mesh()`.
+    # how, so tests that check that pass `_user_mesh()`.
     state = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=steps.replicated),
         jax.eval_shape(lambda: train.init_state(model, optimizer, shape, 0)))
@@ -239,7 +238,7 @@ def test_learned_activations_above_16_levels_trace_in_the_program(explicit):
     quantizer traces with a batch-sharded input on the program's (Auto) mesh and on a user's
     Explicit one (where a plain `levels[idx]` does not: its output sharding is ambiguous)."""
     step, state, batch = _train_step_and_args(2, 5, "learned",
-                                              mesh=_explicit_mesh() if explicit else None)
+                                              mesh=_user_mesh() if explicit else None)
     sites = set(jaxpr_gather_scatter_sites(step, state, batch))
     assert {("gather", "activations.py", "_level_of_index"),
             ("scatter-add", "activations.py", "fit_learned_levels")} <= sites, sites
@@ -315,9 +314,8 @@ def test_program_step_carries_no_per_op_sharding_annotations():
     derived from the sharded batch carries its own annotation (thousands here: more than the
     ops of the quantizers themselves), which cost compile time and change nothing on one
     device. The same step on an Explicit mesh is the counter-check that this test can fail."""
-    mesh = train.create_mesh(_config(2, 2))
-    assert set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
+    assert set(train.create_mesh(_config(2, 2)).axis_types) == {jax.sharding.AxisType.Auto}
     step, state, batch = _train_step_and_args(2, 2)
     assert _sharding_annotations(step.lower(state, batch).as_text(dialect="hlo")) == 0
-    step, state, batch = _train_step_and_args(2, 2, mesh=_explicit_mesh())
+    step, state, batch = _train_step_and_args(2, 2, mesh=_user_mesh())
     assert _sharding_annotations(step.lower(state, batch).as_text(dialect="hlo")) > 1000

@@ -15,7 +15,7 @@ from dq_jax import checkpoints, configlib, data, train
 from dq_jax.main import apply_variant
 from dq_jax.optim import DQState
 from dq_jax.quant import weights as wq
-from tests.helpers import REPO, load_config, run_python
+from tests.helpers import REPO, explicit_mesh, load_config, run_python
 
 
 def small_digits(**overrides):
@@ -829,21 +829,18 @@ def test_program_mesh_trains_bitwise_like_an_explicit_mesh():
     opt = train.create_optimizer(config, 24, ds.steps_per_epoch)
     auto = train.Steps(model, opt, train.create_mesh(config))
     assert set(auto.mesh.axis_types) == {jax.sharding.AxisType.Auto}
-    explicit = train.Steps(model, opt, jax.make_mesh(
-        auto.mesh.devices.shape, auto.mesh.axis_names,
-        axis_types=(jax.sharding.AxisType.Explicit,) * len(auto.mesh.axis_names)))
+    explicit = train.Steps(model, opt, explicit_mesh(auto.mesh))
     start = jax.device_get(train.init_state(model, opt, ds.image_shape, 0))
-    states = [steps.place(start) for steps in (auto, explicit)]
-    for i, host_batch in zip(range(5), ds.train_batches(0)):
-        out = []
-        for steps, state in zip((auto, explicit), states):
-            batch = train.to_global(host_batch, steps.batch)
-            if i == 0:
-                out.append((steps.calibrate(state, batch), {}))
-                steps.for_state(out[-1][0])
-            else:
-                out.append(steps.train(state, batch))
-        (states[0], m_auto), (states[1], m_explicit) = out
+    batches = ds.train_batches(0)
+    first = next(batches)
+    states = []
+    for steps in (auto, explicit):
+        states.append(steps.calibrate(steps.place(start), train.to_global(first, steps.batch)))
+        assert steps.for_state(states[-1])
+    for _, host_batch in zip(range(4), batches):
+        (states[0], m_auto), (states[1], m_explicit) = [
+            steps.train(state, train.to_global(host_batch, steps.batch))
+            for steps, state in zip((auto, explicit), states)]
         for k in m_auto:
             np.testing.assert_array_equal(np.asarray(m_auto[k]), np.asarray(m_explicit[k]),
                                           err_msg=k)
