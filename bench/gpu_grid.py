@@ -1,6 +1,7 @@
 """The CIFAR-10 protocol (bench/protocol.py's grid) as parallel processes on one accelerator.
 
-  python bench/gpu_grid.py run --float_workdir=FLOAT --rows=ROWS [--variants] [--limit=540]
+  python bench/gpu_grid.py run --float_workdir=FLOAT --rows=ROWS [--variants] [--limit=540] \
+      [--bundle=$OUT/rows.tar.gz]
   python bench/gpu_grid.py collect --rows=ROWS --float_workdir=FLOAT \
       [--out_dir=results/protocol_h200 --merged=results/accuracy_cifar10_h200.json]
 
@@ -149,12 +150,28 @@ def run(a) -> None:
         sys.exit(f"--float_workdir={a.float_workdir!r} holds no finished float run "
                  "(results.json); pass the float model every row starts from")
     launch([(name, method, seed, sets, a.steps) for name, method, seed, sets
-            in jobs(a.variants, a.only)], a.float_workdir, a.rows, a.workdir, a.limit)
+            in jobs(a.variants, a.only)], a.float_workdir, a.rows, a.workdir, a.limit,
+           a.bundle)
 
 
-def launch(todo, float_workdir: str, rows: str, workdir: str, limit: int) -> None:
+def bundle_rows(rows: str | pathlib.Path, path: str | pathlib.Path) -> None:
+    """`path` (.tar.gz) <- every row JSON and log in `rows`, written whole or not at all: the
+    device tool brings back at most 8 files of its $OUT, and a grid writes two per run."""
+    import tarfile
+    rows, path = pathlib.Path(rows), pathlib.Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with tarfile.open(tmp, "w:gz") as t:
+        for f in sorted(rows.glob("*.json")) + sorted(rows.glob("*.log")):
+            t.add(f, arcname=f.name)
+    tmp.replace(path)
+
+
+def launch(todo, float_workdir: str, rows: str, workdir: str, limit: int,
+           bundle: str = "") -> None:
     """Starts every (name, method, seed, sets, steps) of `todo` whose row JSON is not in `rows`
-    as its own `one` process (at most `limit` seconds each), then waits for all of them."""
+    as its own `one` process (at most `limit` seconds each), then waits for all of them;
+    `bundle` (a .tar.gz path, e.g. under the device's $OUT) is rewritten with every row so far
+    after each run ends, so a call cut off still brings back the runs that finished."""
     rows = pathlib.Path(rows)
     rows.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -177,6 +194,10 @@ def launch(todo, float_workdir: str, rows: str, workdir: str, limit: int) -> Non
     for name, p in procs:
         print(name, "ok" if p.wait() == 0 else f"FAILED (rc {p.returncode}; see its .log)",
               flush=True)
+        if bundle:
+            bundle_rows(rows, bundle)
+    if bundle and not procs:
+        bundle_rows(rows, bundle)
 
 
 def collect(a) -> None:
@@ -257,6 +278,8 @@ def parse_args(argv=None):
     r.add_argument("--variants", action="store_true", help="add the DQ ablations (VARIANTS)")
     r.add_argument("--only", default="", help="comma-separated row names")
     r.add_argument("--limit", type=int, default=10 ** 6, help="seconds per run, then killed")
+    r.add_argument("--bundle", default="", help="a .tar.gz of --rows, rewritten as runs end "
+                   "(on the device: under $OUT, which brings back at most 8 files)")
     o = sub.add_parser("one", help="one (row, seed); what `run` starts")
     o.add_argument("name")
     o.add_argument("method")

@@ -1,7 +1,8 @@
 """The regimes the paper claims (issue 26 item 3), one `bench/gpu_grid.py`-style call each.
 
   python bench/gpu_regimes.py list
-  python bench/gpu_regimes.py run REGIME --rows=ROWS [--float_workdir=FLOAT] [--seeds=0,1,2]
+  python bench/gpu_regimes.py run REGIME --rows=ROWS [--float_workdir=FLOAT] [--seeds=0,1,2] \
+      [--bundle=$OUT/rows.tar.gz]
   python bench/gpu_regimes.py collect REGIME --rows=ROWS [--out=results/regimes/REGIME.json]
 
 Every (row, seed) of a regime is its own `gpu_grid.py one` process on the one accelerator
@@ -109,7 +110,7 @@ def run(a) -> None:
     if not r.needs_float and a.float_workdir:
         sys.exit(f"regime {a.regime!r} trains from scratch: drop --float_workdir")
     gpu_grid.launch(jobs(a.regime, a.seeds), a.float_workdir if r.needs_float else "",
-                    a.rows, a.workdir, a.limit)
+                    a.rows, a.workdir, a.limit, a.bundle)
 
 
 def collect(a) -> dict:
@@ -159,6 +160,8 @@ def parse_args(argv=None):
                    help="comma-separated seeds for this call (default: the regime's)")
     r.add_argument("--workdir", default="/tmp/dq_gpu_grid")
     r.add_argument("--limit", type=int, default=10 ** 6, help="seconds per run, then killed")
+    r.add_argument("--bundle", default="", help="a .tar.gz of --rows, rewritten as runs end "
+                   "(on the device: under $OUT, which brings back at most 8 files)")
     c.add_argument("--out", default="")
     return p.parse_args(argv)
 

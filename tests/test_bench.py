@@ -363,6 +363,45 @@ def test_gpu_grid_runs_every_row_and_seed_once_and_collects_accuracy_format_rows
         gpu_grid.main(args)
 
 
+def test_gpu_grid_bundles_its_rows_as_each_run_ends(tmp_path, monkeypatch):
+    """`run --bundle`: the device brings back at most 8 files, a grid writes a JSON and a log
+    per run; the archive holds every row so far after each run ends (and when all were done)."""
+    import tarfile
+    from bench import gpu_grid
+    rows, bundle = tmp_path / "rows", tmp_path / "out" / "rows.tar.gz"
+    bundle.parent.mkdir()
+    seen = []
+
+    real_popen = gpu_grid.subprocess.Popen
+
+    class FakeRun:  # a `one` process that finishes at once, writing its row JSON
+        def __new__(cls, cmd, **kw):
+            if "one" not in cmd:  # anything else (e.g. `uname` from an import) runs for real
+                return real_popen(cmd, **kw)
+            return super().__new__(cls)
+
+        def __init__(self, cmd, **kw):
+            name = cmd[cmd.index("one") + 1]
+            (rows / f"{name}.json").write_text(json.dumps({"meta": {"name": name}}))
+            self.returncode = 0
+
+        def wait(self):
+            seen.append(sorted(tarfile.open(bundle).getnames()) if bundle.exists() else [])
+            return 0
+
+    monkeypatch.setattr(gpu_grid.subprocess, "Popen", FakeRun)
+    todo = [(f"r{i}_s0", "w2a2", 0, (), 10) for i in range(12)]
+    gpu_grid.launch(todo, "", str(rows), str(tmp_path / "w"), 60, bundle=str(bundle))
+    names = sorted(tarfile.open(bundle).getnames())
+    assert names == sorted([f"r{i}_s0.json" for i in range(12)] +
+                           [f"r{i}_s0.log" for i in range(12)])
+    assert [len(s) for s in seen] == [0] + [24] * 11  # rewritten after every run
+    bundle.unlink()
+    gpu_grid.launch(todo, "", str(rows), str(tmp_path / "w"), 60, bundle=str(bundle))
+    assert sorted(tarfile.open(bundle).getnames()) == names  # nothing to run: still bundled
+    assert not list(bundle.parent.glob("*.partial"))
+
+
 def test_read_layer_scalars_without_tensorflow(tmp_path):
     """The per-layer diagnostics are read (and, via bench/no_tf, written) with TensorBoard's own
     event code, so a GPU image without TensorFlow still gets them."""
@@ -577,6 +616,81 @@ def test_issue27_gpu_script_commands_parse(tmp_path):
                           text=True, timeout=60, env=dict(env, ONLY="step_resnet50,largest"))
     picked = [shlex.split(line) for line in only.stdout.splitlines() if line.strip()]
     assert [c[1] for c in picked] == ["bench/step_time.py"] * 4 + ["bench/largest_batch.py"]
+
+
+_FAKE_PY = '''
+import pathlib, sys
+args = sys.argv[1:]
+if args[:1] == ["-c"]:          # the preflight's import check
+    sys.exit(int(__import__("os").environ.get("FAKE_PREFLIGHT_RC", "0")))
+if args[:2] == ["-m", "pip"]:   # wheel install
+    sys.exit(0)
+opts = dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--") and "=" in a)
+if args[0] == __import__("os").environ.get("FAKE_FAIL"):
+    sys.exit(3)
+pathlib.Path(opts["json"]).write_text('{"script": "%s"}' % args[0])
+if "trace_dir" in opts:
+    run = pathlib.Path(opts["trace_dir"], "plugins", "profile", "run1")
+    run.mkdir(parents=True)
+    (run / "host.xplane.pb").write_bytes(b"trace")
+print("ran", args[0])
+'''
+
+
+def _run_gpu_script(tmp_path, **env_extra):
+    fake = tmp_path / "fake_py.py"
+    fake.write_text(_FAKE_PY)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, OUT=str(out), WORK=str(work), PY=f"{sys.executable} {fake}",
+               **env_extra)
+    env.pop("DRY", None)
+    proc = subprocess.run(["bash", "bench/issue27_gpu.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, out
+
+
+def test_issue27_gpu_script_logs_each_items_exit_code_and_goes_on(tmp_path):
+    """A failing item is logged with its own exit code (not `date`'s), and the next runs."""
+    proc, out = _run_gpu_script(tmp_path, FAKE_FAIL="bench/kernel_table.py")
+    assert proc.returncode == 0, proc.stderr
+    log = (out / "log.txt").read_text()
+    assert re.search(r"end kernels_resnet20 rc=3\n", log), log
+    assert log.count("rc=0") == 9 and "end largest_batch_resnet50 rc=0" in log, log
+
+
+def test_issue27_gpu_script_brings_back_at_most_8_files(tmp_path):
+    """The device tool returns at most 8 files of $OUT (2 folders deep): every item's output,
+    JSON and trace must come back inside them (run with a stand-in interpreter that writes each
+    item's --json and --trace_dir as the benchmarks do)."""
+    import tarfile
+    proc, out = _run_gpu_script(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "issue27.tar.gz", "issue27_traces.tar.gz", "log.txt",
+        "step_time_resnet18_gpu.json", "step_time_resnet20_gpu.json"]
+    assert json.loads((out / "step_time_resnet20_gpu.json").read_text())["script"] == \
+        "bench/step_time.py"
+    with tarfile.open(out / "issue27.tar.gz") as t:
+        names = {pathlib.PurePath(n).name for n in t.getnames()}
+    with tarfile.open(out / "issue27_traces.tar.gz") as t:
+        traces = [n for n in t.getnames() if n.endswith(".xplane.pb")]
+    log = (out / "log.txt").read_text()
+    items = re.findall(r"start (\S+)", log)
+    assert len(items) == 10 and log.count("rc=0") == 10 and log.rstrip().endswith("done"), log
+    assert {f"{i}.txt" for i in items} <= names  # each item's output
+    jsons = {n for n in names if n.endswith("_gpu.json")}
+    assert len(jsons) == 10 and "largest_batch_resnet50_gpu.json" in jsons, sorted(names)
+    assert not any("xplane" in n for n in names) and traces == [
+        "trace_resnet20/plugins/profile/run1/host.xplane.pb"]
+
+
+def test_issue27_gpu_script_stops_when_the_program_does_not_import(tmp_path):
+    """A device image without a package the program needs: the preflight fails, the script
+    exits at once (no item runs) and the log names the fix."""
+    proc, out = _run_gpu_script(tmp_path, FAKE_PREFLIGHT_RC="1")
+    assert proc.returncode == 1
+    log = (out / "log.txt").read_text()
+    assert "preflight FAILED" in log and "wheel" in log and "start " not in log, log
 
 
 def test_largest_batch_tiny_fits_the_affine_plan():
