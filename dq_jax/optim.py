@@ -7,7 +7,8 @@ gradient w.r.t. each DQ-W layer's quantized kernel sitting at its code leaf
 (`dq_grads(jax.grad(...)(...))` builds it from a gradient over `{"params", "perturbations"}`).
 One update:
   * float params (biases, BN, float/latent kernels, LSQ steps): SGD with momentum;
-    weight decay on kernels only (ndim > 1 'kernel');
+    weight decay on kernels only (ndim > 1 'kernel'; `init` warns about other float params of
+    ndim > 1 under a nonzero decay: `UndecayedParamsWarning`);
   * quantization levels (`kernel_levels`): Adam with their own learning rate. Adam because
     `dL/dlevels[k]` is a sum over every weight at level k, so its scale grows with layer size;
     Adam's per-coordinate normalisation makes the level step size-free;
@@ -23,6 +24,7 @@ after it would rescale the integer code deltas).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple, Union
 
 import flax
@@ -49,6 +51,12 @@ class DQState(NamedTuple):
     params: optax.OptState  # SGD-momentum of float params, Adam of levels (multi_transform)
     codes: optax.OptState   # SGD-momentum of W_q: one buffer per weight, shaped like `codes`
     key: jax.Array
+
+
+class UndecayedParamsWarning(UserWarning):
+    """`dq_optimizer(weight_decay > 0)` over float params it does not decay (ndim > 1, not named
+    'kernel'): where optax's `add_decayed_weights` or the Flax example's `ndim > 1` penalty
+    decays them, this optimizer would not, silently."""
 
 
 def _param_label(path: tuple[str, ...], leaf: jax.Array) -> str:
@@ -424,6 +432,7 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
         _check_tree(trainable, "params")
         params, codes = trainable[PARAMS], trainable[CODES]
         flat_p = flatten(params)
+        _warn_undecayed(flat_p, weight_decay)
         for path, c in flatten(codes).items():
             levels = flat_p.get(path[:-1] + (LEVELS,))
             if levels is None or not jnp.issubdtype(c.dtype, jnp.integer):
@@ -535,6 +544,25 @@ def dq_optimizer(learning_rate: ScalarOrSchedule, levels_learning_rate: ScalarOr
             return update_fn(updates, state, params, **extra_args)
 
     return optax.GradientTransformationExtraArgs(init_fn, scoped_update_fn)
+
+
+def _warn_undecayed(flat_params: dict, weight_decay: Any) -> None:
+    """Warns (`UndecayedParamsWarning`) when a nonzero weight decay skips float params with
+    ndim > 1 that are not named 'kernel' (e.g. a custom `self.param('w', ...)`, an embedding)."""
+    if isinstance(weight_decay, (int, float)) and not weight_decay:
+        return
+    skipped = ["/".join(p) for p, x in flat_params.items()
+               if _param_label(p, x) == "no_decay" and np.ndim(x) > 1
+               and jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(
+            f"dq_optimizer(weight_decay={weight_decay}) decays float params named 'kernel' "
+            f"(ndim > 1) and W_q only; params/{', params/'.join(skipped[:3])}{more} get no "
+            "decay. To decay them, chain optax.masked(optax.add_decayed_weights(wd), mask) in "
+            "front of dq_optimizer (mask True at those leaves only) or name them 'kernel'; if "
+            "that is intended (e.g. embeddings), filter dq_jax.optim.UndecayedParamsWarning.",
+            UndecayedParamsWarning, stacklevel=3)
 
 
 def _path_names(keypath) -> tuple[str, ...]:

@@ -407,6 +407,46 @@ def test_weight_decay_moves_w_q_toward_zero_in_expectation():
         assert np.all(np.abs(w_new) <= np.abs(w_old))  # no entry moves away from 0
 
 
+def test_weight_decay_that_skips_float_params_warns_once_naming_them():
+    """A nonzero weight decay over float params it does not decay (ndim > 1, not 'kernel':
+    a custom `self.param('w', ...)`, an embedding) warns, naming them and the fix; what it does
+    decay (kernels, W_q), 1-D params and a zero decay stay silent. Chaining the masked decay
+    in front, as the warning says, decays them."""
+    import warnings
+    levels = np.array([[-1.5, -0.5, 0.5, 1.5]], np.float32)
+    params, codes = _one_layer(levels, np.zeros((4, 4), np.uint8))
+    params = {**params, "dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones((2,))},
+              "emb": {"embedding": jnp.ones((5, 3))}, "conv": {"w": jnp.ones((1, 1, 2, 2))}}
+    trainable = {"params": params, "codes": codes}
+    with pytest.warns(optim.UndecayedParamsWarning) as rec:
+        dq_optimizer(0.1, 1e-3, weight_decay=1e-4).init(trainable)
+    msg = str(rec[0].message)
+    assert len(rec) == 1 and "params/conv/w" in msg and "params/emb/embedding" in msg, msg
+    assert "dense" not in msg and "layer" not in msg and "optax.masked" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dq_optimizer(0.1, 1e-3, weight_decay=0.0).init(trainable)
+        no_odd = {"params": {k: v for k, v in params.items() if k not in ("emb", "conv")},
+                  "codes": codes}
+        dq_optimizer(0.1, 1e-3, weight_decay=1e-4).init(no_odd)
+    # the fix the warning names: the masked decay in front decays exactly those leaves
+    wd, lr = 0.5, 0.1
+    mask = {"params": jax.tree_util.tree_map_with_path(
+        lambda p, _: p[0].key in ("emb", "conv"), params), "codes": jax.tree.map(
+        lambda _: False, codes)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optim.UndecayedParamsWarning)
+        tx = optax.chain(optax.masked(optax.add_decayed_weights(wd), mask),
+                         dq_optimizer(lr, 1e-3, momentum=0.0, rounding="nearest"))
+        state = tx.init(trainable)
+    grads = {"params": jax.tree.map(jnp.zeros_like, params),
+             "codes": {"layer": {"kernel": jnp.zeros((4, 4))}}}
+    updates, _ = tx.update(grads, state, trainable)
+    np.testing.assert_allclose(updates["params"]["conv"]["w"], -lr * wd * params["conv"]["w"])
+    np.testing.assert_allclose(updates["params"]["emb"]["embedding"], -lr * wd)
+    assert not np.any(updates["params"]["dense"]["kernel"])  # weight_decay=0 in dq_optimizer
+
+
 def test_code_histogram_entropy_hand_computed():
     entropy = jax.jit(code_histogram_entropy, static_argnums=1)
     for codes, bits in (([0, 0, 1, 1], 1.0), ([0, 1, 2, 3], 2.0), ([2, 2, 2, 2], 0.0),
